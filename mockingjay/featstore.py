@@ -1,0 +1,158 @@
+"""Ragged arrays on disk: many variable-length [T, D] matrices in one memory-mappable file.
+
+Layout of a store directory::
+
+    data.bin     the rows of every item, concatenated, row-major, in `dtype`
+    index.tsv    one line per item: id, offset (in rows), length (in rows)
+    meta.json    dtype, dim, number of items and rows, plus free-form `attrs`
+
+Training and probing read items straight from the memory map, so nothing is decoded
+again and memory stays flat whatever the corpus size. A store is written into a
+temporary sibling directory and renamed into place when complete, so a reader never
+sees a half-written store (a crash leaves only the temporary directory behind).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+_META = "meta.json"
+_INDEX = "index.tsv"
+_DATA = "data.bin"
+
+
+class StoreError(RuntimeError):
+    """A store directory is missing, incomplete or inconsistent."""
+
+
+class RaggedWriter:
+    """Appends [T, D] items to a new store; `close()` publishes it atomically.
+
+    Use as a context manager: on an exception the partial store is removed.
+    """
+
+    def __init__(self, path: str | Path, dim: int, dtype: str = "float16", attrs: dict | None = None):
+        self.path = Path(path)
+        self.dim = int(dim)
+        self.dtype = np.dtype(dtype)
+        self.attrs = dict(attrs or {})
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        if self._tmp.exists():
+            shutil.rmtree(self._tmp)
+        self._tmp.mkdir(parents=True)
+        self._data = open(self._tmp / _DATA, "wb")
+        self._ids: list[str] = []
+        self._offsets: list[int] = []
+        self._lengths: list[int] = []
+        self._rows = 0
+
+    def append(self, item_id: str, rows: np.ndarray) -> None:
+        rows = np.asarray(rows)
+        if rows.ndim == 1 and self.dim == 1:
+            rows = rows[:, None]
+        if rows.ndim != 2 or rows.shape[1] != self.dim:
+            raise ValueError(f"item {item_id!r}: expected shape [T, {self.dim}], got {list(rows.shape)}")
+        if "\t" in item_id or "\n" in item_id:
+            raise ValueError(f"item id {item_id!r} contains a tab or newline")
+        self._data.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
+        self._ids.append(item_id)
+        self._offsets.append(self._rows)
+        self._lengths.append(rows.shape[0])
+        self._rows += rows.shape[0]
+
+    def close(self) -> Path:
+        self._data.close()
+        with open(self._tmp / _INDEX, "w") as f:
+            for item_id, offset, length in zip(self._ids, self._offsets, self._lengths):
+                f.write(f"{item_id}\t{offset}\t{length}\n")
+        meta = {
+            "dtype": self.dtype.name,
+            "dim": self.dim,
+            "items": len(self._ids),
+            "rows": self._rows,
+            "attrs": self.attrs,
+        }
+        (self._tmp / _META).write_text(json.dumps(meta, indent=2) + "\n")
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self._data.close()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> "RaggedWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class RaggedArray:
+    """Read-only view of a store: `store[i]` or `store.get(id)` returns a [T, D] memmap slice."""
+
+    def __init__(self, path: str | Path, mode: str = "r"):
+        self.path = Path(path)
+        meta_path = self.path / _META
+        if not meta_path.is_file():
+            raise StoreError(f"{self.path}: not a complete feature store (no {_META}); rerun the stage that writes it")
+        self.meta = json.loads(meta_path.read_text())
+        self.dim = int(self.meta["dim"])
+        self.dtype = np.dtype(self.meta["dtype"])
+        self.attrs: dict = self.meta.get("attrs", {})
+        ids, offsets, lengths = [], [], []
+        with open(self.path / _INDEX) as f:
+            for line_no, line in enumerate(f, 1):
+                parts = line.rstrip("\n").split("\t")
+                if len(parts) != 3:
+                    raise StoreError(f"{self.path / _INDEX}:{line_no}: expected 3 tab-separated fields")
+                ids.append(parts[0])
+                offsets.append(int(parts[1]))
+                lengths.append(int(parts[2]))
+        self.ids = ids
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        rows = int(self.meta["rows"])
+        if len(ids) != int(self.meta["items"]) or int(self.lengths.sum()) != rows:
+            raise StoreError(f"{self.path}: index does not match {_META}")
+        data_path = self.path / _DATA
+        expected = rows * self.dim * self.dtype.itemsize
+        if data_path.stat().st_size != expected:
+            raise StoreError(
+                f"{data_path}: {data_path.stat().st_size} bytes, expected {expected}; the store is truncated"
+            )
+        if rows == 0:
+            self.data = np.zeros((0, self.dim), dtype=self.dtype)
+        else:
+            self.data = np.memmap(data_path, dtype=self.dtype, mode=mode, shape=(rows, self.dim))
+        self._position = {item_id: i for i, item_id in enumerate(ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        start = self.offsets[i]
+        return self.data[start : start + self.lengths[i]]
+
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self._position
+
+    def index_of(self, item_id: str) -> int:
+        return self._position[item_id]
+
+    def get(self, item_id: str) -> np.ndarray:
+        return self[self._position[item_id]]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for i in range(len(self)):
+            yield self[i]

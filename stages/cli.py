@@ -1,0 +1,20 @@
+"""The `mockingjay` command: one subcommand per pipeline stage."""
+
+from __future__ import annotations
+
+import typer
+
+from . import align, featurize, prepare
+
+app = typer.Typer(
+    help="Mockingjay: masked acoustic model pretraining and probing, as a DVC + MLflow pipeline.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("prepare")(prepare.main)
+app.command("align")(align.main)
+app.command("featurize")(featurize.main)
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,99 @@
+"""prepare: scan the configured corpora into a validated, split manifest.
+
+Outputs (a directory): manifest.tsv, skipped.tsv, summary.json. With `on_error: fail`
+(default) any bad file stops the stage before anything is written, and every bad file is
+named; with `on_error: skip` bad files are left out and listed in skipped.tsv and MLflow.
+"""
+
+from __future__ import annotations
+
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+from pathlib import Path
+
+import typer
+from tqdm import tqdm
+
+from mockingjay.config import from_section, to_flat_dict
+from mockingjay.corpora import UtteranceSource, read_corpus
+from mockingjay.manifest import (
+    ManifestRow,
+    PrepareConfig,
+    Problem,
+    assign_splits,
+    find_duplicate_ids,
+    summarize,
+    validate_utterance,
+    write_tsv,
+)
+
+from . import tracking
+from .common import PARAMS_OPTION, StageError, atomic_output_dir, cli_errors, section, worker_count, write_json
+
+
+def _validate_one(item: tuple[UtteranceSource, bool], sample_rate: int, min_duration_sec: float):
+    source, align = item
+    return validate_utterance(source, align, sample_rate, min_duration_sec)
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def validate_all(
+    items: list[tuple[UtteranceSource, bool]], config: PrepareConfig
+) -> list[ManifestRow | Problem]:
+    check = partial(_validate_one, sample_rate=config.sample_rate, min_duration_sec=config.min_duration_ms / 1000)
+    workers = min(worker_count(config.workers), max(1, len(items)))
+    progress = dict(total=len(items), desc="prepare: validating audio", unit="file", file=sys.stderr)
+    if workers == 1:
+        return [check(item) for item in tqdm(items, **progress)]
+    with ProcessPoolExecutor(workers, initializer=_init_worker) as pool:
+        return list(tqdm(pool.map(check, items, chunksize=16), **progress))
+
+
+@cli_errors
+def main(
+    params: Path = PARAMS_OPTION,
+    out: Path = typer.Option(Path("data/prepared"), help="output directory"),
+) -> None:
+    """Scan corpora into a manifest: validate every file, resample/down-mix, split by seed."""
+    config = from_section(PrepareConfig, section(params, "prepare"), "prepare")
+    sources: list[tuple[UtteranceSource, bool]] = []
+    for spec in config.corpora:
+        sources.extend((utt, spec.align) for utt in read_corpus(spec))
+    duplicates = find_duplicate_ids(s for s, _ in sources)
+    duplicate_ids = {p.utt_id for p in duplicates}
+    checked = validate_all([item for item in sources if item[0].utt_id not in duplicate_ids], config)
+    rows = [r for r in checked if isinstance(r, ManifestRow)]
+    problems = sorted(duplicates + [p for p in checked if isinstance(p, Problem)], key=lambda p: (p.path, p.reason))
+    if problems and config.on_error == "fail":
+        lines = "\n".join(f"  {p.path}: {p.detail}" for p in problems)
+        raise StageError(
+            f"prepare: {len(problems)} bad file(s); nothing was written. Fix them, or set "
+            f"prepare.on_error: skip to leave them out:\n{lines}"
+        )
+    if not rows:
+        raise StageError("prepare: no usable utterances left after validation")
+    rows = assign_splits(rows, config.dev_fraction, config.test_fraction, config.seed)
+    summary = summarize(rows, problems, config.sample_rate)
+    with tracking.stage_run("prepare", to_flat_dict(config)) as mlflow:
+        with atomic_output_dir(out) as tmp:
+            write_tsv(tmp / "manifest.tsv", rows, ManifestRow)
+            write_tsv(tmp / "skipped.tsv", problems, Problem)
+            write_json(tmp / "summary.json", summary)
+        mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        mlflow.log_metrics({f"split_{k}": v for k, v in summary["splits"].items()})
+        mlflow.log_artifact(str(out / "summary.json"))
+        mlflow.log_artifact(str(out / "skipped.tsv"))
+    write_json(Path("metrics") / "prepare.json", {k: v for k, v in summary.items() if k != "corpora"})
+    for p in problems:
+        print(f"prepare: skipped {p.path}: {p.detail}", file=sys.stderr)
+    print(
+        f"prepare: {summary['utterances']} utterances, {summary['hours']:.3f} h, {summary['speakers']} speakers, "
+        f"{summary['skipped']} skipped, {summary['resampled']} resampled, {summary['downmixed']} down-mixed -> {out}",
+        file=sys.stderr,
+    )

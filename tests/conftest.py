@@ -1,0 +1,102 @@
+"""Shared fixtures: the real audio fixtures, planted bad files, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+FSDD_DIR = FIXTURES / "fsdd" / "recordings"
+ARCTIC_DIR = FIXTURES / "cmu_arctic" / "wav"
+BIN = Path(sys.executable).parent
+
+
+def cli_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("GIT_AUTHOR_NAME", "test")
+    env.setdefault("GIT_AUTHOR_EMAIL", "test@example.com")
+    env.setdefault("GIT_COMMITTER_NAME", "test")
+    env.setdefault("GIT_COMMITTER_EMAIL", "test@example.com")
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("DVC_EXP_NAME", None)
+    env.update(extra or {})
+    return env
+
+
+def run(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, env=cli_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+def make_librispeech(root: Path, speakers: dict[str, list[Path]], chapter: str = "100", transcripts: bool = True) -> None:
+    """Lay real recordings out as LibriSpeech: speaker/chapter/speaker-chapter-utt.flac + trans.txt."""
+    for speaker, files in speakers.items():
+        folder = root / speaker / chapter
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i, src in enumerate(files):
+            data, rate = sf.read(src, dtype="float32")
+            utt = f"{speaker}-{chapter}-{i:04d}"
+            sf.write(folder / f"{utt}.flac", data, rate)
+            text = src.with_suffix(".txt")
+            lines.append(f"{utt} {text.read_text().strip().upper() if text.exists() else 'ZERO'}")
+        if transcripts:
+            (folder / f"{speaker}-{chapter}.trans.txt").write_text("\n".join(lines) + "\n")
+
+
+def plant_bad_files(folder: Path) -> dict[str, str]:
+    """Write one file per failure mode into an ARCTIC-style folder; returns file name -> expected reason."""
+    folder.mkdir(parents=True, exist_ok=True)
+    good = ARCTIC_DIR / "aew_a0001.wav"
+    data, rate = sf.read(good, dtype="float32")
+
+    def with_text(name: str, text: str = "author of the danger trail") -> Path:
+        (folder / name).with_suffix(".txt").write_text(text + "\n")
+        return folder / name
+
+    with_text("empty.wav").write_bytes(b"")
+    flac_bytes = (FIXTURES / "cmu_arctic" / "wav" / "aew_a0002.wav").read_bytes()
+    sf.write(folder / "truncated.flac", sf.read(ARCTIC_DIR / "aew_a0002.wav", dtype="float32")[0], rate)
+    whole = (folder / "truncated.flac").read_bytes()
+    (folder / "truncated.flac").write_bytes(whole[: len(whole) // 2])
+    with_text("truncated.flac")
+    with_text("noise.wav").write_bytes(np.random.default_rng(0).bytes(len(flac_bytes) // 10))
+    nan = data.copy()
+    nan[1000] = np.nan
+    sf.write(with_text("nan.wav"), nan, rate, subtype="FLOAT")
+    sf.write(with_text("tiny.wav"), data[: int(0.005 * rate)], rate)
+    sf.write(folder / "notext.wav", data, rate)
+    # A valid 44.1 kHz stereo file: must be accepted (down-mixed and resampled), not rejected.
+    import torch
+    import torchaudio.functional as AF
+
+    up = AF.resample(torch.from_numpy(data), rate, 44_100).numpy()
+    sf.write(with_text("stereo44k.wav"), np.stack([up, 0.5 * up], axis=1), 44_100)
+    return {
+        "empty.wav": "empty",
+        "truncated.flac": "truncated",
+        "noise.wav": "unreadable",
+        "nan.wav": "non_finite",
+        "tiny.wav": "too_short",
+        "notext.wav": "missing_transcript",
+    }
+
+
+@pytest.fixture
+def fsdd_subset(tmp_path: Path) -> Path:
+    """Two takes of every digit-0/1 file of the fixtures, as an FSDD folder."""
+    folder = tmp_path / "fsdd"
+    folder.mkdir()
+    for path in sorted(FSDD_DIR.glob("[01]_*.wav")):
+        shutil.copy(path, folder / path.name)
+    return folder
