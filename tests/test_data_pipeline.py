@@ -1,0 +1,175 @@
+"""End to end: prepare, align and featurize as `mockingjay` subprocesses under `dvc repro`,
+in a temporary git + DVC repository built from the real audio fixtures, with MLflow checks."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from mockingjay.featstore import RaggedArray
+from mockingjay.manifest import read_manifest
+
+from .conftest import ARCTIC_DIR, FSDD_DIR, ROOT, make_librispeech, plant_bad_files, run
+
+pytestmark = pytest.mark.slow
+
+PARAMS = {
+    "prepare": {
+        "seed": 3,
+        "on_error": "fail",
+        "corpora": [
+            {"name": "libri", "format": "librispeech", "path": "data/sample/libri"},
+            {"name": "arctic", "format": "arctic", "path": "data/sample/arctic", "align": True},
+            {"name": "fsdd", "format": "fsdd", "path": "data/sample/fsdd", "align": True},
+        ],
+    },
+    "align": {"workers": 2, "imports": []},
+    "featurize": {"preset": "tera", "sample_rate": 16000, "hop_ms": None, "cmvn": "utterance", "workers": 2},
+}
+
+
+def make_repo(path: Path, params: dict = PARAMS) -> Path:
+    """A fresh git + DVC repository holding the project's dvc.yaml and code, and fixture corpora."""
+    path.mkdir(parents=True, exist_ok=True)
+    for folder in ("mockingjay", "stages"):
+        shutil.copytree(ROOT / folder, path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", path / "dvc.yaml")
+    sample = path / "data" / "sample"
+    shutil.copytree(FSDD_DIR, sample / "fsdd")
+    shutil.copytree(ARCTIC_DIR, sample / "arctic")
+    make_librispeech(sample / "libri", {"61": sorted(FSDD_DIR.glob("[0-4]_theo_0.wav")), "121": sorted(FSDD_DIR.glob("[5-9]_lucas_0.wav"))}, transcripts=False)
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (path / ".gitignore").write_text("/mlflow.db\n/mlartifacts/\n__pycache__/\n")
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "fixture repo"]):
+        result = run(cmd, path)
+        assert result.returncode == 0, result.stderr
+    return path
+
+
+def mlflow_runs(repo: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("mockingjay")
+    return client.search_runs([experiment.experiment_id], max_results=1000) if experiment else []
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    repo = make_repo(tmp_path_factory.mktemp("e2e") / "repo")
+    result = run(["dvc", "repro", "featurize"], repo)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return repo
+
+
+def test_repro_writes_manifest_alignments_and_features(repo):
+    rows = read_manifest(repo / "data/prepared/manifest.tsv")
+    assert len(rows) == 60 + 8 + 10
+    assert {r.split for r in rows} == {"train", "dev", "test"}
+    fsdd = [r for r in rows if r.corpus == "fsdd"]
+    assert all(r.sample_rate == 8000 for r in fsdd)
+    assert abs(fsdd[0].num_samples / fsdd[0].duration - 16000) < 1
+    labels = RaggedArray(repo / "data/alignments/frame_labels")
+    assert len(labels) >= 60  # most FSDD + ARCTIC utterances align
+    assert (repo / "data/alignments/lab/arctic_slt_a0009.lab").is_file()
+    total = 0
+    for split in ("train", "dev", "test"):
+        feats = RaggedArray(repo / "data/features" / split)
+        frame_labels = RaggedArray(repo / "data/features/labels" / split)
+        assert feats.dim == 80 and feats.dtype == np.float16
+        assert feats.ids == frame_labels.ids
+        np.testing.assert_array_equal(feats.lengths, frame_labels.lengths)
+        total += len(feats)
+    assert total == len(rows)
+    train = RaggedArray(repo / "data/features/train")
+    some = np.asarray(train[0], dtype=np.float32)
+    assert abs(some.mean()) < 0.05 and abs(some.std() - 1) < 0.05  # per-utterance CMVN
+    assert (repo / "dvc.lock").is_file()
+
+
+def test_every_stage_logged_an_mlflow_run_with_tags(repo):
+    runs = mlflow_runs(repo)
+    stages = sorted(r.data.tags["mockingjay.stage"] for r in runs)
+    assert stages == ["align", "featurize", "prepare"]
+    commit = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["git_commit"] == commit
+        assert "duration_sec" in r.data.metrics
+    prepare = next(r for r in runs if r.data.tags["mockingjay.stage"] == "prepare")
+    assert prepare.data.metrics["utterances"] == 78
+    assert prepare.data.params["on_error"] == "fail"
+
+
+def test_second_repro_does_nothing_and_featurize_param_reruns_only_featurize(repo):
+    before = len(mlflow_runs(repo))
+    again = run(["dvc", "repro", "featurize"], repo)
+    assert again.returncode == 0
+    assert "Running stage" not in again.stdout
+    assert len(mlflow_runs(repo)) == before
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["featurize"]["cmvn"] = "global"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = run(["dvc", "repro", "featurize"], repo)
+    assert changed.returncode == 0, changed.stderr
+    assert "Running stage 'featurize'" in changed.stdout
+    assert "Running stage 'prepare'" not in changed.stdout
+    assert "Running stage 'align'" not in changed.stdout
+    train = RaggedArray(repo / "data/features/train")
+    frames = np.asarray(train.data, dtype=np.float32)
+    np.testing.assert_allclose(frames.mean(axis=0), 0, atol=0.02)
+    np.testing.assert_allclose(frames.std(axis=0), 1, atol=0.02)
+
+
+def test_dvc_exp_name_is_tagged(repo, tmp_path):
+    result = run(["mockingjay", "prepare", "--out", str(tmp_path / "prep")], repo, env={"DVC_EXP_NAME": "exp-xyz"})
+    assert result.returncode == 0, result.stderr
+    tagged = [r for r in mlflow_runs(repo) if r.data.tags.get("dvc_exp_name") == "exp-xyz"]
+    assert len(tagged) == 1 and tagged[0].data.tags["mockingjay.stage"] == "prepare"
+
+
+def test_bad_files_fail_naming_each_file_then_skip_reports_them(tmp_path):
+    repo = make_repo(tmp_path / "repo")
+    expected = plant_bad_files(repo / "data/sample/bad")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["prepare"]["corpora"].append({"name": "bad", "format": "arctic", "path": "data/sample/bad", "align": True})
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    failed = run(["mockingjay", "prepare"], repo)
+    assert failed.returncode == 1
+    for name in expected:
+        assert name in failed.stderr, (name, failed.stderr)
+    assert "nothing was written" in failed.stderr
+    assert not (repo / "data/prepared").exists()
+
+    params["prepare"]["on_error"] = "skip"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    skipped = run(["mockingjay", "prepare"], repo)
+    assert skipped.returncode == 0, skipped.stderr
+    table = (repo / "data/prepared/skipped.tsv").read_text()
+    for name, reason in expected.items():
+        assert name in table and reason in table
+    rows = read_manifest(repo / "data/prepared/manifest.tsv")
+    assert "bad_stereo44k" in {r.utt_id for r in rows}
+    run_ = next(r for r in mlflow_runs(repo) if r.data.params.get("on_error") == "skip")
+    assert run_.data.metrics["skipped"] == len(expected)
+
+
+def test_invalid_param_fails_before_work_and_names_it(tmp_path):
+    repo = make_repo(tmp_path / "repo")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["featurize"]["hop_ms"] = -10
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = run(["mockingjay", "featurize", "--manifest", "nowhere.tsv"], repo)
+    assert result.returncode == 2
+    assert "featurize.hop_ms" in result.stderr
+    params["prepare"]["corpora"][0]["path"] = "data/does-not-exist"
+    params["featurize"]["hop_ms"] = None
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    missing = run(["mockingjay", "prepare"], repo)
+    assert missing.returncode == 1 and "data/does-not-exist" in missing.stderr
+    assert not (repo / "mlflow.db").exists()
