@@ -1,0 +1,323 @@
+"""Checkpoints and final model directories, written atomically, read without executing code.
+
+Layout::
+
+    <output>/checkpoints/step-000100/
+        model.safetensors   encoder + head weights (safetensors: tensors only, no pickle)
+        config.json         {"format", "format_version", "model": {...}, "mask": {...}, "training": {...}}
+        trainer_state.pt    optimizer, scheduler, step, epoch, batch_in_epoch, RNG states, ...
+    <output>/model/
+        model.safetensors   as above
+        config.json         as above
+
+Every directory is written into a hidden temporary sibling (`.step-000100.tmp-<pid>`), each file
+fsynced, then renamed into place: a crash leaves at most a temporary directory, which readers
+ignore. `trainer_state.pt` holds only tensors, numbers, strings, lists and dicts, so it loads with
+`torch.load(weights_only=True)`. `latest_checkpoint` verifies the newest checkpoint and falls back
+to the previous one, with a warning naming it, when it is truncated or incomplete (s3prl#332).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TRAINER_STATE_FILE = "trainer_state.pt"
+FORMAT_NAME = "mockingjay-mam"
+FORMAT_VERSION = 1
+_CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or model directory is missing, incomplete or unreadable."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped because it is incomplete or corrupt."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module inside DistributedDataParallel and/or torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+# -- atomic directory writes ----------------------------------------------------------------
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_directory_atomically(final: Path, write: Callable[[Path], None]) -> Path:
+    """Run `write(tmp_dir)`, fsync what it wrote, then rename `tmp_dir` to `final`."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        for file in tmp.iterdir():
+            _fsync_path(file)
+        _fsync_path(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():  # e.g. the same step written again after a resume: replace it
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_path(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def _config_payload(config: dict[str, Any]) -> dict[str, Any]:
+    if "model" not in config:
+        raise ValueError("config must have a 'model' section (ModelConfig.to_dict())")
+    return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **config}
+
+
+# -- RNG states as weights_only-safe values ---------------------------------------------------
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, numpy, torch and CUDA RNG states as tensors, ints and lists only."""
+    version, python_state, gauss = random.getstate()
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": list(python_state), "gauss": gauss},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # This process's own GPU only: asking for every device would open a context on each.
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
+    numpy_state = state["numpy"]
+    np.random.set_state((
+        numpy_state["name"],
+        numpy_state["keys"].numpy().astype(np.uint32),
+        numpy_state["position"],
+        numpy_state["has_gauss"],
+        numpy_state["cached_gaussian"],
+    ))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# -- training checkpoints ---------------------------------------------------------------------
+
+
+def save_checkpoint(
+    checkpoints_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    config: dict[str, Any],
+    trainer_state: dict[str, Any],
+    keep_last: int = 3,
+) -> Path:
+    """Write `checkpoints_dir/step-NNNNNN/` atomically, then prune to the last `keep_last`."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    checkpoints_dir = Path(checkpoints_dir)
+    payload = _config_payload(config)
+
+    def write(tmp: Path) -> None:
+        save_model(unwrap_model(model), str(tmp / MODEL_FILE), metadata={"step": str(step)})
+        _write_json(tmp / CONFIG_FILE, payload)
+        torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
+
+    path = write_directory_atomically(checkpoints_dir / checkpoint_name(step), write)
+    _prune(checkpoints_dir, step, keep_last)
+    return path
+
+
+def _prune(checkpoints_dir: Path, saved_step: int, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints up to `saved_step`, and stale temps.
+
+    Checkpoints numbered above `saved_step` are left alone: they belong to a run we did not
+    resume from (corrupt ones, skipped with a warning) and are replaced when training gets there.
+    """
+    current = [(step, path) for step, path in list_checkpoints(checkpoints_dir) if step <= saved_step]
+    for _, path in current[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+    for leftover in checkpoints_dir.glob(".step-*.*-*"):  # crashed writes of an earlier run
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def list_checkpoints(checkpoints_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every `step-NNNNNN` directory, oldest first; temporary dirs excluded."""
+    checkpoints_dir = Path(checkpoints_dir)
+    if not checkpoints_dir.is_dir():
+        return []
+    found = []
+    for path in checkpoints_dir.iterdir():
+        match = _CHECKPOINT_NAME.match(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise CheckpointError unless every file is present and readable."""
+    path = Path(path)
+    for name in (MODEL_FILE, CONFIG_FILE, TRAINER_STATE_FILE):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path}: {name} is missing")
+    _read_config(path)
+    try:
+        # Parsing the header checks that the file covers every tensor it declares.
+        with safe_open(str(path / MODEL_FILE), framework="pt") as weights:
+            weights.keys()
+    except Exception as err:
+        raise CheckpointError(f"{path / MODEL_FILE}: unreadable ({err})") from err
+    load_trainer_state(path)
+
+
+def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint; newer incomplete ones are skipped with a warning."""
+    for _, path in reversed(list_checkpoints(checkpoints_dir)):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as err:
+            warnings.warn(f"skipping incomplete or corrupt checkpoint {path}: {err}", CheckpointWarning,
+                          stacklevel=2)
+            continue
+        return path
+    return None
+
+
+def load_trainer_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    file = Path(path) / TRAINER_STATE_FILE
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{file}: unreadable ({err})") from err
+
+
+def load_weights(path: str | Path, model: torch.nn.Module, device: str | torch.device = "cpu") -> None:
+    """Load `path/model.safetensors` into `model` (strict: every key must match)."""
+    file = Path(path) / MODEL_FILE
+    model = unwrap_model(model)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    try:
+        with safe_open(str(file), framework="pt") as weights:
+            stored = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
+    except Exception as err:
+        raise CheckpointError(f"{file}: unreadable ({err})") from err
+    problems = [f"missing {name}" for name in sorted(set(expected) - set(stored))]
+    problems += [f"unexpected {name}" for name in sorted(set(stored) - set(expected))]
+    problems += [f"{name}: file {list(stored[name])} vs model {list(shape)}"
+                 for name, shape in expected.items() if name in stored and stored[name] != shape]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"{file}: weights do not match the model config: {'; '.join(problems[:3])}{more}")
+    try:
+        load_model(model, str(file), strict=True, device=str(device))
+    except Exception as err:
+        raise CheckpointError(f"{file}: unreadable ({err})") from err
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """The `config.json` of a checkpoint or model directory."""
+    return _read_config(Path(path))
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    file = path / CONFIG_FILE
+    try:
+        payload = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{file}: unreadable ({err})") from err
+    if payload.get("format") != FORMAT_NAME or "model" not in payload:
+        raise CheckpointError(f"{file}: not a {FORMAT_NAME} config (format {payload.get('format')!r})")
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{file}: format_version {payload['format_version']} is newer than "
+                              f"this code reads ({FORMAT_VERSION})")
+    return payload
+
+
+# -- the final model directory ----------------------------------------------------------------
+
+
+def save_model_dir(
+    path: str | Path,
+    model: torch.nn.Module,
+    config: Any,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write `model.safetensors` + `config.json` atomically; `config` is the ModelConfig.
+
+    `extra` adds sections to config.json (e.g. "mask", "training") for the record.
+    """
+    model_section = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    payload = _config_payload({**(extra or {}), "model": model_section})
+
+    def write(tmp: Path) -> None:
+        save_model(unwrap_model(model), str(tmp / MODEL_FILE))
+        _write_json(tmp / CONFIG_FILE, payload)
+
+    return write_directory_atomically(Path(path), write)
+
+
+def load_model_dir(path: str | Path, device: str | torch.device = "cpu"):
+    """(MockingjayForMAM, ModelConfig) from a model or checkpoint directory, in eval mode.
+
+    Only JSON and safetensors are read: nothing in the directory can execute code.
+    """
+    from mockingjay.model import MockingjayForMAM, ModelConfig  # here, to keep imports light
+
+    path = Path(path)
+    if not (path / MODEL_FILE).is_file():
+        raise CheckpointError(f"{path}: no {MODEL_FILE}; not a model directory")
+    config = ModelConfig.from_dict(_read_config(path)["model"])
+    model = MockingjayForMAM(config)
+    load_weights(path, model, device=device)
+    return model.to(device).eval(), config

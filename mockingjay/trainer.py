@@ -1,0 +1,432 @@
+"""MAM pretraining loop: CPU or GPU, one process or DDP under torchrun, resumable.
+
+`train()` builds the model, the length-bucketed data pipeline, AdamW and the warm-up/decay
+schedule, resumes from the newest complete checkpoint in `output_dir/checkpoints`, and trains to
+`total_steps`. Masking runs on the device; the step never waits for the GPU except at log,
+evaluation and checkpoint steps, where the few numbers reported are read in one go. Everything
+stochastic (data order, crops, masks, dropout) is seeded and checkpointed, so a run interrupted
+and resumed ends with the same weights as one that was not (bitwise on CPU).
+
+Logging goes through `callback(dict)` on rank 0 (the pipeline stage forwards it to MLflow and
+its metrics files); a tqdm bar on stderr shows progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from mockingjay.batching import FeatureDataset, LengthBucketBatchSampler, make_loader
+from mockingjay.checkpoint import (capture_rng_state, latest_checkpoint, load_trainer_state,
+                                   load_weights, restore_rng_state, save_checkpoint, save_model_dir)
+from mockingjay.masking import MaskConfig, mam_l1_loss, mask_batch
+from mockingjay.model import MockingjayForMAM, ModelConfig
+from mockingjay.schedule import warmup_linear_decay
+
+Callback = Callable[[dict[str, Any]], None]
+EVAL_SEED_OFFSET = 1_000_003  # held-out masks come from their own fixed stream
+TRAINER_STATE_VERSION = 1
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss or gradient norm became inf/NaN; no checkpoint was written after it."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and data settings of a pretraining run (defaults follow s3prl)."""
+
+    total_steps: int = 1000
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.01  # applied to matrices only, not to biases and LayerNorm
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    warmup_proportion: float = 0.07
+    grad_clip: float = 5.0  # max global gradient norm; 0 disables clipping
+    grad_accumulation: int = 1
+    max_frames_per_batch: int = 12000  # padded frames per micro-batch (s3prl: 8 x 1500)
+    max_batch_size: int | None = None
+    max_length: int | None = 1500  # longer utterances are randomly cropped to this many frames
+    bucket_pool_size: int = 2048  # utterances sorted together when bucketing by length
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    eval_every: int = 0  # 0: held-out loss only at step 0 and at the end
+    eval_max_utterances: int | None = None
+    frame_rate: float = 100.0  # feature frames per second of audio, for audio-seconds/second
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    compile: bool = False
+    num_workers: int | None = None  # DataLoader workers; None: 0 on CPU, up to 4 per GPU process
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid field (NaN fails every check)."""
+        def check(name: str, ok: bool, requirement: str) -> None:
+            if not ok:
+                raise ValueError(f"TrainConfig.{name} must be {requirement}, got {getattr(self, name)!r}")
+
+        for name in ("total_steps", "grad_accumulation", "max_frames_per_batch", "bucket_pool_size",
+                     "log_every", "checkpoint_every", "keep_checkpoints"):
+            check(name, getattr(self, name) >= 1, ">= 1")
+        for name in ("max_batch_size", "max_length", "eval_max_utterances"):
+            check(name, getattr(self, name) is None or getattr(self, name) >= 1, ">= 1 or null")
+        check("num_workers", self.num_workers is None or self.num_workers >= 0, ">= 0 or null")
+        check("learning_rate", 0 < self.learning_rate < math.inf, "a positive number")
+        for name in ("weight_decay", "grad_clip", "eval_every"):
+            check(name, getattr(self, name) >= 0, ">= 0")
+        check("warmup_proportion", 0.0 <= self.warmup_proportion < 1.0, "in [0, 1)")
+        check("adam_betas", len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+              "two numbers in [0, 1)")
+        check("adam_eps", self.adam_eps > 0, "> 0")
+        check("frame_rate", self.frame_rate > 0, "> 0")
+        check("precision", self.precision in ("auto", "bf16", "fp32"), "auto, bf16 or fp32")
+        check("device", self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+              "auto, cpu, cuda or cuda:N")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # we initialised the process group, so we destroy it
+    enabled = property(lambda self: self.world_size > 1)
+    is_main = property(lambda self: self.rank == 0)  # the rank that logs and writes
+
+
+def setup_distributed(use_cuda: bool) -> DistributedContext:
+    """Join the process group when launched by torchrun (RANK/WORLD_SIZE/LOCAL_RANK set)."""
+    if dist.is_available() and dist.is_initialized():
+        return DistributedContext(dist.get_rank(), dist.get_world_size(),
+                                  int(os.environ.get("LOCAL_RANK", 0)), owns_group=False)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size <= 1 or "RANK" not in os.environ:
+        return DistributedContext()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, owns_group=True)
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+class Trainer:
+    """One pretraining run; `fit()` returns the result dict. `model` is the plain module."""
+
+    def __init__(self, model_config: ModelConfig, mask_config: MaskConfig, train_config: TrainConfig,
+                 train_store_paths: str | Path | Sequence[str | Path], heldout_store_path: str | Path | None,
+                 output_dir: str | Path, callback: Callback | None = None, model_dir: str | Path | None = None,
+                 target_store_paths: Sequence[str | Path | None] | None = None,
+                 heldout_target_path: str | Path | None = None, checkpoints_dir: str | Path | None = None,
+                 extra_config: dict[str, Any] | None = None):
+        train_config.validate()
+        model_config.validate()
+        mask_config.validate()
+        self.model_config, self.mask_config, self.config = model_config, mask_config, train_config
+        self.output_dir = Path(output_dir)
+        self.checkpoints_dir = Path(checkpoints_dir) if checkpoints_dir is not None else self.output_dir / "checkpoints"
+        self.extra_config = dict(extra_config or {})  # more sections for config.json, e.g. "features"
+        self.model_dir = Path(model_dir) if model_dir is not None else self.output_dir / "model"
+        self.callback = callback
+        self.train_data = FeatureDataset(train_store_paths, target_store_paths)
+        self.heldout_data = (FeatureDataset(heldout_store_path, [heldout_target_path] if heldout_target_path else None)
+                             if heldout_store_path is not None else None)
+        for name, data in (("train", self.train_data), ("held-out", self.heldout_data)):
+            if data is not None and (data.input_dim, data.target_dim) != (model_config.input_dim, model_config.target_dim):
+                raise ValueError(f"{name} features are {data.input_dim}-d in, {data.target_dim}-d target; the model "
+                                 f"expects input_dim={model_config.input_dim}, target_dim={model_config.target_dim}")
+
+    # -- setup -------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg = self.config
+        wants_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+        self.dist = setup_distributed(wants_cuda)
+        self.device = resolve_device(cfg.device, self.dist.local_rank)
+        self.autocast_dtype = torch.bfloat16 if (cfg.precision == "bf16" or (
+            cfg.precision == "auto" and self.device.type == "cuda")) else None
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every rerun
+        self.model = MockingjayForMAM(self.model_config).to(self.device)
+        decay = [p for p in self.model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
+            fused=self.device.type == "cuda")
+        self.scheduler = warmup_linear_decay(self.optimizer, cfg.total_steps, cfg.warmup_proportion)
+        self.sampler = LengthBucketBatchSampler(
+            self.train_data.lengths, cfg.max_frames_per_batch, cfg.max_batch_size, cfg.max_length, seed=cfg.seed,
+            pool_size=cfg.bucket_pool_size, rank=self.dist.rank, world_size=self.dist.world_size)
+        num_workers = cfg.num_workers
+        if num_workers is None:  # the collate (memmap -> padded float32) must keep up with a GPU
+            num_workers = min(4, (os.cpu_count() or 2) // 2) if self.device.type == "cuda" else 0
+        on_gpu = self.device.type == "cuda"
+        self.loader = make_loader(self.train_data, self.sampler, num_workers, pin_memory=on_gpu,
+                                  multiprocessing_context="forkserver" if on_gpu else None)
+        self.mask_generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 7919 * self.dist.rank)
+        self.step = self.epoch = self.batch_in_epoch = self.skipped_before = 0
+        self.heldout_loss_initial: float | None = None
+        self.resumed_from = latest_checkpoint(self.checkpoints_dir)
+        if self.resumed_from is not None:
+            self._resume(self.resumed_from)
+        module: torch.nn.Module = self.model
+        if self.dist.enabled:
+            module = DistributedDataParallel(
+                module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.ddp = module if self.dist.enabled else None
+        self.train_module = torch.compile(module) if cfg.compile else module
+
+    def _resume(self, path: Path) -> None:
+        load_weights(path, self.model, device=self.device)
+        state = load_trainer_state(path, map_location="cpu")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.skipped_before = state["skipped_batches"]
+        self.heldout_loss_initial = state["heldout_loss_initial"]
+        per_rank = state["rank_states"]
+        if len(per_rank) == self.dist.world_size:
+            restore_rng_state(per_rank[self.dist.rank]["rng"])
+            self.mask_generator.set_state(per_rank[self.dist.rank]["mask_generator"])
+        else:  # different world size: the random streams restart, the epoch's batches differ
+            torch.manual_seed(self.config.seed + self.step)
+            self.batch_in_epoch = min(self.batch_in_epoch, self.sampler.batches_per_epoch(self.epoch))
+            self.mask_generator.manual_seed(self.config.seed + self.step + 7919 * self.dist.rank)
+        self._emit({"event": "resume", "step": self.step, "path": str(path)})
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _emit(self, record: dict[str, Any]) -> None:
+        if self.callback is not None and self.dist.is_main:
+            self.callback(record)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _batches(self):
+        """Endless stream of batches; (epoch, batch_in_epoch) always points past the last one."""
+        while True:
+            self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+            for batch in self.loader:
+                self.batch_in_epoch += 1
+                yield batch
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def _sum_over_ranks(self, values: list[torch.Tensor | float]) -> list[float]:
+        """Sum per-rank numbers (one all-reduce) and read them on the host: a sync point."""
+        stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values])
+        if self.dist.enabled:
+            dist.all_reduce(stacked)
+        return stacked.tolist()
+
+    def _masked_loss(self, module: torch.nn.Module, batch, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = batch.inputs.to(self.device, non_blocking=True)
+        targets = batch.targets.to(self.device, non_blocking=True) if batch.targets is not None else inputs
+        lengths = batch.lengths.to(self.device, non_blocking=True)
+        # Decided on the host from the collate's lengths: no padding lets attention skip its mask.
+        unpadded = int(batch.lengths.min()) == inputs.size(1)
+        masked = mask_batch(inputs, lengths, self.mask_config, self.model_config.downsample_rate, generator)
+        with self._autocast():
+            predictions = module(masked.inputs, None if unpadded else lengths)
+        return mam_l1_loss(predictions, targets, masked.target_loss_mask(targets.size(-1)))
+
+    # -- evaluation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Masked L1 on the held-out store, same fixed masks every call (seeded generator)."""
+        if self.heldout_data is None:
+            return None
+        cfg = self.config
+        lengths = self.heldout_data.lengths[: cfg.eval_max_utterances]
+        sampler = LengthBucketBatchSampler(lengths, cfg.max_frames_per_batch, cfg.max_batch_size, cfg.max_length,
+                                           shuffle=False, rank=self.dist.rank, world_size=self.dist.world_size)
+        loader = make_loader(self.heldout_data, sampler, num_workers=0, pin_memory=self.device.type == "cuda")
+        generator = torch.Generator(device=self.device).manual_seed(cfg.seed + EVAL_SEED_OFFSET + self.dist.rank)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.model.eval()
+        try:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                for batch in loader:
+                    loss, num_masked = self._masked_loss(self.model, batch, generator)
+                    total += loss.double() * num_masked
+                    count += num_masked
+        finally:
+            self.model.train()
+        total_sum, count_sum = self._sum_over_ranks([total, count])
+        value = total_sum / max(count_sum, 1.0)
+        self._emit({"event": "eval", "step": self.step, "heldout_loss": value})
+        return value
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _checkpoint(self, skipped_total: int) -> Path | None:
+        local = {"rng": capture_rng_state(), "mask_generator": self.mask_generator.get_state()}
+        per_rank = [local]
+        if self.dist.enabled:
+            per_rank = [None] * self.dist.world_size
+            dist.all_gather_object(per_rank, local)
+        path = None
+        if self.dist.is_main:
+            state = {
+                "version": TRAINER_STATE_VERSION, "step": self.step, "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch, "skipped_batches": skipped_total,
+                "heldout_loss_initial": self.heldout_loss_initial, "world_size": self.dist.world_size,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rank_states": per_rank,
+            }
+            path = save_checkpoint(self.checkpoints_dir, self.step, self.model, self._config_record(), state,
+                                   keep_last=self.config.keep_checkpoints)
+            self._emit({"event": "checkpoint", "step": self.step, "path": str(path)})
+        if self.dist.enabled:
+            dist.barrier()  # no rank runs ahead (or exits) while rank 0 is still writing
+        return path
+
+    def _config_record(self) -> dict[str, Any]:
+        return {**self.extra_config, "model": self.model_config.to_dict(), "mask": self.mask_config.to_dict(),
+                "training": self.config.to_dict()}
+
+    # -- the loop ----------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        self._setup()
+        try:
+            return self._fit()
+        finally:
+            if self.dist.owns_group:
+                dist.destroy_process_group()
+
+    def _fit(self) -> dict[str, Any]:
+        cfg = self.config
+        if self.resumed_from is None:
+            self.heldout_loss_initial = self.evaluate()
+        batches = self._batches()
+        interval_loss, skipped, nonfinite, grad_norm = (torch.zeros((), dtype=dtype, device=self.device) for dtype in
+                                                        (torch.float64, torch.int64, torch.bool, torch.float32))
+        interval_micro_batches = interval_frames = run_frames = 0
+        start_step, run_start = self.step, time.perf_counter()
+        interval_start, paused_seconds, last_loss, last_good = run_start, 0.0, None, self.resumed_from
+        sync_every_step = self.device.type == "cpu" and not self.dist.enabled  # syncing is free there
+        progress = tqdm(total=cfg.total_steps, initial=self.step, disable=not (cfg.progress and self.dist.is_main),
+                        file=sys.stderr, desc="pretrain", unit="step", dynamic_ncols=True)
+        self.model.train()
+        while self.step < cfg.total_steps:
+            for micro in range(cfg.grad_accumulation):
+                batch = next(batches)
+                frames = int(batch.lengths.sum())  # host tensor: no device sync
+                interval_frames, run_frames = interval_frames + frames, run_frames + frames
+                last_micro = micro == cfg.grad_accumulation - 1
+                no_sync = self.ddp.no_sync() if self.ddp is not None and not last_micro else contextlib.nullcontext()
+                with no_sync:
+                    loss, num_masked = self._masked_loss(self.train_module, batch, self.mask_generator)
+                    (loss / cfg.grad_accumulation).backward()
+                skipped += num_masked == 0  # such a batch has loss 0 and zero gradient
+                nonfinite |= ~torch.isfinite(loss)
+                interval_loss += loss.detach().double()
+                interval_micro_batches += 1
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
+            nonfinite |= ~torch.isfinite(grad_norm)
+            if sync_every_step and bool(nonfinite):
+                self._raise_nonfinite(self.step + 1, last_good)  # before the update: weights stay clean
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            progress.update(1)
+            is_log = self.step % cfg.log_every == 0 or self.step == cfg.total_steps
+            is_eval = cfg.eval_every > 0 and self.step % cfg.eval_every == 0 and self.step < cfg.total_steps
+            is_checkpoint = self.step % cfg.checkpoint_every == 0 or self.step == cfg.total_steps
+            if not (is_log or is_eval or is_checkpoint):
+                continue
+            # A sync point, identical on every rank: read the interval's numbers once.
+            loss_sum, micro_batches, frames_sum, skipped_sum, bad, norm = self._sum_over_ranks(
+                [interval_loss, float(interval_micro_batches), float(interval_frames), skipped, nonfinite, grad_norm])
+            if bad:
+                self._raise_nonfinite(self.step, last_good)
+            skipped_total = self.skipped_before + int(skipped_sum)
+            if is_log:
+                now = time.perf_counter()
+                last_loss = loss_sum / max(micro_batches, 1.0)
+                record = {"event": "train", "step": self.step, "epoch": self.epoch, "loss": last_loss,
+                          "learning_rate": self.scheduler.get_last_lr()[0],
+                          "grad_norm": norm / self.dist.world_size, "skipped_batches": skipped_total,
+                          "audio_seconds_per_second": frames_sum / cfg.frame_rate / max(now - interval_start, 1e-9)}
+                self._emit(record)
+                progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['learning_rate']:.2e}", refresh=False)
+                interval_loss.zero_()
+                interval_micro_batches = interval_frames = 0
+                interval_start = now
+            pause_start = time.perf_counter()
+            if is_eval:
+                self.evaluate()
+            if is_checkpoint:
+                last_good = self._checkpoint(skipped_total) or last_good
+            paused = time.perf_counter() - pause_start  # kept out of the throughput figures
+            interval_start, paused_seconds = interval_start + paused, paused_seconds + paused
+        progress.close()
+        run_seconds = time.perf_counter() - run_start - paused_seconds
+        skipped_total = self.skipped_before + int(self._sum_over_ranks([skipped])[0])
+        heldout_loss_final = self.evaluate()
+        if self.dist.is_main:
+            save_model_dir(self.model_dir, self.model, self.model_config,
+                           extra={k: v for k, v in self._config_record().items() if k != "model"})
+        if self.dist.enabled:
+            dist.barrier()
+        result = {
+            "steps": self.step, "steps_this_run": self.step - start_step, "epoch": self.epoch,
+            "train_loss_final": last_loss, "heldout_loss_initial": self.heldout_loss_initial,
+            "heldout_loss_final": heldout_loss_final, "skipped_batches": skipped_total,
+            "audio_seconds_per_second": run_frames * self.dist.world_size / cfg.frame_rate / max(run_seconds, 1e-9),
+            "train_seconds": run_seconds, "model_dir": str(self.model_dir),
+            "last_checkpoint": str(last_good) if last_good else None,
+            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            "world_size": self.dist.world_size, "device": str(self.device),
+            "precision": "bf16" if self.autocast_dtype is not None else "fp32",
+            "num_parameters": self.model.num_parameters(),
+        }
+        self._emit({"event": "done", **result})
+        return result
+
+    def _raise_nonfinite(self, step: int, last_good: Path | None) -> None:
+        where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+        raise NonFiniteLossError(
+            f"training loss or gradient norm became inf/NaN by step {step} (learning rate "
+            f"{self.scheduler.get_last_lr()[0]:.3g}); stopped without writing a checkpoint; {where}. "
+            "Check the features for inf/NaN values or lower TrainConfig.learning_rate.")
+
+
+def train(model_config: ModelConfig, mask_config: MaskConfig, train_config: TrainConfig,
+          train_store_paths: str | Path | Sequence[str | Path], heldout_store_path: str | Path | None,
+          output_dir: str | Path, callback: Callback | None = None, model_dir: str | Path | None = None,
+          target_store_paths: Sequence[str | Path | None] | None = None,
+          heldout_target_path: str | Path | None = None, checkpoints_dir: str | Path | None = None,
+          extra_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Pretrain (or resume pretraining) a Mockingjay model; see `Trainer`. Returns the result dict.
+
+    Checkpoints go to `checkpoints_dir` (default `output_dir/checkpoints`), the final model to
+    `model_dir` (default `output_dir/model`); `extra_config` sections are added to their config.json.
+    """
+    return Trainer(model_config, mask_config, train_config, train_store_paths, heldout_store_path, output_dir,
+                   callback, model_dir, target_store_paths, heldout_target_path, checkpoints_dir, extra_config).fit()
