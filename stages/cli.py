@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import align, featurize, prepare
+from . import align, featurize, prepare, pretrain
 
 app = typer.Typer(
     help="Mockingjay: masked acoustic model pretraining and probing, as a DVC + MLflow pipeline.",
@@ -15,6 +15,7 @@ app = typer.Typer(
 app.command("prepare")(prepare.main)
 app.command("align")(align.main)
 app.command("featurize")(featurize.main)
+app.command("pretrain")(pretrain.main)
 
 if __name__ == "__main__":
     app()

@@ -84,7 +84,9 @@ class TrackingError(RuntimeError):
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params: dict[str, Any], run_name: str | None = None) -> Iterator[Any]:
+def stage_run(
+    stage: str, params: dict[str, Any], run_name: str | None = None, system_metrics: bool = False
+) -> Iterator[Any]:
     """Start an MLflow run for one stage execution, tagged for DVC experiments and git.
 
     Yields the `mlflow` module; the run ends FAILED if the body raises.
@@ -102,7 +104,7 @@ def stage_run(stage: str, params: dict[str, Any], run_name: str | None = None) -
         tags["dvc_exp_name"] = exp_name
     name = run_name or (f"{stage}:{exp_name}" if exp_name else stage)
     started = time.time()
-    with mlflow.start_run(run_name=name, tags=tags, log_system_metrics=False) as run:
+    with mlflow.start_run(run_name=name, tags=tags, log_system_metrics=system_metrics) as run:
         log_params(mlflow, params)
         yield mlflow
         mlflow.log_metric("duration_sec", round(time.time() - started, 3))

@@ -1,0 +1,94 @@
+"""Figures for people: loss curves, a masked-reconstruction example, probe accuracy per layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: stages run headless
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from .masking import MaskConfig, mask_batch  # noqa: E402
+
+
+@torch.inference_mode()
+def reconstruction_example(
+    model: torch.nn.Module, features: np.ndarray, mask_config: MaskConfig, downsample_rate: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(input, masked input, reconstruction, time mask) of one utterance [T, D], model in eval mode."""
+    device = next(model.parameters()).device
+    x = torch.from_numpy(np.asarray(features, dtype=np.float32))[None].to(device)
+    lengths = torch.tensor([x.shape[1]], device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    masked = mask_batch(x, lengths, mask_config, downsample_rate, generator=generator)
+    was_training = model.training
+    model.eval()
+    prediction = model(masked.inputs, lengths)[:, : x.shape[1]]
+    model.train(was_training)
+    time_mask = masked.time_mask[0]
+    return (
+        x[0].cpu().numpy(),
+        masked.inputs[0].float().cpu().numpy(),
+        prediction[0].float().cpu().numpy(),
+        time_mask.cpu().numpy(),
+    )
+
+
+def plot_reconstruction(
+    original: np.ndarray, masked: np.ndarray, reconstruction: np.ndarray, time_mask: np.ndarray, path: Path, title: str
+) -> Path:
+    fig, axes = plt.subplots(3, 1, figsize=(10, 7), sharex=True)
+    dims = min(original.shape[1], reconstruction.shape[1])
+    vmin, vmax = np.percentile(original[:, :dims], [1, 99])
+    for ax, data, name in zip(
+        axes, (original, masked, reconstruction), ("log-mel input (normalised)", "masked input", "reconstruction")
+    ):
+        ax.imshow(data[:, :dims].T, origin="lower", aspect="auto", vmin=vmin, vmax=vmax, cmap="magma")
+        ax.set_ylabel(name, fontsize=8)
+    spans = np.flatnonzero(np.diff(np.concatenate([[0], time_mask.astype(int), [0]])))
+    for start, end in zip(spans[::2], spans[1::2]):
+        axes[1].axvspan(start - 0.5, end - 0.5, ymin=0.97, ymax=1.0, color="cyan")
+    axes[-1].set_xlabel("frame")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_loss_curve(steps: Sequence[int], losses: Sequence[float], path: Path, heldout: dict | None = None) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, losses, label="training loss (masked L1)")
+    for name, (step, value) in (heldout or {}).items():
+        ax.scatter([step], [value], label=f"{name}: {value:.3f}", zorder=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("L1 on masked frames")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_probe_accuracy(rows: list[dict], path: Path) -> Path:
+    """rows: {"task", "layer" (int or "input"), "accuracy"}; the input baseline is a dashed line."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for task in sorted({r["task"] for r in rows}):
+        layers = sorted((r for r in rows if r["task"] == task and r["layer"] != "input"), key=lambda r: r["layer"])
+        line = ax.plot([r["layer"] for r in layers], [r["accuracy"] for r in layers], marker="o", label=f"{task}")[0]
+        baseline = [r for r in rows if r["task"] == task and r["layer"] == "input"]
+        if baseline:
+            ax.axhline(baseline[0]["accuracy"], linestyle="--", color=line.get_color(), label=f"{task}: log-mel input")
+    ax.set_xlabel("layer (0 = input representation)")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

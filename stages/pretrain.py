@@ -1,0 +1,258 @@
+"""pretrain: masked acoustic model (MAM) pretraining on the featurized corpus.
+
+Reads `data/features/{train,dev}` (pretraining never sees the probes' test split, which serves
+as the held-out set for the reconstruction loss). Writes::
+
+    models/pretrain/model/          the final model: model.safetensors + config.json (what later stages read)
+    models/checkpoints/             resumable checkpoints (kept between runs: DVC `persist`)
+    metrics/pretrain.json           held-out loss at initialisation and at the end, throughput, ...
+    plots/pretrain_loss.tsv         step, loss, learning_rate (a DVC plot)
+
+Re-running after a crash resumes from the newest complete checkpoint when the configuration is
+unchanged; a changed configuration starts afresh (the old checkpoints are moved aside).
+Under torchrun every rank trains; rank 0 alone writes and logs to MLflow.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import typer
+
+from mockingjay.config import ParamError, from_section, to_flat_dict
+from mockingjay.featstore import RaggedArray
+
+from . import tracking
+from .common import PARAMS_OPTION, StageError, cli_errors, section, write_json
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """The `pretrain` section: a preset plus overrides of the model, masking and training settings."""
+
+    preset: str = "tera-base"
+    model: dict = field(default_factory=dict)  # ModelConfig fields (hidden_size, num_layers, ...)
+    mask: dict = field(default_factory=dict)  # MaskConfig fields (mask_proportion, span_length, ...)
+    train: dict = field(default_factory=dict)  # TrainConfig fields (total_steps, learning_rate, ...)
+
+
+def resolve_configs(section_values: dict, feature_dim: int, target_dim: int):
+    """(ModelConfig, MaskConfig, TrainConfig) from params; every error names `pretrain.<...>`."""
+    from mockingjay.masking import MASK_PRESETS, MaskConfig
+    from mockingjay.model import PRESETS, ModelConfig, preset_config
+    from mockingjay.trainer import TrainConfig
+
+    config = from_section(PretrainConfig, section_values, "pretrain")
+    if config.preset not in PRESETS:
+        raise ParamError(f"pretrain.preset: unknown preset {config.preset!r}; valid: {', '.join(sorted(PRESETS))}")
+    model_overrides = dict(config.model)
+    preset = PRESETS[config.preset]
+    for name, have in (("input_dim", feature_dim), ("target_dim", target_dim)):
+        wanted = model_overrides.get(name, getattr(preset, name))
+        if wanted != have:
+            raise ParamError(
+                f"pretrain.model.{name}: the {config.preset} preset expects {wanted}-d, but the features are {have}-d; "
+                f"use the matching featurize preset (paper-* -> featurize.preset: paper, s3prl-base -> s3prl, "
+                f"paper-large -> featurize.target: linear) or set pretrain.model.{name}"
+            )
+        model_overrides[name] = have
+    _check_keys(model_overrides, ModelConfig, "pretrain.model")
+    _check_keys(config.mask, MaskConfig, "pretrain.mask")
+    try:
+        model = preset_config(config.preset, **model_overrides)
+    except (ValueError, TypeError) as err:
+        raise ParamError(str(err).replace("ModelConfig.", "pretrain.model.")) from err
+    try:
+        mask = MaskConfig.from_dict({**MASK_PRESETS[config.preset].to_dict(), **config.mask})
+    except (ValueError, TypeError) as err:
+        raise ParamError(str(err).replace("MaskConfig.", "pretrain.mask.")) from err
+    train = from_section(TrainConfig, config.train, "pretrain.train")
+    return model, mask, train
+
+
+def _check_keys(values: dict, cls, name: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ParamError(f"{name}: unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+
+
+def _fresh_or_resume(checkpoints: Path, record: dict) -> None:
+    """Keep checkpoints only if they were written by this exact configuration."""
+    from mockingjay.checkpoint import latest_checkpoint, load_config
+
+    if not checkpoints.exists():
+        return
+    latest = latest_checkpoint(checkpoints)
+    if latest is None:
+        return
+    stored = load_config(latest)
+    previous = {"model": stored.get("model"), "mask": stored.get("mask"),
+                "training": _train_record(stored.get("training") or {})}
+    if json.loads(json.dumps(previous, default=str)) != json.loads(json.dumps(record, default=str)):
+        aside = checkpoints.with_name(f"{checkpoints.name}.previous")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(checkpoints, aside)
+        print(f"pretrain: configuration changed since {latest}; starting afresh (old checkpoints in {aside})", file=sys.stderr)
+    else:
+        print(f"pretrain: resuming from {latest}", file=sys.stderr)
+
+
+class _Logger:
+    """Collects the trainer's records; mirrors them to MLflow on rank 0."""
+
+    def __init__(self, mlflow):
+        self.mlflow = mlflow
+        self.train: list[dict] = []
+
+    def __call__(self, record: dict) -> None:
+        if record.get("event") == "train":
+            self.train.append(record)
+            if self.mlflow is not None:
+                keys = ("loss", "learning_rate", "grad_norm", "audio_seconds_per_second", "skipped_batches")
+                self.mlflow.log_metrics({k: float(record[k]) for k in keys}, step=int(record["step"]))
+        elif record.get("event") == "resume":
+            print(f"pretrain: resumed at step {record['step']} from {record['path']}", file=sys.stderr)
+            if self.mlflow is not None:
+                self.mlflow.set_tag("resumed_from", record["path"])
+
+
+@cli_errors
+def main(
+    params: Path = PARAMS_OPTION,
+    features: Path = typer.Option(Path("data/features"), help="featurize stage output"),
+    out: Path = typer.Option(Path("models/pretrain"), help="final model directory parent"),
+    checkpoints: Path = typer.Option(Path("models/checkpoints"), help="resumable checkpoints"),
+    device: str = typer.Option(None, help="override pretrain.train.device (auto, cpu, cuda, cuda:N)"),
+) -> None:
+    """Pretrain the masked acoustic model; resumes from the newest checkpoint after a crash."""
+    feature_config = _read_feature_config(features)
+    target_dim = feature_config["n_fft"] // 2 + 1 if feature_config.get("target") == "linear" else _dim(feature_config)
+    model_config, mask_config, train_config = resolve_configs(section(params, "pretrain"), _dim(feature_config), target_dim)
+    if device:
+        train_config = dataclasses.replace(train_config, device=device)
+    train_config.validate()
+    train_stores = [features / "train", features / "dev"]
+    target_stores = None
+    if feature_config.get("target") == "linear":
+        target_stores = [features / "train_target", features / "dev_target"]
+    for store in train_stores:
+        RaggedArray(store)  # fails now, naming the store, if featurize did not finish
+    rank = int(os.environ.get("RANK", "0"))
+    record = {"model": model_config.to_dict(), "mask": mask_config.to_dict(), "training": _train_record(train_config)}
+    if rank == 0:
+        _fresh_or_resume(checkpoints, record)
+    frame_rate = 1000.0 / feature_config["hop_ms"]
+    train_config = dataclasses.replace(train_config, frame_rate=frame_rate)
+    flat = {**to_flat_dict({"model": model_config.to_dict(), "mask": mask_config.to_dict()}),
+            **to_flat_dict({"train": train_config.to_dict()}), "preset": section(params, "pretrain").get("preset", "tera-base")}
+    with _maybe_run(rank, flat) as mlflow:
+        logger = _Logger(mlflow)
+        result = _train(model_config, mask_config, train_config, train_stores, features, target_stores,
+                        checkpoints, out / "model", logger, feature_config)
+        if rank != 0:
+            return
+        metrics = {k: result[k] for k in ("steps", "heldout_loss_initial", "heldout_loss_final", "train_loss_final",
+                                          "skipped_batches", "audio_seconds_per_second", "train_seconds", "num_parameters")}
+        metrics["heldout_loss_ratio"] = metrics["heldout_loss_final"] / metrics["heldout_loss_initial"]
+        write_json(Path("metrics") / "pretrain.json", metrics)
+        _write_loss_plot(Path("plots") / "pretrain_loss.tsv", logger.train)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
+        _log_figures(mlflow, out / "model", features, mask_config, logger.train, metrics)
+        mlflow.log_artifact(str(out / "model" / "config.json"))
+    print(
+        f"pretrain: {metrics['steps']} steps, held-out masked L1 {metrics['heldout_loss_initial']:.4f} -> "
+        f"{metrics['heldout_loss_final']:.4f}, {metrics['audio_seconds_per_second']:.0f} audio-s/s -> {out / 'model'}",
+        file=sys.stderr,
+    )
+
+
+def _train(model_config, mask_config, train_config, train_stores, features, target_stores, checkpoints, model_dir,
+           logger, feature_config):
+    from mockingjay.trainer import NonFiniteLossError, train
+
+    try:
+        return train(
+            model_config, mask_config, train_config, train_stores, features / "test", checkpoints.parent,
+            callback=logger, model_dir=model_dir, target_store_paths=target_stores,
+            heldout_target_path=features / "test_target" if target_stores else None,
+            checkpoints_dir=checkpoints, extra_config={"features": feature_config},
+        )
+    except NonFiniteLossError as err:
+        raise StageError(str(err)) from err
+    except ValueError as err:
+        raise ParamError(f"pretrain.train: {err}") from err
+
+
+def _train_record(train_config) -> dict:
+    """What must match for a checkpoint to be resumed (everything but logging/device knobs)."""
+    ignore = {"device", "progress", "log_every", "num_workers", "checkpoint_every", "keep_checkpoints", "frame_rate"}
+    values = train_config if isinstance(train_config, dict) else train_config.to_dict()
+    return {k: v for k, v in values.items() if k not in ignore}
+
+
+class _maybe_run:
+    def __init__(self, rank: int, params: dict):
+        self.rank, self.params, self.context = rank, params, None
+
+    def __enter__(self):
+        if self.rank != 0:
+            return None
+        self.context = tracking.stage_run("pretrain", self.params, system_metrics=True)
+        return self.context.__enter__()
+
+    def __exit__(self, *exc):
+        return self.context.__exit__(*exc) if self.context is not None else False
+
+
+def _read_feature_config(features: Path) -> dict:
+    path = features / "feature_config.json"
+    if not path.is_file():
+        raise StageError(f"{path} not found; run the featurize stage first")
+    return json.loads(path.read_text())
+
+
+def _dim(feature_config: dict) -> int:
+    return feature_config["n_mels"] * (1 + feature_config["delta_order"])
+
+
+def _write_loss_plot(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerow(["step", "loss", "learning_rate", "grad_norm"])
+        for r in records:
+            writer.writerow([r["step"], f"{r['loss']:.6f}", f"{r['learning_rate']:.6g}", f"{r['grad_norm']:.4f}"])
+
+
+def _log_figures(mlflow, model_dir: Path, features: Path, mask_config, records: list[dict], metrics: dict) -> None:
+    import tempfile
+
+    from mockingjay.checkpoint import load_model_dir
+    from mockingjay.figures import plot_loss_curve, plot_reconstruction, reconstruction_example
+
+    model, config = load_model_dir(model_dir)
+    heldout = RaggedArray(features / "test")
+    index = int(heldout.lengths.argmax()) if len(heldout) else 0
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if len(heldout):
+            original, masked, recon, time_mask = reconstruction_example(
+                model, heldout[index], mask_config, config.downsample_rate, seed=0
+            )
+            plot_reconstruction(original, masked, recon, time_mask, tmp / "reconstruction.png",
+                                f"held-out {heldout.ids[index]}: input, masked input, reconstruction")
+        final_step = metrics["steps"]
+        plot_loss_curve([r["step"] for r in records], [r["loss"] for r in records], tmp / "loss_curve.png",
+                        {"held-out at init": (0, metrics["heldout_loss_initial"]),
+                         "held-out at end": (final_step, metrics["heldout_loss_final"])})
+        for png in tmp.glob("*.png"):
+            mlflow.log_artifact(str(png))
