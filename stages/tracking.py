@@ -104,6 +104,10 @@ def stage_run(
         tags["dvc_exp_name"] = exp_name
     name = run_name or (f"{stage}:{exp_name}" if exp_name else stage)
     started = time.time()
+    if system_metrics:
+        # CPU/GPU/memory every 2 s, so even a short run has a curve.
+        mlflow.set_system_metrics_sampling_interval(2)
+        mlflow.set_system_metrics_samples_before_logging(1)
     with mlflow.start_run(run_name=name, tags=tags, log_system_metrics=system_metrics) as run:
         log_params(mlflow, params)
         yield mlflow

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -90,6 +91,61 @@ def plant_bad_files(folder: Path) -> dict[str, str]:
         "tiny.wav": "too_short",
         "notext.wav": "missing_transcript",
     }
+
+
+PARAMS = {
+    "prepare": {
+        "seed": 3,
+        "on_error": "fail",
+        "corpora": [
+            {"name": "libri", "format": "librispeech", "path": "data/sample/libri"},
+            {"name": "arctic", "format": "arctic", "path": "data/sample/arctic", "align": True},
+            {"name": "fsdd", "format": "fsdd", "path": "data/sample/fsdd", "align": True},
+        ],
+    },
+    "align": {"workers": 2, "imports": []},
+    "featurize": {"preset": "tera", "sample_rate": 16000, "hop_ms": None, "cmvn": "utterance", "workers": 2},
+}
+
+
+def make_repo(path: Path, params: dict = PARAMS) -> Path:
+    """A fresh git + DVC repository holding the project's dvc.yaml and code, and fixture corpora."""
+    path.mkdir(parents=True, exist_ok=True)
+    for folder in ("mockingjay", "stages"):
+        shutil.copytree(ROOT / folder, path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", path / "dvc.yaml")
+    sample = path / "data" / "sample"
+    shutil.copytree(FSDD_DIR, sample / "fsdd")
+    shutil.copytree(ARCTIC_DIR, sample / "arctic")
+    make_librispeech(sample / "libri", {"61": sorted(FSDD_DIR.glob("[0-4]_theo_0.wav")), "121": sorted(FSDD_DIR.glob("[5-9]_lucas_0.wav"))}, transcripts=False)
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (path / ".gitignore").write_text("/mlflow.db\n/mlartifacts/\n__pycache__/\n")
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "fixture repo"]):
+        result = run(cmd, path)
+        assert result.returncode == 0, result.stderr
+    return path
+
+
+def copy_repo(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest, symlinks=True)
+    return dest
+
+
+def mlflow_runs(repo: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("mockingjay")
+    return client.search_runs([experiment.experiment_id], max_results=1000) if experiment else []
+
+
+@pytest.fixture(scope="session")
+def featurized_repo(tmp_path_factory) -> Path:
+    """A repository where `dvc repro featurize` has run; copy it before changing anything."""
+    repo = make_repo(tmp_path_factory.mktemp("e2e") / "repo")
+    result = run(["dvc", "repro", "featurize"], repo)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return repo
 
 
 @pytest.fixture

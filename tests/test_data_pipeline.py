@@ -3,8 +3,6 @@ in a temporary git + DVC repository built from the real audio fixtures, with MLf
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -14,57 +12,14 @@ import yaml
 from mockingjay.featstore import RaggedArray
 from mockingjay.manifest import read_manifest
 
-from .conftest import ARCTIC_DIR, FSDD_DIR, ROOT, make_librispeech, plant_bad_files, run
+from .conftest import copy_repo, make_repo, mlflow_runs, plant_bad_files, run
 
 pytestmark = pytest.mark.slow
 
-PARAMS = {
-    "prepare": {
-        "seed": 3,
-        "on_error": "fail",
-        "corpora": [
-            {"name": "libri", "format": "librispeech", "path": "data/sample/libri"},
-            {"name": "arctic", "format": "arctic", "path": "data/sample/arctic", "align": True},
-            {"name": "fsdd", "format": "fsdd", "path": "data/sample/fsdd", "align": True},
-        ],
-    },
-    "align": {"workers": 2, "imports": []},
-    "featurize": {"preset": "tera", "sample_rate": 16000, "hop_ms": None, "cmvn": "utterance", "workers": 2},
-}
-
-
-def make_repo(path: Path, params: dict = PARAMS) -> Path:
-    """A fresh git + DVC repository holding the project's dvc.yaml and code, and fixture corpora."""
-    path.mkdir(parents=True, exist_ok=True)
-    for folder in ("mockingjay", "stages"):
-        shutil.copytree(ROOT / folder, path / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", path / "dvc.yaml")
-    sample = path / "data" / "sample"
-    shutil.copytree(FSDD_DIR, sample / "fsdd")
-    shutil.copytree(ARCTIC_DIR, sample / "arctic")
-    make_librispeech(sample / "libri", {"61": sorted(FSDD_DIR.glob("[0-4]_theo_0.wav")), "121": sorted(FSDD_DIR.glob("[5-9]_lucas_0.wav"))}, transcripts=False)
-    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (path / ".gitignore").write_text("/mlflow.db\n/mlartifacts/\n__pycache__/\n")
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "fixture repo"]):
-        result = run(cmd, path)
-        assert result.returncode == 0, result.stderr
-    return path
-
-
-def mlflow_runs(repo: Path) -> list:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("mockingjay")
-    return client.search_runs([experiment.experiment_id], max_results=1000) if experiment else []
-
-
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    repo = make_repo(tmp_path_factory.mktemp("e2e") / "repo")
-    result = run(["dvc", "repro", "featurize"], repo)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return repo
+def repo(featurized_repo, tmp_path_factory) -> Path:
+    """A private copy: these tests change params."""
+    return copy_repo(featurized_repo, tmp_path_factory.mktemp("data") / "repo")
 
 
 def test_repro_writes_manifest_alignments_and_features(repo):

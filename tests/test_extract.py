@@ -1,0 +1,113 @@
+"""Representation extraction: store layout, values equal to a direct encoder forward, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mockingjay.extract import (ExtractError, extract_representations, layer_store_name, length_sorted_batches)
+from mockingjay.featstore import RaggedArray, RaggedWriter
+from mockingjay.model import MockingjayForMAM, ModelConfig
+
+DIM = 12
+LENGTHS = [37, 5, 80, 1, 23, 64, 64, 9, 41, 17]  # unsorted, with ties and a 1-frame utterance
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: extra threads only add synchronisation (and stall on a busy 2-core machine)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_model(downsample_rate: int = 1, seed: int = 0) -> MockingjayForMAM:
+    torch.manual_seed(seed)
+    return MockingjayForMAM(ModelConfig(input_dim=DIM, target_dim=DIM, hidden_size=32, num_layers=2, num_heads=4,
+                                        intermediate_size=64, downsample_rate=downsample_rate))
+
+
+def feature_store(path: Path) -> RaggedArray:
+    rng = np.random.default_rng(0)
+    with RaggedWriter(path, DIM, "float16", {"kind": "input"}) as writer:
+        for i, length in enumerate(LENGTHS):
+            writer.append(f"utt{i:02d}", rng.normal(0, 1, (length, DIM)))
+    return RaggedArray(path)
+
+
+def direct_forward(model: MockingjayForMAM, rows: np.ndarray) -> list[np.ndarray]:
+    """Every hidden state of one utterance, alone in its batch, at the feature frame rate."""
+    features = torch.from_numpy(np.asarray(rows, dtype=np.float32))[None]
+    with torch.no_grad():
+        states = model.encoder(features, torch.tensor([len(rows)])).hidden_states
+    r = model.config.downsample_rate
+    return [s[0].repeat_interleave(r, 0)[: len(rows)].numpy() for s in states]
+
+
+@pytest.mark.parametrize("downsample_rate", [1, 3])
+def test_stores_match_feature_store_and_direct_forward(tmp_path, downsample_rate):
+    store = feature_store(tmp_path / "features")
+    model = tiny_model(downsample_rate)
+    model.train()
+    calls = []
+    summary = extract_representations(model, store, tmp_path / "reps", batch_frames=100,
+                                      progress=lambda done, total: calls.append((done, total)))
+    assert model.training  # the caller's mode is restored
+    assert summary["stores"] == ["input", "layer_00", "layer_01", "layer_02"]
+    assert summary["items"] == len(LENGTHS) and summary["frames"] == sum(LENGTHS)
+    assert summary["batches"] > 3  # batch_frames=100 really splits the store
+    assert calls[-1] == (sum(LENGTHS), sum(LENGTHS))
+    written = {name: RaggedArray(tmp_path / "reps" / name) for name in summary["stores"]}
+    assert summary["bytes_written"] == sum(f.stat().st_size for s in written.values() for f in s.path.iterdir())
+    for name, out in written.items():
+        assert out.ids == store.ids and out.lengths.tolist() == LENGTHS  # same order, feature frame rate
+        assert out.dtype == np.float16 and out.dim == (DIM if name == "input" else 32)
+        assert out.attrs["layer"] == (None if name == "input" else int(name[-2:]))
+    for item in range(len(store)):
+        np.testing.assert_array_equal(written["input"][item], store[item])
+        expected = direct_forward(model.eval(), store[item])
+        for layer in range(3):
+            np.testing.assert_allclose(np.asarray(written[layer_store_name(layer)][item], np.float32),
+                                       expected[layer], atol=2e-2, rtol=1e-2)
+    if downsample_rate == 3:  # each step is repeated over its 3 frames
+        layer = np.asarray(written["layer_02"][2])
+        np.testing.assert_array_equal(layer[0], layer[2])
+        assert not np.array_equal(layer[2], layer[3])
+
+
+def test_selected_layers_only_and_batching_does_not_change_values(tmp_path):
+    store = feature_store(tmp_path / "features")
+    model = tiny_model()
+    small = extract_representations(model, store, tmp_path / "small", layers=[2, 0, 2], batch_frames=64,
+                                    include_input=False, progress=False)
+    assert small["stores"] == ["layer_00", "layer_02"] and small["layers"] == [0, 2]
+    assert sorted(p.name for p in (tmp_path / "small").iterdir()) == ["layer_00", "layer_02"]
+    big = extract_representations(model, store, tmp_path / "big", layers=[2], batch_frames=10_000, progress=False)
+    a, b = RaggedArray(tmp_path / "small" / "layer_02"), RaggedArray(tmp_path / "big" / "layer_02")
+    np.testing.assert_allclose(np.asarray(a.data, np.float32), np.asarray(b.data, np.float32), atol=4e-3)
+
+
+def test_length_sorted_batches_cap_padded_frames():
+    lengths = np.array(LENGTHS)
+    batches = length_sorted_batches(lengths, 100)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(LENGTHS)))
+    for batch in batches:
+        assert len(batch) * lengths[batch].max() <= 100 or len(batch) == 1
+        assert list(lengths[batch]) == sorted(lengths[batch], reverse=True)
+    assert length_sorted_batches(lengths, 10)[0].tolist() == [2]  # longer than the cap: alone
+
+
+def test_errors_name_the_layer_range_and_the_dims(tmp_path):
+    store = feature_store(tmp_path / "features")
+    with pytest.raises(ExtractError, match=r"layer index 3 out of range: valid layers are 0\.\.2"):
+        extract_representations(tiny_model(), store, tmp_path / "out", layers=[0, 3], progress=False)
+    assert not (tmp_path / "out" / "layer_00").exists()
+    wide = MockingjayForMAM(ModelConfig(input_dim=DIM + 1, target_dim=DIM, hidden_size=32, num_layers=1,
+                                        num_heads=4, intermediate_size=64))
+    with pytest.raises(ExtractError, match=r"features have 12 dims but the model expects input_dim=13"):
+        extract_representations(wide, store, tmp_path / "out", progress=False)
+    assert not any(p.name.startswith(".") for p in (tmp_path / "out").iterdir())  # no temporary left behind
