@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import align, featurize, prepare, pretrain
+from . import align, extract, featurize, prepare, pretrain, probe
 
 app = typer.Typer(
     help="Mockingjay: masked acoustic model pretraining and probing, as a DVC + MLflow pipeline.",
@@ -16,6 +16,8 @@ app.command("prepare")(prepare.main)
 app.command("align")(align.main)
 app.command("featurize")(featurize.main)
 app.command("pretrain")(pretrain.main)
+app.command("extract")(extract.main)
+app.command("probe")(probe.main)
 
 if __name__ == "__main__":
     app()

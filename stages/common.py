@@ -86,3 +86,39 @@ def worker_count(requested: int) -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
         return max(1, os.cpu_count() or 1)
+
+
+FEATURE_KEYS = ("sample_rate", "n_mels", "win_ms", "hop_ms", "n_fft", "delta_order", "delta_window", "log_offset", "cmvn")
+
+
+def check_model_features(model_dir: Path, features_dir: Path) -> dict:
+    """The model's recorded feature settings must match the features it is about to be fed.
+
+    Returns the features' settings. A model without recorded settings (e.g. imported without
+    them) is accepted with a warning that names what the user must make sure of.
+    """
+    from mockingjay.checkpoint import load_config
+
+    config_path = features_dir / "feature_config.json"
+    if not config_path.is_file():
+        raise StageError(f"{config_path} not found; run the featurize stage first")
+    features = json.loads(config_path.read_text())
+    model_features = load_config(model_dir).get("features")
+    if not model_features:
+        print(
+            f"warning: {model_dir} records no feature settings; make sure {features_dir} was made the way "
+            f"the model was trained ({', '.join(f'{k}={features.get(k)}' for k in FEATURE_KEYS)})",
+            file=sys.stderr,
+        )
+        return features
+    differences = [
+        f"{key}: model {model_features.get(key)!r} vs features {features.get(key)!r}"
+        for key in FEATURE_KEYS
+        if model_features.get(key) != features.get(key)
+    ]
+    if differences:
+        raise StageError(
+            f"{model_dir} was trained on other features than {features_dir}: " + "; ".join(differences)
+            + ". Re-featurize with the model's settings (params.yaml featurize section) or pick the matching model."
+        )
+    return features

@@ -7,15 +7,26 @@ Output directory layout::
     features/labels/{train,dev,test}/   int16 frame phone labels aligned 1:1 with the input (-1 = none)
     features/utterances.tsv             utt_id, split, corpus, speaker, num_frames, labelled
     features/feature_config.json        the resolved feature settings (+ global CMVN stats)
+
+How it runs (measured by benchmarks/featurize.py): a fork pool of `workers` processes, each
+with torch limited to one thread, decodes, resamples (with a cached kernel per source rate),
+computes features and CMVN, and returns float16 arrays in chunks of about `CHUNK_AUDIO_SEC`
+seconds of audio; the main process writes them in manifest order while the workers go on.
+At most `IN_FLIGHT_PER_WORKER` chunks per worker are outstanding, so memory stays flat
+whatever the corpus size. Global-CMVN statistics are summed in the workers from the float32
+values, before the conversion to float16.
 """
 
 from __future__ import annotations
 
+import collections
 import csv
+import multiprocessing
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import typer
@@ -23,13 +34,19 @@ from tqdm import tqdm
 
 from mockingjay.config import from_section, to_flat_dict
 from mockingjay.featstore import RaggedArray, RaggedWriter
-from mockingjay.features import FeatureConfig, FeatureExtractor, GlobalCMVN, feature_config, featurize_file, num_frames
+from mockingjay.features import FeatureConfig, FeatureExtractor, GlobalCMVN, feature_config, featurize_wave, load_wave, num_frames
 from mockingjay.manifest import SPLITS, ManifestRow, read_manifest
 
 from . import tracking
 from .common import PARAMS_OPTION, StageError, atomic_output_dir, cli_errors, section, worker_count, write_json
 
+CHUNK_AUDIO_SEC = 15.0  # audio seconds per task sent to a worker (5-10 ms of work)
+IN_FLIGHT_PER_WORKER = 4  # outstanding tasks per worker: keeps workers busy, bounds memory
+
 _extractor: FeatureExtractor | None = None
+
+# One task: (path, source sample rate, whether to sum global-CMVN statistics).
+Task = tuple[str, int, bool]
 
 
 def _init_worker(config: FeatureConfig) -> None:
@@ -37,23 +54,93 @@ def _init_worker(config: FeatureConfig) -> None:
 
     global _extractor
     torch.set_num_threads(1)
+    _keep_freed_memory()
     _extractor = FeatureExtractor(config)
 
 
-def _featurize(path: str):
+def _keep_freed_memory() -> None:
+    """Let glibc reuse freed blocks instead of returning them to the kernel after every file:
+    the per-file arrays (a few MB) otherwise come back as fresh pages, and the page faults cost
+    ~3% of a worker's time. Bounded: a worker keeps at most about its largest file's working set."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD: blocks up to 64 MB come from the heap
+        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD: keep up to 256 MB of free heap
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
+def _featurize_chunk(tasks: list[Task]) -> list:
+    """Features of a few files: (float16 features, float16 target or None, stats or None) each,
+    or ("error", message) for a file that cannot be read (AudioError does not pickle)."""
+    from mockingjay.audio import AudioError
+
     assert _extractor is not None
-    return featurize_file(path, _extractor)
+    config = _extractor.config
+    results = []
+    for path, source_rate, want_stats in tasks:
+        stats = (GlobalCMVN(config.dim), GlobalCMVN(config.target_dim)) if want_stats else None
+        try:
+            wave = load_wave(path, _extractor, source_rate)
+        except AudioError as err:
+            results.append(("error", str(err)))
+            continue
+        feats, target = featurize_wave(wave, _extractor, np.float16, stats)
+        results.append((feats, target, stats))
+    return results
 
 
-def compute_features(rows: list[ManifestRow], config: FeatureConfig, workers: int):
-    """Yield (row, features, target) in manifest order, computed on `workers` processes."""
-    paths = [r.path for r in rows]
+def _chunks(rows: list[ManifestRow], chunk_sec: float) -> Iterator[list[ManifestRow]]:
+    chunk, seconds = [], 0.0
+    for row in rows:
+        chunk.append(row)
+        seconds += row.duration
+        if seconds >= chunk_sec:
+            yield chunk
+            chunk, seconds = [], 0.0
+    if chunk:
+        yield chunk
+
+
+def compute_features(
+    rows: list[ManifestRow],
+    config: FeatureConfig,
+    workers: int,
+    chunk_sec: float = CHUNK_AUDIO_SEC,
+    in_flight_per_worker: int = IN_FLIGHT_PER_WORKER,
+):
+    """Yield (row, float16 features, float16 target or None, GlobalCMVN pair or None) in manifest
+    order, computed on `workers` processes (1: in this process)."""
+    collect = config.cmvn == "global"
+
+    def task(row: ManifestRow) -> Task:
+        return (row.path, row.sample_rate, collect and row.split == "train")
+
+    def unpack(chunk: list[ManifestRow], results: list):
+        for row, result in zip(chunk, results):
+            if isinstance(result[0], str):
+                raise StageError(f"{result[1]}; the manifest is stale, rerun prepare")
+            yield (row, *result)
+
     if workers == 1:
         _init_worker(config)
-        yield from zip(rows, map(_featurize, paths))
+        for chunk in _chunks(rows, chunk_sec):
+            yield from unpack(chunk, _featurize_chunk([task(r) for r in chunk]))
         return
-    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(config,)) as pool:
-        yield from zip(rows, pool.map(_featurize, paths, chunksize=8))
+    # fork: the workers inherit the imported torch instead of importing it again (~2 s each)
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(config,)) as pool:
+        pending: collections.deque = collections.deque()
+        for chunk in _chunks(rows, chunk_sec):
+            if len(pending) >= workers * in_flight_per_worker:
+                done_chunk, future = pending.popleft()
+                yield from unpack(done_chunk, future.result())
+            pending.append((chunk, pool.submit(_featurize_chunk, [task(r) for r in chunk])))
+        while pending:
+            done_chunk, future = pending.popleft()
+            yield from unpack(done_chunk, future.result())
 
 
 def load_frame_labels(alignments: Path | None, config: FeatureConfig) -> RaggedArray | None:
@@ -75,7 +162,79 @@ def normalize_in_place(store_path: Path, mean: np.ndarray, std: np.ndarray, chun
     for start in range(0, store.data.shape[0], chunk_rows):
         block = store.data[start : start + chunk_rows].astype(np.float32)
         store.data[start : start + chunk_rows] = ((block - mean) / std).astype(store.dtype)
-    store.data.flush()
+    if isinstance(store.data, np.memmap):
+        store.data.flush()
+
+
+def sort_rows(rows: list[ManifestRow]) -> list[ManifestRow]:
+    order = {split: i for i, split in enumerate(SPLITS)}
+    return sorted(rows, key=lambda r: (order[r.split], r.utt_id))
+
+
+def write_features(
+    rows: list[ManifestRow],
+    config: FeatureConfig,
+    out: Path,
+    workers: int,
+    labels: RaggedArray | None = None,
+    progress: bool = True,
+    chunk_sec: float = CHUNK_AUDIO_SEC,
+) -> tuple[dict, list[tuple]]:
+    """Compute and write every store of the layout above into the (existing, empty) folder `out`.
+
+    Returns the resolved feature settings (feature_config.json) and the utterance table rows.
+    """
+    attrs = {"feature_config": config.to_dict(), "kind": "input"}
+    (out / "labels").mkdir()
+    writers = {s: RaggedWriter(out / s, config.dim, "float16", attrs) for s in SPLITS}
+    target_writers = (
+        {s: RaggedWriter(out / f"{s}_target", config.target_dim, "float16", {**attrs, "kind": "target"}) for s in SPLITS}
+        if config.target == "linear"
+        else {}
+    )
+    label_writers = {s: RaggedWriter(out / "labels" / s, 1, "int16", {"hop_length": config.hop_length}) for s in SPLITS}
+    cmvn, target_cmvn = GlobalCMVN(config.dim), GlobalCMVN(config.target_dim)
+    table = []
+    bar = tqdm(total=round(sum(r.duration for r in rows), 1), desc="featurize", unit="audio-s", file=sys.stderr, disable=not progress)
+    for row, feats, target, stats in compute_features(rows, config, workers, chunk_sec):
+        expected = num_frames(row.num_samples, config.hop_length)
+        if feats.shape[0] != expected:
+            raise StageError(f"{row.path}: {feats.shape[0]} frames, expected {expected}; manifest is stale, rerun prepare")
+        writers[row.split].append(row.utt_id, feats)
+        if target is not None:
+            target_writers[row.split].append(row.utt_id, target)
+        if stats is not None:
+            cmvn.merge(stats[0])
+            target_cmvn.merge(stats[1])
+        frame_labels = np.full(feats.shape[0], -1, dtype=np.int16)
+        if labels is not None and row.utt_id in labels:
+            aligned = labels.get(row.utt_id)[:, 0]
+            if len(aligned) != feats.shape[0]:
+                raise StageError(f"{row.utt_id}: {len(aligned)} frame labels for {feats.shape[0]} frames; rerun align")
+            frame_labels = np.asarray(aligned, dtype=np.int16)
+        label_writers[row.split].append(row.utt_id, frame_labels)
+        table.append((row.utt_id, row.split, row.corpus, row.speaker, feats.shape[0], int((frame_labels >= 0).any())))
+        bar.update(round(row.duration, 1))
+    bar.close()
+    for writer in (*writers.values(), *target_writers.values(), *label_writers.values()):
+        writer.close()
+    resolved = config.to_dict()
+    if config.cmvn == "global":
+        mean, std = cmvn.stats()
+        resolved["global_cmvn"] = {"mean": mean.tolist(), "std": std.tolist()}
+        for split in SPLITS:
+            normalize_in_place(out / split, mean, std)
+        if target_writers:
+            t_mean, t_std = target_cmvn.stats()
+            resolved["global_cmvn_target"] = {"mean": t_mean.tolist(), "std": t_std.tolist()}
+            for split in SPLITS:
+                normalize_in_place(out / f"{split}_target", t_mean, t_std)
+    write_json(out / "feature_config.json", resolved)
+    with open(out / "utterances.tsv", "w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerow(["utt_id", "split", "corpus", "speaker", "num_frames", "labelled"])
+        writer.writerows(table)
+    return resolved, table
 
 
 @cli_errors
@@ -88,66 +247,14 @@ def main(
 ) -> None:
     """Compute log-mel (+ delta) features with CMVN into memory-mappable float16 stores."""
     config = from_section(FeatureConfig, feature_config(section(params, "featurize")), "featurize")
-    rows = read_manifest(manifest)
+    rows = sort_rows(read_manifest(manifest))
     labels = None if no_labels else load_frame_labels(alignments, config)
     workers = worker_count(config.workers)
-    order = {split: i for i, split in enumerate(SPLITS)}
-    rows = sorted(rows, key=lambda r: (order[r.split], r.utt_id))
     total_sec = sum(r.duration for r in rows)
-    attrs = {"feature_config": config.to_dict(), "kind": "input"}
     with tracking.stage_run("featurize", to_flat_dict(config)) as mlflow, atomic_output_dir(out) as tmp:
-        (tmp / "labels").mkdir()
-        writers = {s: RaggedWriter(tmp / s, config.dim, "float16", attrs) for s in SPLITS}
-        target_writers = (
-            {s: RaggedWriter(tmp / f"{s}_target", config.target_dim, "float16", {**attrs, "kind": "target"}) for s in SPLITS}
-            if config.target == "linear"
-            else {}
-        )
-        label_writers = {s: RaggedWriter(tmp / "labels" / s, 1, "int16", {"hop_length": config.hop_length}) for s in SPLITS}
-        cmvn, target_cmvn = GlobalCMVN(config.dim), GlobalCMVN(config.target_dim)
-        table = []
         started = time.time()
-        bar = tqdm(total=round(total_sec, 1), desc="featurize", unit="audio-s", file=sys.stderr)
-        for row, (feats, target) in compute_features(rows, config, workers):
-            expected = num_frames(row.num_samples, config.hop_length)
-            if feats.shape[0] != expected:
-                raise StageError(f"{row.path}: {feats.shape[0]} frames, expected {expected}; manifest is stale, rerun prepare")
-            writers[row.split].append(row.utt_id, feats)
-            if target is not None:
-                target_writers[row.split].append(row.utt_id, target)
-            if row.split == "train" and config.cmvn == "global":
-                cmvn.update(feats)
-                if target is not None:
-                    target_cmvn.update(target)
-            frame_labels = np.full(feats.shape[0], -1, dtype=np.int16)
-            if labels is not None and row.utt_id in labels:
-                aligned = labels.get(row.utt_id)[:, 0]
-                if len(aligned) != feats.shape[0]:
-                    raise StageError(f"{row.utt_id}: {len(aligned)} frame labels for {feats.shape[0]} frames; rerun align")
-                frame_labels = np.asarray(aligned, dtype=np.int16)
-            label_writers[row.split].append(row.utt_id, frame_labels)
-            table.append((row.utt_id, row.split, row.corpus, row.speaker, feats.shape[0], int((frame_labels >= 0).any())))
-            bar.update(round(row.duration, 1))
-        bar.close()
-        for writer in (*writers.values(), *target_writers.values(), *label_writers.values()):
-            writer.close()
-        resolved = config.to_dict()
-        if config.cmvn == "global":
-            mean, std = cmvn.stats()
-            resolved["global_cmvn"] = {"mean": mean.tolist(), "std": std.tolist()}
-            for split in SPLITS:
-                normalize_in_place(tmp / split, mean, std)
-            if target_writers:
-                t_mean, t_std = target_cmvn.stats()
-                resolved["global_cmvn_target"] = {"mean": t_mean.tolist(), "std": t_std.tolist()}
-                for split in SPLITS:
-                    normalize_in_place(tmp / f"{split}_target", t_mean, t_std)
+        _, table = write_features(rows, config, tmp, workers, labels)
         elapsed = time.time() - started
-        write_json(tmp / "feature_config.json", resolved)
-        with open(tmp / "utterances.tsv", "w", newline="") as f:
-            writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-            writer.writerow(["utt_id", "split", "corpus", "speaker", "num_frames", "labelled"])
-            writer.writerows(table)
         size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
         summary = {
             "utterances": len(table),

@@ -1,0 +1,311 @@
+"""Frozen-encoder representations of a feature store: one float16 ragged store per layer.
+
+`extract_representations` runs the encoder (eval mode, `torch.inference_mode`, bf16 autocast
+on CUDA, fp32 on CPU) over a feature store and writes, under `out_dir`::
+
+    input/       the model input features themselves (the log-mel baseline row of the probes)
+    layer_00/    hidden state 0: the input representation (projection + positions + LayerNorm)
+    layer_01/    output of encoder layer 1, ... up to layer_NN (N = number of layers)
+
+Every store has the same ids, in the same order, with the same lengths as the feature store:
+representations are brought back to the FEATURE frame rate (each of the ceil(T / R) steps is
+repeated R times and the tail cropped to the utterance's frame count) so that frame phone labels,
+which are aligned 1:1 with the features, line up with every layer. Index numbering follows the
+encoder (s3prl#358): index 0 is the input representation, index i is layer i's output.
+
+Memory stays bounded whatever the corpus size: utterances are batched in length-sorted order
+(little padding) with at most `batch_frames` padded frames per batch, and each batch's results go
+straight to disk. Because every output store has exactly the feature store's row layout, item i
+is written at the feature store's row offset of item i (preallocated file, positioned writes):
+output order equals input order without holding the corpus, or a reorder buffer, in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mockingjay.featstore import _DATA, _INDEX, _META, RaggedArray
+from mockingjay.model import upsample_to_frames
+
+INPUT_STORE = "input"
+FRAMES_PER_SECOND = 100  # the speed figure counts audio seconds at a 10 ms hop
+ProgressCallback = Callable[[int, int], None]  # (frames done, total frames)
+
+
+class ExtractError(ValueError):
+    """Extraction cannot run as asked (layer index out of range, feature dims mismatch)."""
+
+
+def layer_store_name(index: int) -> str:
+    """Directory name of hidden state `index`: 0 -> "layer_00" (input representation)."""
+    return f"layer_{index:02d}"
+
+
+def encoder_of(model: nn.Module) -> nn.Module:
+    """The encoder of a `MockingjayForMAM` (or the encoder itself)."""
+    return getattr(model, "encoder", model)
+
+
+def resolve_layers(layers: Sequence[int] | None, num_layers: int,
+                   error: type[ValueError] = ExtractError) -> list[int]:
+    """Sorted, de-duplicated hidden-state indices; `None` = all of 0..num_layers."""
+    if layers is None:
+        return list(range(num_layers + 1))
+    for index in layers:
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index <= num_layers:
+            raise error(
+                f"layer index {index!r} out of range: valid layers are 0..{num_layers} "
+                f"(0 = input representation, i = output of encoder layer i)"
+            )
+    return sorted({int(i) for i in layers})
+
+
+def length_sorted_batches(lengths: np.ndarray, batch_frames: int,
+                          indices: np.ndarray | None = None) -> list[np.ndarray]:
+    """Item indices packed longest-first into batches of <= `batch_frames` padded frames.
+
+    Sorting by length keeps padding (wasted compute) low; longest-first makes the biggest batch
+    run first, so an out-of-memory error shows at once. An utterance longer than `batch_frames`
+    gets a batch of its own. Deterministic: ties keep index order.
+    """
+    if batch_frames < 1:
+        raise ValueError(f"batch_frames must be >= 1, got {batch_frames}")
+    indices = np.arange(len(lengths)) if indices is None else np.asarray(indices)
+    order = indices[np.argsort(-np.asarray(lengths)[indices], kind="stable")]
+    batches: list[np.ndarray] = []
+    start = 0
+    while start < len(order):
+        longest = max(int(lengths[order[start]]), 1)
+        size = max(1, batch_frames // longest)
+        batches.append(order[start : start + size])
+        start += size
+    return batches
+
+
+class EncodedBatch(NamedTuple):
+    """One batch of utterances after the encoder, at the feature frame rate.
+
+    indices: item indices in the feature store; lengths: frames per item ([B] long, CPU);
+    states: store name ("input", "layer_XX") -> [B, T_max, dim] float16 on the model's device
+    (rows past an item's length are padding).
+    """
+
+    indices: np.ndarray
+    lengths: Tensor
+    states: dict[str, Tensor]
+
+
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (tensor cores, fp32 range); full fp32 everywhere else."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def encode_batches(
+    model: nn.Module,
+    feature_store: RaggedArray,
+    batches: Sequence[np.ndarray],
+    layers: Sequence[int],
+    device: str | torch.device = "cpu",
+    include_input: bool = True,
+) -> Iterator[EncodedBatch]:
+    """Run the frozen encoder over `batches` of feature-store items, yielding float16 states.
+
+    States are rounded to float16 here, as they are stored by extraction, so that probing on the
+    fly sees the same numbers as probing extracted stores.
+    """
+    device = torch.device(device)
+    encoder = encoder_of(model)
+    config = encoder.config
+    if feature_store.dim != config.input_dim:
+        raise ExtractError(
+            f"{feature_store.path}: features have {feature_store.dim} dims but the model expects "
+            f"input_dim={config.input_dim}; featurize with the model's feature settings"
+        )
+    layers = resolve_layers(layers, config.num_layers)
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        for indices in batches:
+            # The inference-mode block closes before the yield: a generator suspended inside it
+            # would leave the consumer's code running in inference mode too.
+            with torch.inference_mode():
+                lengths = torch.from_numpy(feature_store.lengths[indices].astype(np.int64))
+                features = _padded_batch(feature_store, indices, lengths.numpy(), device)
+                states: dict[str, Tensor] = {}
+                if include_input:
+                    states[INPUT_STORE] = features.to(torch.float16)
+                if layers:
+                    with autocast_for(device):
+                        output = encoder.extract_features(features, lengths.to(device), layers=layers)
+                    for index, hidden in zip(layers, output.hidden_states):
+                        hidden = upsample_to_frames(hidden, config.downsample_rate, features.size(1))
+                        states[layer_store_name(index)] = hidden.to(torch.float16)
+            yield EncodedBatch(np.asarray(indices), lengths, states)
+    finally:
+        encoder.train(was_training)
+
+
+def _padded_batch(store: RaggedArray, indices: np.ndarray, lengths: np.ndarray, device: torch.device) -> Tensor:
+    """[B, longest, D] float32 on `device`, zero past each length (pinned for async copy to CUDA)."""
+    padded = np.zeros((len(indices), int(lengths.max()), store.dim), dtype=np.float32)
+    for row, item in enumerate(indices):
+        padded[row, : lengths[row]] = store[int(item)]
+    features = torch.from_numpy(padded)
+    if device.type == "cuda":
+        features = features.pin_memory()
+    return features.to(device, non_blocking=True)
+
+
+class _PresizedStoreWriter:
+    """Writes a ragged store whose row layout (ids, offsets, lengths) copies `template`.
+
+    The data file is created at its final size and every item is written at its template offset,
+    in any order; `close()` checks that every item arrived, then publishes the directory
+    atomically (the same temporary-sibling-then-rename protocol as `RaggedWriter`).
+    """
+
+    def __init__(self, path: Path, template: RaggedArray, dim: int, attrs: dict):
+        self.path, self.template, self.dim, self.attrs = path, template, dim, attrs
+        self.dtype = np.dtype(np.float16)
+        self._tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        if self._tmp.exists():
+            shutil.rmtree(self._tmp)
+        self._tmp.mkdir(parents=True)
+        self._row_bytes = dim * self.dtype.itemsize
+        self._file = open(self._tmp / _DATA, "wb")
+        self._file.truncate(int(template.lengths.sum()) * self._row_bytes)  # sparse until written
+        self._written = np.zeros(len(template), dtype=bool)
+
+    def write(self, item: int, rows: np.ndarray) -> None:
+        if rows.shape != (self.template.lengths[item], self.dim):
+            raise ExtractError(f"item {self.template.ids[item]!r}: got {list(rows.shape)} rows for "
+                               f"[{self.template.lengths[item]}, {self.dim}]")
+        self._file.seek(int(self.template.offsets[item]) * self._row_bytes)
+        self._file.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
+        self._written[item] = True
+
+    def close(self) -> Path:
+        self._file.close()
+        if not self._written.all():
+            missing = self.template.ids[int(np.flatnonzero(~self._written)[0])]
+            self.abort()
+            raise ExtractError(f"{self.path}: item {missing!r} was never written")
+        with open(self._tmp / _INDEX, "w") as f:
+            for item_id, offset, length in zip(self.template.ids, self.template.offsets, self.template.lengths):
+                f.write(f"{item_id}\t{offset}\t{length}\n")
+        meta = {"dtype": self.dtype.name, "dim": self.dim, "items": len(self.template),
+                "rows": int(self.template.lengths.sum()), "attrs": self.attrs}
+        (self._tmp / _META).write_text(json.dumps(meta, indent=2) + "\n")
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        os.replace(self._tmp, self.path)
+        RaggedArray(self.path)  # validates sizes and index: fail here, not in the probe
+        return self.path
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def _progress_reporter(progress: bool | ProgressCallback,
+                       total_frames: int) -> tuple[ProgressCallback, Callable[[], None]]:
+    if callable(progress):
+        return progress, lambda: None
+    if not progress:
+        return (lambda done, total: None), lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_frames, desc="extract", unit="frame", unit_scale=True, file=sys.stderr)
+
+    def update(done: int, total: int) -> None:
+        bar.update(done - bar.n)
+
+    return update, bar.close
+
+
+def extract_representations(
+    model: nn.Module,
+    feature_store: RaggedArray,
+    out_dir: str | Path,
+    layers: Sequence[int] | None = None,
+    device: str | torch.device = "cpu",
+    batch_frames: int = 32_000,
+    include_input: bool = True,
+    progress: bool | ProgressCallback = True,
+) -> dict:
+    """Write per-layer float16 stores of `feature_store` under `out_dir`; return a summary.
+
+    layers: hidden-state indices (0 = input representation, i = layer i); None = all 0..N.
+    batch_frames: cap on padded frames (batch size x longest utterance) per forward pass.
+    include_input: also write the input features as `out_dir/input` (the probes' baseline).
+    progress: True = tqdm bar on stderr, False = silent, or a callback(frames done, total frames).
+
+    Summary keys: items, frames, stores, layers, hidden_size, batches, bytes_written, seconds,
+    audio_seconds_per_second (audio at 100 frames/s per wall-clock second), device.
+    """
+    device = torch.device(device)
+    encoder = encoder_of(model)
+    config = encoder.config
+    layers = resolve_layers(layers, config.num_layers)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    batches = length_sorted_batches(feature_store.lengths, batch_frames)
+    common = {"source": str(feature_store.path), "frame_rate": "features",
+              "downsample_rate": config.downsample_rate, "model_config": config.to_dict()}
+    writers: dict[str, _PresizedStoreWriter] = {}
+    if include_input:
+        writers[INPUT_STORE] = _PresizedStoreWriter(out_dir / INPUT_STORE, feature_store, feature_store.dim,
+                                                    {**common, "kind": "input", "layer": None})
+    for index in layers:
+        name = layer_store_name(index)
+        writers[name] = _PresizedStoreWriter(out_dir / name, feature_store, config.hidden_size,
+                                             {**common, "kind": "representation", "layer": index})
+    total_frames = int(feature_store.lengths.sum())
+    report, finish = _progress_reporter(progress, total_frames)
+    started = time.perf_counter()
+    frames_done = 0
+    try:
+        for batch in encode_batches(model, feature_store, batches, layers, device, include_input):
+            host = {name: states.cpu().numpy() for name, states in batch.states.items()}
+            for row, item in enumerate(batch.indices):
+                length = int(batch.lengths[row])
+                for name, states in host.items():
+                    writers[name].write(int(item), states[row, :length])
+                frames_done += length
+            report(frames_done, total_frames)
+        paths = [writer.close() for writer in writers.values()]
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    finally:
+        finish()
+    seconds = time.perf_counter() - started
+    written = sum(f.stat().st_size for p in paths for f in p.iterdir() if f.is_file())
+    return {
+        "items": len(feature_store),
+        "frames": total_frames,
+        "stores": list(writers),
+        "layers": layers,
+        "hidden_size": config.hidden_size,
+        "batches": len(batches),
+        "bytes_written": int(written),
+        "seconds": round(seconds, 3),
+        "audio_seconds_per_second": round(total_frames / FRAMES_PER_SECOND / max(seconds, 1e-9), 1),
+        "device": str(device),
+    }

@@ -1,0 +1,323 @@
+"""Linear probes of frozen representations: frame phone classification, utterance speaker ID.
+
+The paper's representation evaluation: a linear softmax classifier on frozen features, trained
+on the train split, its hyper-parameters (L2 weight decay, learning rate) chosen on dev, reported
+on test, with the log-mel input as the baseline row. Training details (one pass for all layers,
+per-layer standardisation with train-set statistics, best-epoch selection) are in
+`mockingjay.probe_heads`.
+
+Two ways to get representations:
+
+* extracted (`probe_phones`, `probe_speakers`): the ragged stores written by
+  `mockingjay.extract` (`root/{split}/{input,layer_XX}`), read through their memory maps;
+* online (`probe_online`, in `mockingjay.probe_online`): the frozen model runs on the fly, for
+  corpora too large to extract.
+
+Memory policy of the frame probe: the frame index (row and label of every labelled frame, 10 bytes
+a frame) is always in RAM. The representations are loaded into RAM (float16, only the labelled
+frames) when all selected layers of all splits fit in `max_ram_bytes` (the bundled corpus: about
+150k frames x 768 dims x 2 bytes = 230 MB a layer); otherwise every mini-batch is gathered from
+the memory maps with sorted fancy indexing, so memory stays flat whatever the corpus size. Both
+paths hand the heads exactly the same numbers in the same order, so they give identical results.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mockingjay.extract import INPUT_STORE, layer_store_name
+from mockingjay.featstore import RaggedArray
+from mockingjay.phones import PHONES
+from mockingjay.probe_heads import (PHONE_PROBE, SPEAKER_PROBE, Batch, LayerHeads, ProbeConfig, ProbeError,
+                                    RunningMoments, layer_report, predict, train_heads)
+
+__all__ = ["PHONE_PROBE", "SPEAKER_PROBE", "ProbeConfig", "ProbeError", "open_representations", "probe_online",
+           "probe_phones", "probe_speakers", "probe_utterances", "read_speakers", "utterance_means"]
+
+SPLITS = ("train", "dev", "test")
+Representations = Mapping[str, Mapping[str, RaggedArray]]  # split -> store name -> store
+_LAYER_DIR = re.compile(r"^layer_(\d+)$")
+
+
+def open_representations(root: str | Path, layers: Sequence[int] | None = None, include_input: bool = True,
+                         splits: Sequence[str] = SPLITS) -> dict[str, dict[str, RaggedArray]]:
+    """Open `root/{split}/{input,layer_XX}`; layers None = every extracted layer.
+
+    Raises ProbeError naming the valid range when a requested layer was not extracted.
+    """
+    root = Path(root)
+    found = sorted(int(m.group(1)) for p in (root / splits[0]).glob("layer_*") if (m := _LAYER_DIR.match(p.name)))
+    if layers is None:
+        layers = found
+    for index in layers:
+        if index not in found:
+            if not found:
+                valid = "none"
+            elif found == list(range(found[0], found[-1] + 1)):
+                valid = f"{found[0]}..{found[-1]}"
+            else:
+                valid = ", ".join(map(str, found))
+            raise ProbeError(f"layer {index} out of range: {root / splits[0]} holds layers {valid} "
+                             f"(0 = input representation, i = output of encoder layer i)")
+    names = ([INPUT_STORE] if include_input else []) + [layer_store_name(i) for i in sorted(set(layers))]
+    return {split: {name: RaggedArray(root / split / name) for name in names} for split in splits}
+
+
+def read_speakers(utterances_tsv: str | Path) -> dict[str, str]:
+    """utt_id -> speaker from the featurize stage's `utterances.tsv`."""
+    with open(utterances_tsv, newline="") as f:
+        return {row["utt_id"]: row["speaker"] for row in csv.DictReader(f, delimiter="\t")}
+
+
+def check_same_items(stores: Mapping[str, RaggedArray], split: str,
+                     expected_names: Sequence[str] | None = None) -> RaggedArray:
+    """All layer stores of a split must list the same utterances with the same lengths."""
+    if not stores:
+        raise ProbeError(f"{split}: no representation stores selected")
+    names = list(stores)
+    if expected_names is not None and names != list(expected_names):
+        raise ProbeError(f"{split}: stores {names} differ from the train split's {list(expected_names)}")
+    reference = stores[names[0]]
+    for name in names[1:]:
+        other = stores[name]
+        if other.ids != reference.ids or not np.array_equal(other.lengths, reference.lengths):
+            bad = next((a for a, b, la, lb in zip(reference.ids, other.ids, reference.lengths, other.lengths)
+                        if a != b or la != lb), None)
+            where = f"utterance {bad!r}" if bad else f"{len(reference)} vs {len(other)} utterances"
+            raise ProbeError(f"{split}: stores {names[0]} and {name} disagree at {where}; re-extract them together")
+    return reference
+
+
+def labelled_frames(reference: RaggedArray, labels: RaggedArray, split: str,
+                    num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows in the representation stores, labels) of every labelled frame (label >= 0).
+
+    Labels must cover the same utterances as the representations, each with one label a frame.
+    """
+    extra = next((utt for utt in labels.ids if utt not in reference), None)
+    if extra is not None:
+        raise ProbeError(f"{split}: utterance {extra!r} has frame labels in {labels.path} but no representation "
+                         f"({len(labels)} labelled vs {len(reference)} represented utterances)")
+    rows, values = [], []
+    for item, utt in enumerate(reference.ids):
+        if utt not in labels:
+            raise ProbeError(f"{split}: utterance {utt!r} has no frame labels in {labels.path} "
+                             f"({len(labels)} labelled vs {len(reference)} represented utterances)")
+        frame_labels = np.asarray(labels.get(utt)).reshape(-1)
+        if len(frame_labels) != reference.lengths[item]:
+            raise ProbeError(f"{split}: utterance {utt!r} has {reference.lengths[item]} representation frames "
+                             f"but {len(frame_labels)} frame labels; labels must be at the feature frame rate")
+        if frame_labels.size and frame_labels.max() >= num_classes:
+            raise ProbeError(f"{split}: utterance {utt!r} has label {int(frame_labels.max())}, "
+                             f"but there are only {num_classes} classes")
+        keep = np.flatnonzero(frame_labels >= 0)
+        rows.append(reference.offsets[item] + keep)
+        values.append(frame_labels[keep].astype(np.int16))
+    rows_all = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    return rows_all, (np.concatenate(values) if values else np.zeros(0, dtype=np.int16))
+
+
+class FrameSource:
+    """One layer's labelled frames of each split, from RAM (float16) or from the memory map."""
+
+    def __init__(self, stores: Mapping[str, RaggedArray], rows: Mapping[str, np.ndarray], in_ram: bool):
+        self.stores, self.rows = stores, rows
+        self.cached = None
+        if in_ram:  # rows ascend, so this is one sequential read of each memory map
+            self.cached = {split: torch.from_numpy(np.asarray(stores[split].data[r])) for split, r in rows.items()}
+
+    def gather(self, split: str, positions: np.ndarray) -> Tensor:
+        """float32 [len(positions), H]; `positions` index the split's labelled frames, ascending."""
+        if self.cached is not None:
+            return self.cached[split][torch.from_numpy(positions)].float()
+        return torch.from_numpy(np.asarray(self.stores[split].data[self.rows[split][positions]])).float()
+
+
+def _chunks(count: int, size: int) -> Iterator[np.ndarray]:
+    for start in range(0, count, size):
+        yield np.arange(start, min(start + size, count))
+
+
+def probe_phones(
+    representations: Representations,
+    labels: Mapping[str, RaggedArray],
+    config: ProbeConfig = PHONE_PROBE,
+    class_names: Sequence[str] = PHONES,
+    device: str | torch.device = "cpu",
+    max_ram_bytes: int = 2 << 30,
+    progress: bool = True,
+) -> dict:
+    """Frame-level phone probe of every store in `representations` ({split: {name: store}}).
+
+    Trains on the labelled train frames, picks each layer's head by dev accuracy, reports on test.
+    `labels` holds the int16 frame-label stores per split (-1 = unlabelled frame).
+    """
+    started = time.perf_counter()
+    device = torch.device(device)
+    names = list(representations["train"])
+    frames: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for split in SPLITS:
+        reference = check_same_items(representations[split], split, names)
+        frames[split] = labelled_frames(reference, labels[split], split, len(class_names))
+        if len(frames[split][0]) == 0:
+            raise ProbeError(f"{split}: no labelled frames (every label is -1); the phone probe needs labels "
+                             f"in train, dev and test")
+    rows = {split: frames[split][0] for split in SPLITS}
+    targets = {split: torch.from_numpy(frames[split][1].astype(np.int64)) for split in SPLITS}
+    ram_bytes = sum(len(rows[s]) * representations[s][n].dim * 2 for s in SPLITS for n in names)
+    in_ram = ram_bytes <= max_ram_bytes
+    sources = {name: FrameSource({s: representations[s][name] for s in SPLITS}, rows, in_ram) for name in names}
+
+    def batches(split: str, position_batches: Iterator[np.ndarray]) -> Iterator[Batch]:
+        for positions in position_batches:
+            yield (targets[split][positions].to(device),
+                   {name: source.gather(split, positions).to(device) for name, source in sources.items()})
+
+    heads = {}
+    for name, source in sources.items():
+        moments = RunningMoments(representations["train"][name].dim)
+        for positions in _chunks(len(rows["train"]), 65_536):
+            moments.update(source.gather("train", positions))
+        heads[name] = LayerHeads(*moments.mean_std(), len(class_names), config.grid(), device)
+
+    # One generator for the batch order: the same frames in the same order whatever the layers.
+    generator = torch.Generator().manual_seed(config.seed)
+    train_count = len(rows["train"])
+    batch_size = config.batch_size or train_count
+
+    def train_batches(epoch: int) -> Iterator[Batch]:
+        order = torch.randperm(train_count, generator=generator).numpy()
+        # sorted within the batch: sequential memory-map reads, and the same summation order in RAM
+        return batches("train", (np.sort(order[i : i + batch_size]) for i in range(0, train_count, batch_size)))
+
+    def dev_batches() -> Iterator[Batch]:
+        return batches("dev", _chunks(len(rows["dev"]), config.eval_batch))
+
+    train_heads(heads, config.epochs, train_batches, dev_batches, progress, "phone probe")
+    truth, predicted = predict(heads, batches("test", _chunks(len(rows["test"]), config.eval_batch)))
+    majority = int(np.bincount(frames["train"][1], minlength=len(class_names)).argmax())
+    return {
+        "task": "phone",
+        "classes": list(class_names),
+        "examples": {split: int(len(rows[split])) for split in SPLITS},
+        "majority_class": class_names[majority],
+        "config": config.to_dict(),
+        "standardisation": "per layer, mean/std of the train split's labelled frames",
+        "data_in_ram": in_ram,
+        "layers": {name: layer_report(heads[name], config.grid(), truth, predicted[name], majority, class_names)
+                   for name in names},
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def utterance_means(store: RaggedArray) -> np.ndarray:
+    """[items, dim] float32: each utterance's mean representation (accumulated in float64)."""
+    means = np.zeros((len(store), store.dim), dtype=np.float32)
+    for item in range(len(store)):
+        means[item] = np.asarray(store[item], dtype=np.float64).mean(0) if store.lengths[item] else 0.0
+    return means
+
+
+def probe_speakers(
+    representations: Representations,
+    speakers: Mapping[str, str],
+    config: ProbeConfig = SPEAKER_PROBE,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Utterance-level speaker probe on mean-pooled representations (speakers: utt_id -> speaker)."""
+    names = list(representations["train"])
+    ids = {split: check_same_items(representations[split], split, names).ids for split in SPLITS}
+    vectors = {split: {name: utterance_means(store) for name, store in representations[split].items()}
+               for split in SPLITS}
+    return probe_utterances(vectors, ids, speakers, config, device, progress)
+
+
+def probe_utterances(
+    vectors: Mapping[str, Mapping[str, np.ndarray]],
+    ids: Mapping[str, Sequence[str]],
+    speakers: Mapping[str, str],
+    config: ProbeConfig = SPEAKER_PROBE,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Speaker probe on utterance vectors ({split: {name: [N, H]}}, rows in `ids[split]` order).
+
+    Classes are the train speakers. Dev and test utterances of speakers absent from train cannot
+    be classified: they are left out and listed in the result ("ignored").
+    """
+    started = time.perf_counter()
+    device = torch.device(device)
+    for split in SPLITS:
+        missing = next((utt for utt in ids[split] if utt not in speakers), None)
+        if missing is not None:
+            raise ProbeError(f"{split}: utterance {missing!r} has no speaker in the speaker table")
+    classes = sorted({speakers[utt] for utt in ids["train"]})
+    if len(classes) < 2:
+        raise ProbeError(f"train: {len(classes)} speaker(s); a speaker probe needs at least 2")
+    class_of = {speaker: i for i, speaker in enumerate(classes)}
+    keep, targets, ignored = {}, {}, {}
+    for split in SPLITS:
+        known = [i for i, utt in enumerate(ids[split]) if speakers[utt] in class_of]
+        unknown = sorted({speakers[utt] for utt in ids[split] if speakers[utt] not in class_of})
+        ignored[split] = {"utterances": len(ids[split]) - len(known), "speakers": unknown}
+        if not known:
+            raise ProbeError(f"{split}: no utterance of a train speaker")
+        keep[split] = np.asarray(known)
+        targets[split] = torch.tensor([class_of[speakers[ids[split][i]]] for i in known], device=device)
+    names = list(vectors["train"])
+    inputs = {split: {name: torch.from_numpy(vectors[split][name][keep[split]]).to(device) for name in names}
+              for split in SPLITS}
+    heads = {}
+    for name in names:
+        moments = RunningMoments(inputs["train"][name].shape[1])
+        moments.update(inputs["train"][name])
+        heads[name] = LayerHeads(*moments.mean_std(), len(classes), config.grid(), device)
+
+    def batches(split: str, positions: Iterator[np.ndarray]) -> Iterator[Batch]:
+        for chosen in positions:
+            index = torch.from_numpy(chosen).to(device)
+            yield targets[split][index], {name: inputs[split][name][index] for name in names}
+
+    generator = torch.Generator().manual_seed(config.seed)
+    count = len(keep["train"])
+    batch_size = config.batch_size or count
+
+    def train_batches(epoch: int) -> Iterator[Batch]:
+        order = torch.randperm(count, generator=generator).numpy() if batch_size < count else np.arange(count)
+        return batches("train", (np.sort(order[i : i + batch_size]) for i in range(0, count, batch_size)))
+
+    def dev_batches() -> Iterator[Batch]:
+        return batches("dev", _chunks(len(keep["dev"]), config.eval_batch))
+
+    train_heads(heads, config.epochs, train_batches, dev_batches, progress, "speaker probe")
+    truth, predicted = predict(heads, batches("test", _chunks(len(keep["test"]), config.eval_batch)))
+    majority = int(np.bincount(targets["train"].cpu().numpy(), minlength=len(classes)).argmax())
+    return {
+        "task": "speaker",
+        "classes": classes,
+        "examples": {split: int(len(keep[split])) for split in SPLITS},
+        "majority_class": classes[majority],
+        "ignored": ignored,
+        "note": "dev/test utterances of speakers absent from train are left out (see 'ignored')",
+        "config": config.to_dict(),
+        "standardisation": "per layer, mean/std of the train split's utterance means",
+        "layers": {name: layer_report(heads[name], config.grid(), truth, predicted[name], majority, classes)
+                   for name in names},
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def probe_online(*args, **kwargs) -> dict:
+    """Probe with the frozen model running on the fly; see `mockingjay.probe_online.probe_online`."""
+    from mockingjay.probe_online import probe_online as run
+
+    return run(*args, **kwargs)

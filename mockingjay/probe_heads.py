@@ -1,0 +1,247 @@
+"""Many independent linear softmax probes trained in one pass over the data.
+
+The probes of the paper are linear softmax classifiers on frozen features. s3prl trains one per
+layer per run, so probing 13 layers reads (or recomputes) the data 13 times. Here every batch of
+frames is read once and fed to every layer's heads: for each layer, G heads (one per
+hyper-parameter pair of the grid) live side by side in one weight matrix `[H, G * C]`, so one
+layer's G heads cost one matmul. Layers keep separate tensors (not one `[L, H, G*C]` bmm) so that
+the numbers of a layer's heads never depend on which other layers are probed with it: probing
+layers {a, b} together gives bit-for-bit the results of probing a alone and b alone.
+
+Each head is trained with Adam on the mean cross-entropy plus an L2 penalty
+`weight_decay / 2 * ||W||^2` (classical regularised logistic regression: at convergence the
+optimum does not depend on the optimiser), from zero weights (the problem is convex; zero is a
+deterministic, per-head init). Inputs are standardised per layer with the train-set mean and
+standard deviation: layers differ in scale by orders of magnitude (log-mel vs post-LayerNorm
+states), and un-standardised inputs are why s3prl's speaker probe converges slowly (s3prl#186);
+standardised, every layer trains well at one learning rate. After each epoch every head is scored
+on the dev split and the weights of its best epoch are kept; the head with the best dev accuracy
+is the layer's probe (ties, common on small dev sets, go to the lower dev cross-entropy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+from torch import Tensor
+
+Batch = tuple[Tensor, Mapping[str, Tensor]]  # (labels [B] long, layer name -> inputs [B, H])
+
+
+class ProbeError(ValueError):
+    """A probe cannot run as asked; the message names the layer, utterance or split at fault."""
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Training of a probe task.
+
+    epochs: passes over the train split (the best epoch by dev accuracy is kept per head).
+    batch_size: examples (frames or utterances) per Adam step; 0 = the whole train split.
+    learning_rates, weight_decays: the grid; every (lr, wd) pair is one head per layer.
+    seed: seeds the shuffling generator; with zero init the run is a pure function of it.
+    eval_batch: examples per forward pass when scoring dev and test.
+    """
+
+    epochs: int = 20
+    batch_size: int = 1024
+    learning_rates: tuple[float, ...] = (2e-3,)
+    weight_decays: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2)
+    seed: int = 0
+    eval_batch: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 0 or self.eval_batch < 1:
+            raise ProbeError(f"invalid probe config {self}: need epochs >= 1, batch_size >= 0, eval_batch >= 1")
+        if not self.learning_rates or not self.weight_decays:
+            raise ProbeError("probe config: learning_rates and weight_decays must not be empty")
+        if min(self.learning_rates) <= 0 or min(self.weight_decays) < 0:
+            raise ProbeError("probe config: learning rates must be > 0 and weight decays >= 0")
+
+    def grid(self) -> list[tuple[float, float]]:
+        """(learning rate, weight decay) of each head, in head order."""
+        return [(lr, wd) for lr in self.learning_rates for wd in self.weight_decays]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Frame phone probe: ~80k labelled frames per epoch on the bundled corpus, mini-batches of 1024
+# frames. On 768-d layers 2e-3 beats 1e-2 (noisier) and the best epoch is typically 15-19 of 20.
+PHONE_PROBE = ProbeConfig(epochs=20, batch_size=1024, learning_rates=(2e-3,))  # = ProbeConfig()
+# Speaker probe: a few hundred utterance means, full-batch steps, many cheap epochs.
+SPEAKER_PROBE = ProbeConfig(epochs=300, batch_size=0, learning_rates=(1e-2,))
+
+
+class RunningMoments:
+    """Per-dimension mean and standard deviation accumulated over chunks, in float64."""
+
+    def __init__(self, dim: int):
+        self.count = 0
+        self.total = np.zeros(dim, dtype=np.float64)
+        self.total_sq = np.zeros(dim, dtype=np.float64)
+
+    def update(self, rows: np.ndarray | Tensor) -> None:
+        rows = rows.double().cpu().numpy() if isinstance(rows, Tensor) else np.asarray(rows, dtype=np.float64)
+        self.count += rows.shape[0]
+        self.total += rows.sum(0)
+        self.total_sq += np.square(rows).sum(0)
+
+    def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.count == 0:
+            raise ProbeError("no training examples to compute standardisation statistics from")
+        mean = self.total / self.count
+        std = np.sqrt(np.maximum(self.total_sq / self.count - mean**2, 0.0))
+        std[std < 1e-6] = 1.0  # constant dimensions: leave them unscaled rather than divide by ~0
+        return mean.astype(np.float32), std.astype(np.float32)
+
+
+class LayerHeads:
+    """G linear softmax heads on one layer, trained together: weight [H, G*C], bias [G*C]."""
+
+    betas = (0.9, 0.999)
+    eps = 1e-8
+
+    def __init__(self, mean: np.ndarray, std: np.ndarray, num_classes: int, grid: Sequence[tuple[float, float]],
+                 device: torch.device):
+        dim, self.heads, self.classes = len(mean), len(grid), num_classes
+        self.mean = torch.as_tensor(mean, dtype=torch.float32, device=device)
+        self.inv_std = 1.0 / torch.as_tensor(std, dtype=torch.float32, device=device)
+        width = self.heads * num_classes
+        self.weight = torch.zeros(dim, width, device=device)
+        self.bias = torch.zeros(width, device=device)
+        # each head's hyper-parameters, repeated over its C columns of the weight matrix
+        self.lr = torch.tensor([lr for lr, _ in grid], device=device).repeat_interleave(num_classes)
+        self.weight_decay = torch.tensor([wd for _, wd in grid], device=device).repeat_interleave(num_classes)
+        self.moments = [torch.zeros_like(t) for t in (self.weight, self.weight, self.bias, self.bias)]
+        self.steps = 0
+        self.best_weight, self.best_bias = self.weight.clone(), self.bias.clone()
+        self.best_dev = np.full(self.heads, -1.0)
+        self.best_loss = np.full(self.heads, np.inf)
+        self.best_epoch = np.zeros(self.heads, dtype=int)
+
+    def _logits(self, inputs: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        standardised = (inputs - self.mean) * self.inv_std
+        return (standardised @ weight + bias).view(len(inputs), self.heads, self.classes)
+
+    def step(self, inputs: Tensor, labels: Tensor) -> None:
+        """One Adam step of every head on the mean cross-entropy of this batch (+ L2)."""
+        batch = len(inputs)
+        standardised = (inputs - self.mean) * self.inv_std
+        logits = (standardised @ self.weight + self.bias).view(batch, self.heads, self.classes)
+        # d(mean CE)/d(logits) = (softmax - onehot) / B, for every head at once: no autograd graph.
+        grad_logits = torch.softmax(logits, dim=-1)
+        grad_logits[torch.arange(batch, device=labels.device), :, labels] -= 1.0
+        grad_logits = grad_logits.view(batch, -1) / batch
+        grad_weight = standardised.T @ grad_logits + self.weight_decay * self.weight
+        grad_bias = grad_logits.sum(0)
+        self.steps += 1
+        beta1, beta2 = self.betas
+        correction1, correction2 = 1 - beta1**self.steps, 1 - beta2**self.steps
+        m_w, v_w, m_b, v_b = self.moments
+        for param, grad, m, v in ((self.weight, grad_weight, m_w, v_w), (self.bias, grad_bias, m_b, v_b)):
+            m.mul_(beta1).add_(grad, alpha=1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            param.sub_(self.lr * (m / correction1) / ((v / correction2).sqrt() + self.eps))
+
+    def score(self, inputs: Tensor, labels: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(correct predictions, summed cross-entropy) of each of the G heads on a batch."""
+        logits = self._logits(inputs, self.weight, self.bias)
+        correct = (logits.argmax(-1) == labels[:, None]).sum(0)
+        target = labels[:, None, None].expand(-1, self.heads, 1)
+        loss = (torch.logsumexp(logits, -1) - logits.gather(-1, target)[..., 0]).sum(0)
+        return correct.cpu().numpy(), loss.double().cpu().numpy()
+
+    def end_epoch(self, epoch: int, dev_accuracy: np.ndarray, dev_loss: np.ndarray) -> None:
+        """Keep, per head, the weights of its best epoch so far: highest dev accuracy, and on a tie
+        (common on small dev sets, e.g. several epochs at 100%) the lower dev cross-entropy."""
+        improved = (dev_accuracy > self.best_dev) | ((dev_accuracy == self.best_dev) & (dev_loss < self.best_loss))
+        if improved.any():
+            columns = torch.from_numpy(np.repeat(improved, self.classes)).to(self.weight.device)
+            self.best_weight = torch.where(columns, self.weight, self.best_weight)
+            self.best_bias = torch.where(columns, self.bias, self.best_bias)
+            self.best_dev[improved] = dev_accuracy[improved]
+            self.best_loss[improved] = dev_loss[improved]
+            self.best_epoch[improved] = epoch
+
+    @property
+    def chosen(self) -> int:
+        # best dev accuracy; ties go to the lower dev loss, then to the earlier grid entry
+        return int(np.lexsort((np.arange(self.heads), self.best_loss, -self.best_dev))[0])
+
+    def predict(self, inputs: Tensor) -> Tensor:
+        """Class predictions of the chosen head, at its best epoch."""
+        return self._logits(inputs, self.best_weight, self.best_bias)[:, self.chosen].argmax(-1)
+
+
+def train_heads(
+    heads: Mapping[str, LayerHeads],
+    epochs: int,
+    train_batches: Callable[[int], Iterable[Batch]],
+    dev_batches: Callable[[], Iterable[Batch]],
+    progress: bool = True,
+    description: str = "probe",
+) -> None:
+    """Train every layer's heads on each train batch (read once), then score dev each epoch."""
+    from tqdm import tqdm
+
+    for epoch in tqdm(range(epochs), desc=description, unit="epoch", disable=not progress):
+        for labels, inputs in train_batches(epoch):
+            for name, layer in heads.items():
+                layer.step(inputs[name], labels)
+        correct = {name: np.zeros(layer.heads, dtype=np.int64) for name, layer in heads.items()}
+        loss = {name: np.zeros(layer.heads) for name, layer in heads.items()}
+        total = 0
+        for labels, inputs in dev_batches():
+            total += len(labels)
+            for name, layer in heads.items():
+                batch_correct, batch_loss = layer.score(inputs[name], labels)
+                correct[name] += batch_correct
+                loss[name] += batch_loss
+        if total == 0:
+            raise ProbeError("the dev split has no examples to select hyper-parameters on")
+        for name, layer in heads.items():
+            layer.end_epoch(epoch, correct[name] / total, loss[name] / total)
+
+
+def predict(heads: Mapping[str, LayerHeads], batches: Iterable[Batch]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(true labels, layer name -> predictions of its chosen head) over `batches`."""
+    truth: list[np.ndarray] = []
+    predictions: dict[str, list[np.ndarray]] = {name: [] for name in heads}
+    for labels, inputs in batches:
+        truth.append(labels.cpu().numpy())
+        for name, layer in heads.items():
+            predictions[name].append(layer.predict(inputs[name]).cpu().numpy())
+    concat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)  # noqa: E731
+    return concat(truth), {name: concat(parts) for name, parts in predictions.items()}
+
+
+def layer_report(layer: LayerHeads, grid: Sequence[tuple[float, float]], truth: np.ndarray,
+                 predicted: np.ndarray, majority_class: int, class_names: Sequence[str]) -> dict:
+    """JSON-ready metrics of one layer's chosen head on the test split.
+
+    macro_f1 averages over the classes present in the test labels or the predictions;
+    majority_rate is the accuracy of always answering the train split's most frequent class;
+    the confusion matrix has rows = true class, columns = predicted, over all classes.
+    """
+    chosen = layer.chosen
+    learning_rate, weight_decay = grid[chosen]
+    matrix = confusion_matrix(truth, predicted, labels=list(range(len(class_names))))
+    return {
+        "accuracy": float(accuracy_score(truth, predicted)) if len(truth) else float("nan"),
+        "macro_f1": (float(f1_score(truth, predicted, average="macro", zero_division=0))
+                     if len(truth) else float("nan")),
+        "majority_rate": float(np.mean(truth == majority_class)) if len(truth) else float("nan"),
+        "dev_accuracy": float(layer.best_dev[chosen]),
+        "dev_loss": float(layer.best_loss[chosen]),
+        "learning_rate": learning_rate,
+        "weight_decay": weight_decay,
+        "best_epoch": int(layer.best_epoch[chosen]),
+        "grid_dev_accuracy": [float(a) for a in layer.best_dev],
+        "confusion": {"labels": list(class_names), "matrix": matrix.tolist()},
+    }

@@ -1,0 +1,237 @@
+"""Online probing: the frozen model runs on the fly, for corpora too large to extract.
+
+At LibriSpeech scale the per-layer stores would take terabytes (960 h = 345M frames x 768 dims x
+2 bytes = 530 GB a layer), so here the encoder is re-run on batches of feature-store utterances
+and every layer's probes train on the resulting frames at once: one forward pass per batch feeds
+all L x G heads (the cost of probing all layers is one model's forward plus cheap heads, where
+s3prl reruns the model once per probed layer).
+
+Passes over the data:
+
+1. a statistics pass over every needed utterance: the exact per-layer mean/std of the train
+   split's labelled frames (so the standardisation is the same as in extracted mode, not a
+   running estimate that drifts while the heads train), and the mean representation of every
+   utterance of every split for the speaker probe (N x H floats a layer: utterances are few
+   next to frames, so these stay in RAM; the speaker probe then runs as in extracted mode);
+2. each epoch: the labelled train utterances in length-bucketed batches (shuffled batch order);
+   their labelled frames are pooled until `shuffle_frames` are held, the pool is shuffled and cut
+   into mini-batches of `batch_size` frames (a length-sorted batch alone is too homogeneous: all
+   digits or all long sentences); then a forward pass over dev scores every head;
+3. a forward pass over test with each layer's chosen head.
+
+Representations are rounded to float16 exactly as the extracted stores are, so both modes see the
+same numbers; they differ only in which frames share a mini-batch (here: frames of one pool,
+in extracted mode: of the whole train split), so their accuracies agree closely but not bit for
+bit. When the train split fits in one pool, the two modes train on equally well mixed batches.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mockingjay.extract import (INPUT_STORE, EncodedBatch, encode_batches, encoder_of, layer_store_name,
+                                 length_sorted_batches, resolve_layers)
+from mockingjay.featstore import RaggedArray
+from mockingjay.phones import PHONES
+from mockingjay.probe import SPLITS, labelled_frames, probe_utterances
+from mockingjay.probe_heads import (PHONE_PROBE, SPEAKER_PROBE, Batch, LayerHeads, ProbeConfig, ProbeError,
+                                    RunningMoments, layer_report, predict, train_heads)
+
+
+class _FrameLabels:
+    """Labelled frames of one split, sliceable per utterance: (frame positions, labels)."""
+
+    def __init__(self, features: RaggedArray, labels: RaggedArray, split: str, num_classes: int):
+        rows, self.values = labelled_frames(features, labels, split, num_classes)
+        total_rows = int(features.lengths.sum())
+        # bounds[i]:bounds[i + 1] are item i's labelled frames (rows ascend, items are contiguous)
+        self.bounds = np.searchsorted(rows, np.append(features.offsets, total_rows))
+        item_of_row = np.searchsorted(features.offsets, rows, side="right") - 1
+        self.positions = rows - features.offsets[item_of_row]
+        self.labelled_items = np.flatnonzero(np.diff(self.bounds) > 0)
+
+    def of_batch(self, indices: np.ndarray, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """(batch rows, frame positions, labels) of the labelled frames of a batch of items."""
+        spans = [(row, self.bounds[item], self.bounds[item + 1]) for row, item in enumerate(indices)]
+        batch_rows = np.concatenate([np.full(end - start, row) for row, start, end in spans])
+        frames = np.concatenate([self.positions[start:end] for _, start, end in spans])
+        labels = np.concatenate([self.values[start:end] for _, start, end in spans]).astype(np.int64)
+        return tuple(torch.from_numpy(a).to(device) for a in (batch_rows, frames, labels))  # type: ignore[return-value]
+
+
+class _Passes:
+    """Forward passes of the frozen model over batches of one split's utterances (counted)."""
+
+    def __init__(self, model: nn.Module, features: Mapping[str, RaggedArray], layer_ids: list[int],
+                 device: torch.device, include_input: bool, batch_frames: int):
+        self.model, self.features, self.layer_ids = model, features, layer_ids
+        self.device, self.include_input, self.batch_frames = device, include_input, batch_frames
+        self.count = 0
+
+    def batches(self, split: str, items: np.ndarray) -> list[np.ndarray]:
+        return length_sorted_batches(self.features[split].lengths, self.batch_frames, items)
+
+    def run(self, split: str, batches: Sequence[np.ndarray]) -> Iterator[EncodedBatch]:
+        self.count += 1
+        return encode_batches(self.model, self.features[split], batches, self.layer_ids, self.device,
+                              self.include_input)
+
+
+def _statistics_pass(passes: _Passes, names: list[str], frame_labels: dict[str, _FrameLabels] | None,
+                     want_means: bool) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, RunningMoments]]:
+    """Utterance means of every split (speaker probe) and train labelled-frame moments (phone probe)."""
+    device = passes.device
+    means: dict[str, dict[str, np.ndarray]] = {}
+    moments: dict[str, RunningMoments] = {}
+    for split in SPLITS:
+        store = passes.features[split]
+        if want_means:
+            items = np.arange(len(store))
+        elif split == "train" and frame_labels is not None:
+            items = frame_labels["train"].labelled_items
+        else:
+            continue
+        means[split] = {}
+        for batch in passes.run(split, passes.batches(split, items)):
+            lengths = batch.lengths.to(device)
+            steps = batch.states[names[0]].size(1)
+            mask = (torch.arange(steps, device=device) < lengths[:, None])[..., None]
+            selection = None
+            if split == "train" and frame_labels is not None:
+                selection = frame_labels["train"].of_batch(batch.indices, device)
+            for name, states in batch.states.items():
+                if want_means:
+                    pooled = (states.float() * mask).sum(1) / lengths[:, None]
+                    means[split].setdefault(name, np.zeros((len(store), states.size(-1)), np.float32))
+                    means[split][name][batch.indices] = pooled.cpu().numpy()
+                if selection is not None:
+                    moments.setdefault(name, RunningMoments(states.size(-1)))
+                    moments[name].update(states[selection[0], selection[1]].float())
+    return means, moments
+
+
+def _phone_probe(passes: _Passes, names: list[str], frame_labels: dict[str, _FrameLabels],
+                 moments: Mapping[str, RunningMoments], config: ProbeConfig, class_names: Sequence[str],
+                 shuffle_frames: int, progress: bool) -> dict:
+    device, grid = passes.device, config.grid()
+    heads = {name: LayerHeads(*moments[name].mean_std(), len(class_names), grid, device) for name in names}
+    generator = torch.Generator().manual_seed(config.seed)
+    labelled = {split: passes.batches(split, frame_labels[split].labelled_items) for split in SPLITS}
+
+    def labelled_states(split: str, batches: Sequence[np.ndarray]) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+        """(labels, name -> float16 states) of the labelled frames of each encoder batch."""
+        for batch in passes.run(split, batches):
+            rows, frames, targets = frame_labels[split].of_batch(batch.indices, device)
+            yield targets, {name: states[rows, frames] for name, states in batch.states.items()}
+
+    def mini_batches(targets: Tensor, inputs: Mapping[str, Tensor], order: Tensor, size: int) -> Iterator[Batch]:
+        for start in range(0, len(targets), size):
+            chosen = order[start : start + size]
+            yield targets[chosen], {name: x[chosen].float() for name, x in inputs.items()}
+
+    def train_batches(epoch: int) -> Iterator[Batch]:
+        # Length-sorted encoder batches are homogeneous (all short digits, or all long sentences),
+        # so frames are pooled over several batches, in shuffled batch order, and the pool is
+        # shuffled before it is cut into mini-batches. The pool is counted in frames, not bytes,
+        # so that its composition does not depend on which layers are probed.
+        order = torch.randperm(len(labelled["train"]), generator=generator).tolist()
+        pool: list[tuple[Tensor, dict[str, Tensor]]] = []
+        pooled = 0
+        for targets, inputs in labelled_states("train", [labelled["train"][i] for i in order]):
+            pool.append((targets, inputs))
+            pooled += len(targets)
+            if pooled >= shuffle_frames:
+                yield from shuffled_pool(pool)
+                pool, pooled = [], 0
+        if pool:
+            yield from shuffled_pool(pool)
+
+    def shuffled_pool(pool: list[tuple[Tensor, dict[str, Tensor]]]) -> Iterator[Batch]:
+        targets = torch.cat([t for t, _ in pool])
+        inputs = {name: torch.cat([x[name] for _, x in pool]) for name in names}
+        pool.clear()  # the concatenated copies replace the pieces
+        shuffled = torch.randperm(len(targets), generator=generator).to(device)
+        yield from mini_batches(targets, inputs, shuffled, config.batch_size or len(targets))
+
+    def in_order(split: str) -> Iterator[Batch]:
+        for targets, inputs in labelled_states(split, labelled[split]):
+            yield from mini_batches(targets, inputs, torch.arange(len(targets), device=device), config.eval_batch)
+
+    def dev_batches() -> Iterator[Batch]:
+        return in_order("dev")
+
+    train_heads(heads, config.epochs, train_batches, dev_batches, progress, "online phone probe")
+    truth, predicted = predict(heads, in_order("test"))
+    majority = int(np.bincount(frame_labels["train"].values, minlength=len(class_names)).argmax())
+    return {
+        "task": "phone",
+        "classes": list(class_names),
+        "examples": {split: int(len(frame_labels[split].values)) for split in SPLITS},
+        "majority_class": class_names[majority],
+        "config": config.to_dict(),
+        "standardisation": "per layer, exact mean/std of the train split's labelled frames (statistics pass)",
+        "layers": {name: layer_report(heads[name], grid, truth, predicted[name], majority, class_names)
+                   for name in names},
+    }
+
+
+def probe_online(
+    model: nn.Module,
+    features: Mapping[str, RaggedArray],
+    labels: Mapping[str, RaggedArray] | None = None,
+    speakers: Mapping[str, str] | None = None,
+    layers: Sequence[int] | None = None,
+    include_input: bool = True,
+    device: str | torch.device = "cpu",
+    phone_config: ProbeConfig = PHONE_PROBE,
+    speaker_config: ProbeConfig = SPEAKER_PROBE,
+    batch_frames: int = 32_000,
+    shuffle_frames: int = 65_536,
+    class_names: Sequence[str] = PHONES,
+    progress: bool = True,
+) -> dict:
+    """Phone and/or speaker probes of every selected layer, running `model` on the fly.
+
+    features: split -> feature store; labels: split -> frame-label store (None: no phone probe);
+    speakers: utt_id -> speaker (None: no speaker probe); layers: hidden-state indices (None = all
+    0..N; 0 = input representation); include_input: also probe the input features (baseline).
+    batch_frames: padded frames per forward pass. shuffle_frames: labelled train frames pooled
+    (float16, on `device`: shuffle_frames x sum of probed dims x 2 bytes, 0.4 GB for 65,536
+    frames of input + 4 layers of 768) and shuffled together before they are cut into mini-batches.
+    Returns {"phone": ..., "speaker": ..., "mode": "online", "forward_passes": ...}, each task's
+    result shaped as in `probe_phones` / `probe_speakers`.
+    """
+    started = time.perf_counter()
+    device = torch.device(device)
+    encoder = encoder_of(model)
+    layer_ids = resolve_layers(layers, encoder.config.num_layers, error=ProbeError)
+    names = ([INPUT_STORE] if include_input else []) + [layer_store_name(i) for i in layer_ids]
+    if not names:
+        raise ProbeError("nothing to probe: no layers selected and include_input is False")
+    if labels is None and speakers is None:
+        raise ProbeError("nothing to probe: give frame labels (phone probe) and/or speakers (speaker probe)")
+    frame_labels = None
+    if labels is not None:
+        frame_labels = {split: _FrameLabels(features[split], labels[split], split, len(class_names))
+                        for split in SPLITS}
+        for split in SPLITS:
+            if len(frame_labels[split].values) == 0:
+                raise ProbeError(f"{split}: no labelled frames (every label is -1); the phone probe needs labels "
+                                 f"in train, dev and test")
+    passes = _Passes(model, features, layer_ids, device, include_input, batch_frames)
+    means, moments = _statistics_pass(passes, names, frame_labels, speakers is not None)
+    result: dict = {"mode": "online"}
+    if frame_labels is not None:
+        result["phone"] = _phone_probe(passes, names, frame_labels, moments, phone_config, class_names,
+                                       shuffle_frames, progress)
+    if speakers is not None:
+        ids = {split: features[split].ids for split in SPLITS}
+        result["speaker"] = probe_utterances(means, ids, speakers, speaker_config, device, progress)
+    result["forward_passes"] = passes.count
+    result["seconds"] = round(time.perf_counter() - started, 3)
+    return result

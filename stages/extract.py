@@ -1,0 +1,104 @@
+"""extract: per-layer representations of every split, for the probes.
+
+Output directory::
+
+    representations/{train,dev,test}/input        the log-mel input (the probes' baseline row)
+    representations/{train,dev,test}/layer_00     hidden state 0: the input representation
+    representations/{train,dev,test}/layer_NN     the output of encoder layer NN
+
+float16 ragged stores (featstore.py) in the same item order as the features and at the feature
+frame rate (steps repeated R times for R > 1), so they line up with the frame labels.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+
+from mockingjay.config import from_section, to_flat_dict
+from mockingjay.featstore import RaggedArray
+from mockingjay.manifest import SPLITS
+
+from . import tracking
+from .common import PARAMS_OPTION, StageError, atomic_output_dir, check_model_features, cli_errors, section, write_json
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """The `extract` section of params.yaml."""
+
+    layers: list[int] | None = None  # hidden-state indices; null = all N+1
+    batch_frames: int = 32_000  # padded frames per forward pass (bounds memory)
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if self.batch_frames <= 0:
+            raise ValueError(f"batch_frames: must be positive, got {self.batch_frames}")
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise StageError(f"device {name!r} asked for, but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def load_model(model_dir: Path, device):
+    from mockingjay.checkpoint import CheckpointError, load_model_dir
+
+    if not model_dir.exists():
+        raise StageError(f"model directory {model_dir} not found; run the pretrain stage or pass --model/--checkpoint")
+    try:
+        return load_model_dir(model_dir, device=device)
+    except CheckpointError as err:
+        raise StageError(str(err)) from err
+
+
+@cli_errors
+def main(
+    params: Path = PARAMS_OPTION,
+    model: Path = typer.Option(Path("models/pretrain/model"), help="model directory (model.safetensors + config.json)"),
+    features: Path = typer.Option(Path("data/features"), help="featurize stage output"),
+    out: Path = typer.Option(Path("data/representations"), help="output directory"),
+) -> None:
+    """Run the frozen model over every split and store each layer's representations (float16)."""
+    from mockingjay.extract import ExtractError, extract_representations, resolve_layers
+
+    config = from_section(ExtractConfig, section(params, "extract"), "extract")
+    device = resolve_device(config.device)
+    check_model_features(model, features)
+    stores = {split: RaggedArray(features / split) for split in SPLITS}
+    network, model_config = load_model(model, device)
+    try:
+        layers = resolve_layers(config.layers, model_config.num_layers)
+    except ExtractError as err:
+        raise StageError(f"extract.layers: {err}") from err
+    summaries = {}
+    with tracking.stage_run("extract", {**to_flat_dict(config), "model": str(model)}) as mlflow, atomic_output_dir(out) as tmp:
+        for split in SPLITS:
+            print(f"extract: {split} ({len(stores[split])} utterances)", file=sys.stderr)
+            summaries[split] = extract_representations(
+                network, stores[split], tmp / split, layers, device, config.batch_frames, include_input=True
+            )
+        total = {
+            "utterances": sum(s["items"] for s in summaries.values()),
+            "frames": sum(s["frames"] for s in summaries.values()),
+            "layers": len(layers),
+            "bytes_written": sum(s["bytes_written"] for s in summaries.values()),
+            "seconds": round(sum(s["seconds"] for s in summaries.values()), 3),
+        }
+        total["audio_seconds_per_second"] = round(total["frames"] / 100 / max(total["seconds"], 1e-9), 1)
+        write_json(tmp / "summary.json", {"total": total, "splits": summaries, "device": str(device)})
+        mlflow.log_metrics({k: float(v) for k, v in total.items()})
+        mlflow.log_artifact(str(tmp / "summary.json"))
+    print(
+        f"extract: {total['utterances']} utterances, {len(layers)} layers + input, "
+        f"{total['bytes_written'] / 1e6:.1f} MB written at {total['audio_seconds_per_second']:.0f} audio-s/s -> {out}",
+        file=sys.stderr,
+    )
