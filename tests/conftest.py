@@ -119,7 +119,7 @@ def make_repo(path: Path, params: dict = PARAMS) -> Path:
     shutil.copytree(ARCTIC_DIR, sample / "arctic")
     make_librispeech(sample / "libri", {"61": sorted(FSDD_DIR.glob("[0-4]_theo_0.wav")), "121": sorted(FSDD_DIR.glob("[5-9]_lucas_0.wav"))}, transcripts=False)
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (path / ".gitignore").write_text("/mlflow.db\n/mlartifacts/\n__pycache__/\n")
+    shutil.copy(ROOT / ".gitignore", path / ".gitignore")
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "fixture repo"]):
         result = run(cmd, path)
         assert result.returncode == 0, result.stderr
@@ -148,11 +148,27 @@ def featurized_repo(tmp_path_factory) -> Path:
     return repo
 
 
-@pytest.fixture
-def fsdd_subset(tmp_path: Path) -> Path:
-    """Two takes of every digit-0/1 file of the fixtures, as an FSDD folder."""
-    folder = tmp_path / "fsdd"
-    folder.mkdir()
-    for path in sorted(FSDD_DIR.glob("[01]_*.wav")):
-        shutil.copy(path, folder / path.name)
-    return folder
+TINY_PIPELINE = {
+    "pretrain": {
+        "preset": "tera-base",
+        "model": {"hidden_size": 32, "num_heads": 2, "intermediate_size": 64, "num_layers": 2},
+        "mask": {},
+        "train": {"total_steps": 30, "learning_rate": 2.0e-3, "max_frames_per_batch": 3000, "max_length": 300,
+                  "log_every": 5, "checkpoint_every": 10, "keep_checkpoints": 2, "seed": 0, "device": "cpu"},
+    },
+    "extract": {"layers": None, "batch_frames": 8000, "device": "cpu"},
+    "probe": {
+        "tasks": ["phone", "speaker"], "layers": "all", "mode": "extracted", "device": "cpu",
+        "phone": {"epochs": 5, "batch_size": 512, "learning_rates": [0.002], "weight_decays": [0.0, 0.001], "seed": 0},
+        "speaker": {"epochs": 100, "batch_size": 0, "learning_rates": [0.01], "weight_decays": [0.0, 0.001], "seed": 0},
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def pipeline_repo(tmp_path_factory) -> Path:
+    """A repository where the whole `dvc repro` (prepare .. probe) has run with a tiny model."""
+    repo = make_repo(tmp_path_factory.mktemp("pipeline") / "repo", {**PARAMS, **TINY_PIPELINE})
+    result = run(["dvc", "repro"], repo)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return repo
