@@ -166,9 +166,13 @@ TINY_PIPELINE = {
 
 
 @pytest.fixture(scope="session")
-def pipeline_repo(tmp_path_factory) -> Path:
-    """A repository where the whole `dvc repro` (prepare .. probe) has run with a tiny model."""
-    repo = make_repo(tmp_path_factory.mktemp("pipeline") / "repo", {**PARAMS, **TINY_PIPELINE})
+def pipeline_repo(featurized_repo, tmp_path_factory) -> Path:
+    """A repository where the whole `dvc repro` (prepare .. probe) has run with a tiny model.
+
+    Starts from a copy of `featurized_repo`, so prepare/align/featurize are already done there.
+    """
+    repo = copy_repo(featurized_repo, tmp_path_factory.mktemp("pipeline") / "repo")
+    (repo / "params.yaml").write_text(yaml.safe_dump({**PARAMS, **TINY_PIPELINE}, sort_keys=False))
     result = run(["dvc", "repro"], repo)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return repo
