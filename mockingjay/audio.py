@@ -26,6 +26,9 @@ class AudioError(ValueError):
         self.detail = detail
         super().__init__(f"{path}: {detail}")
 
+    def __reduce__(self):  # survive the trip back from a worker process
+        return (type(self), (self.path, self.reason, self.detail))
+
 
 @dataclass(frozen=True)
 class Audio:
