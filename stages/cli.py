@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import typer
 
-from . import align, extract, featurize, prepare, pretrain, probe
+# Under DVC or in CI, stderr is a pipe: a progress bar redrawn ten times a second floods the log.
+if not sys.stderr.isatty():
+    os.environ.setdefault("TQDM_MININTERVAL", "10")
+
+from . import align, extract, featurize, prepare, pretrain, probe  # noqa: E402
 
 app = typer.Typer(
     help="Mockingjay: masked acoustic model pretraining and probing, as a DVC + MLflow pipeline.",

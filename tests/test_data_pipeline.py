@@ -3,6 +3,7 @@ in a temporary git + DVC repository built from the real audio fixtures, with MLf
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -128,3 +129,23 @@ def test_invalid_param_fails_before_work_and_names_it(tmp_path):
     missing = run(["mockingjay", "prepare"], repo)
     assert missing.returncode == 1 and "data/does-not-exist" in missing.stderr
     assert not (repo / "mlflow.db").exists()
+
+
+def test_align_imports_existing_lab_files_instead_of_aligning(repo, tmp_path):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    labs = Path(__file__).parent / "fixtures" / "cmu_arctic" / "lab_pocketsphinx"
+    params["align"]["imports"] = [{"corpus": "arctic", "format": "lab", "path": str(labs)}]
+    custom = tmp_path / "params.yaml"
+    custom.write_text(yaml.safe_dump(params, sort_keys=False))
+    result = run(["mockingjay", "align", "--params", str(custom), "--out", str(tmp_path / "aligned")], repo)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "aligned" / "summary.json").read_text())
+    assert summary["imported"] == 8 and summary["aligned_with_pocketsphinx"] == 60
+    imported = RaggedArray(tmp_path / "aligned" / "frame_labels").get("arctic_slt_a0009")[:, 0]
+    aligned = RaggedArray(repo / "data/alignments/frame_labels").get("arctic_slt_a0009")[:, 0]
+    assert len(imported) == len(aligned)
+    assert np.mean(imported == aligned) > 0.8  # the shipped machine labels agree with our own alignment
+    params["align"]["imports"] = [{"corpus": "nosuch", "format": "lab", "path": str(labs)}]
+    custom.write_text(yaml.safe_dump(params, sort_keys=False))
+    bad = run(["mockingjay", "align", "--params", str(custom), "--out", str(tmp_path / "x")], repo)
+    assert bad.returncode == 1 and "'nosuch' is not in the manifest" in bad.stderr
