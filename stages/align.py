@@ -147,10 +147,10 @@ def main(
         results.update(import_labels(spec, [r for r in rows if r.corpus == spec.corpus], features))
     to_align = [r for r in rows if r.corpus not in imported]
     workers = worker_count(config.workers)
-    results.update(align_rows(to_align, workers))
     failures: list[Problem] = []
     params_flat = {**to_flat_dict(config), "featurize.hop_length": features.hop_length, "to_align": len(to_align)}
     with tracking.stage_run("align", params_flat) as mlflow, atomic_output_dir(out) as tmp:
+        results.update(align_rows(to_align, workers))
         (tmp / "lab").mkdir()
         attrs = {"hop_length": features.hop_length, "sample_rate": features.sample_rate, "phones": list(PHONES)}
         with RaggedWriter(tmp / "frame_labels", 1, "int16", attrs) as writer:

@@ -40,8 +40,9 @@ from mockingjay.manifest import SPLITS, ManifestRow, read_manifest
 from . import tracking
 from .common import PARAMS_OPTION, StageError, atomic_output_dir, cli_errors, section, worker_count, write_json
 
-CHUNK_AUDIO_SEC = 15.0  # audio seconds per task sent to a worker (5-10 ms of work)
-IN_FLIGHT_PER_WORKER = 4  # outstanding tasks per worker: keeps workers busy, bounds memory
+CHUNK_AUDIO_SEC = 60.0  # audio seconds per task sent to a worker (~25 ms of work); fewer, larger
+# tasks cost the main process less, and small corpora still get >= 8 tasks per worker
+IN_FLIGHT_PER_WORKER = 3  # outstanding tasks per worker: keeps workers busy, bounds memory
 
 _extractor: FeatureExtractor | None = None
 
@@ -129,6 +130,7 @@ def compute_features(
         for chunk in _chunks(rows, chunk_sec):
             yield from unpack(chunk, _featurize_chunk([task(r) for r in chunk]))
         return
+    chunk_sec = min(chunk_sec, max(1.0, sum(r.duration for r in rows) / (8 * workers)))  # balance the tail
     # fork: the workers inherit the imported torch instead of importing it again (~2 s each)
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(config,)) as pool:

@@ -55,6 +55,15 @@ def validate_all(
         return list(tqdm(pool.map(check, items, chunksize=16), **progress))
 
 
+def _log_problems(mlflow, problems: list[Problem]) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tsv(Path(tmp) / "bad_files.tsv", problems, Problem)
+        mlflow.log_artifact(str(Path(tmp) / "bad_files.tsv"))
+    mlflow.log_metric("bad_files", len(problems))
+
+
 @cli_errors
 def main(
     params: Path = PARAMS_OPTION,
@@ -67,20 +76,22 @@ def main(
         sources.extend((utt, spec.align) for utt in read_corpus(spec))
     duplicates = find_duplicate_ids(s for s, _ in sources)
     duplicate_ids = {p.utt_id for p in duplicates}
-    checked = validate_all([item for item in sources if item[0].utt_id not in duplicate_ids], config)
-    rows = [r for r in checked if isinstance(r, ManifestRow)]
-    problems = sorted(duplicates + [p for p in checked if isinstance(p, Problem)], key=lambda p: (p.path, p.reason))
-    if problems and config.on_error == "fail":
-        lines = "\n".join(f"  {p.path}: {p.detail}" for p in problems)
-        raise StageError(
-            f"prepare: {len(problems)} bad file(s); nothing was written. Fix them, or set "
-            f"prepare.on_error: skip to leave them out:\n{lines}"
-        )
-    if not rows:
-        raise StageError("prepare: no usable utterances left after validation")
-    rows = assign_splits(rows, config.dev_fraction, config.test_fraction, config.seed)
-    summary = summarize(rows, problems, config.sample_rate)
+    # The run covers the validation (the long part); a failed validation ends it FAILED, with the list.
     with tracking.stage_run("prepare", to_flat_dict(config)) as mlflow:
+        checked = validate_all([item for item in sources if item[0].utt_id not in duplicate_ids], config)
+        rows = [r for r in checked if isinstance(r, ManifestRow)]
+        problems = sorted(duplicates + [p for p in checked if isinstance(p, Problem)], key=lambda p: (p.path, p.reason))
+        if problems and config.on_error == "fail":
+            _log_problems(mlflow, problems)
+            lines = "\n".join(f"  {p.path}: {p.detail}" for p in problems)
+            raise StageError(
+                f"prepare: {len(problems)} bad file(s); nothing was written. Fix them, or set "
+                f"prepare.on_error: skip to leave them out:\n{lines}"
+            )
+        if not rows:
+            raise StageError("prepare: no usable utterances left after validation")
+        rows = assign_splits(rows, config.dev_fraction, config.test_fraction, config.seed)
+        summary = summarize(rows, problems, config.sample_rate)
         with atomic_output_dir(out) as tmp:
             write_tsv(tmp / "manifest.tsv", rows, ManifestRow)
             write_tsv(tmp / "skipped.tsv", problems, Problem)

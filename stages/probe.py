@@ -138,13 +138,14 @@ def main(
     speakers = read_speakers(features / "utterances.tsv")
     run_params = {**to_flat_dict(config), "mode": mode, "layer": layer or config.layers, "model": str(model_dir)}
     run_params.update(_pretrain_params(model_dir))
-    try:
-        results = _run_probes(config, mode, model_dir, features, representations, layers, include_input, labels, speakers)
-    except ProbeError as err:
-        raise StageError(str(err)) from err
-    rows = result_rows(results)
-    print(format_table(rows, results))
     with tracking.stage_run("probe", run_params) as mlflow:
+        try:
+            results = _run_probes(config, mode, model_dir, features, representations, layers, include_input,
+                                  labels, speakers)
+        except ProbeError as err:
+            raise StageError(str(err)) from err
+        rows = result_rows(results)
+        print(format_table(rows, results))
         _log_runs(mlflow, results, rows)
         if metrics:
             write_json(metrics, compact_metrics(results))
