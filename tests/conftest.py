@@ -120,7 +120,10 @@ def make_repo(path: Path, params: dict = PARAMS) -> Path:
     make_librispeech(sample / "libri", {"61": sorted(FSDD_DIR.glob("[0-4]_theo_0.wav")), "121": sorted(FSDD_DIR.glob("[5-9]_lucas_0.wav"))}, transcripts=False)
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copy(ROOT / ".gitignore", path / ".gitignore")
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "fixture repo"]):
+    # A local identity: DVC experiments commit through pygit2, which ignores GIT_AUTHOR_* variables.
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.name", "mockingjay tests"],
+                ["git", "config", "user.email", "tests@mockingjay.invalid"], ["dvc", "init", "-q"],
+                ["git", "add", "-A"], ["git", "commit", "-qm", "fixture repo"]):
         result = run(cmd, path)
         assert result.returncode == 0, result.stderr
     return path
