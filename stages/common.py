@@ -41,12 +41,14 @@ def cli_errors(func: Callable) -> Callable:
         from mockingjay.corpora import CorpusError
         from mockingjay.featstore import StoreError
 
+        from .tracking import TrackingError
+
         try:
             return func(*args, **kwargs)
         except ParamError as err:
             print(f"error: invalid parameter: {err}", file=sys.stderr)
             raise typer.Exit(2)
-        except (CorpusError, AudioError, StoreError, StageError, FileNotFoundError) as err:
+        except (CorpusError, AudioError, StoreError, StageError, TrackingError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)
             raise typer.Exit(1)
 

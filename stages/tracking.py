@@ -52,6 +52,24 @@ def git_commit(cwd: Path | None = None) -> str:
         return "unknown"
 
 
+def check_reachable(uri: str, timeout: float = 3.0) -> None:
+    """Fail in seconds, not after MLflow's minutes of HTTP retries, when a tracking server is down."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+    except OSError as err:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({err}); start it, fix MLFLOW_TRACKING_URI, "
+            "or unset it to use the local store sqlite:///<repo>/mlflow.db. Nothing was run."
+        ) from err
+
+
 def _configure():
     import logging
 
@@ -60,6 +78,7 @@ def _configure():
     import mlflow
 
     uri = tracking_uri()
+    check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     try:
         experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)

@@ -149,3 +149,19 @@ def test_align_imports_existing_lab_files_instead_of_aligning(repo, tmp_path):
     custom.write_text(yaml.safe_dump(params, sort_keys=False))
     bad = run(["mockingjay", "align", "--params", str(custom), "--out", str(tmp_path / "x")], repo)
     assert bad.returncode == 1 and "'nosuch' is not in the manifest" in bad.stderr
+
+
+def test_unreachable_tracking_server_fails_fast_before_any_output(repo, tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as sock:  # a loopback port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started = time.monotonic()
+    result = run(["mockingjay", "prepare", "--out", str(tmp_path / "out")], repo,
+                 env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+    assert result.returncode == 1
+    assert f"http://127.0.0.1:{port} is unreachable" in result.stderr and "MLFLOW_TRACKING_URI" in result.stderr
+    assert time.monotonic() - started < 60  # MLflow's own HTTP retries would take minutes
+    assert not (tmp_path / "out").exists()
