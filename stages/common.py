@@ -38,6 +38,7 @@ def cli_errors(func: Callable) -> Callable:
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         from mockingjay.audio import AudioError
+        from mockingjay.checkpoint import CheckpointError
         from mockingjay.corpora import CorpusError
         from mockingjay.featstore import StoreError
 
@@ -48,7 +49,7 @@ def cli_errors(func: Callable) -> Callable:
         except ParamError as err:
             print(f"error: invalid parameter: {err}", file=sys.stderr)
             raise typer.Exit(2)
-        except (CorpusError, AudioError, StoreError, StageError, TrackingError, FileNotFoundError) as err:
+        except (CorpusError, AudioError, CheckpointError, StoreError, StageError, TrackingError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)
             raise typer.Exit(1)
 
@@ -90,6 +91,14 @@ def worker_count(requested: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def read_feature_config(features_dir: Path) -> dict:
+    """The featurize stage's resolved settings (feature_config.json, global CMVN stats included)."""
+    config_path = features_dir / "feature_config.json"
+    if not config_path.is_file():
+        raise StageError(f"{config_path} not found; run the featurize stage first")
+    return json.loads(config_path.read_text())
+
+
 FEATURE_KEYS = ("sample_rate", "n_mels", "win_ms", "hop_ms", "n_fft", "delta_order", "delta_window", "log_offset", "cmvn")
 
 
@@ -101,10 +110,9 @@ def check_model_features(model_dir: Path, features_dir: Path) -> dict:
     """
     from mockingjay.checkpoint import load_config
 
-    config_path = features_dir / "feature_config.json"
-    if not config_path.is_file():
-        raise StageError(f"{config_path} not found; run the featurize stage first")
-    features = json.loads(config_path.read_text())
+    if not model_dir.is_dir():
+        raise StageError(f"model directory {model_dir} not found; run the pretrain stage or pass --model/--checkpoint")
+    features = read_feature_config(features_dir)
     model_features = load_config(model_dir).get("features")
     if not model_features:
         print(

@@ -40,23 +40,11 @@ class ExtractConfig:
 
 
 def resolve_device(name: str):
-    import torch
+    from mockingjay.trainer import resolve_device as resolve
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise StageError(f"device {name!r} asked for, but CUDA is not available on this machine")
-    return torch.device(name)
-
-
-def load_model(model_dir: Path, device):
-    from mockingjay.checkpoint import CheckpointError, load_model_dir
-
-    if not model_dir.exists():
-        raise StageError(f"model directory {model_dir} not found; run the pretrain stage or pass --model/--checkpoint")
     try:
-        return load_model_dir(model_dir, device=device)
-    except CheckpointError as err:
+        return resolve(name)
+    except ValueError as err:
         raise StageError(str(err)) from err
 
 
@@ -68,13 +56,14 @@ def main(
     out: Path = typer.Option(Path("data/representations"), help="output directory"),
 ) -> None:
     """Run the frozen model over every split and store each layer's representations (float16)."""
+    from mockingjay.checkpoint import load_model_dir
     from mockingjay.extract import ExtractError, extract_representations, resolve_layers
 
     config = from_section(ExtractConfig, section(params, "extract"), "extract")
     device = resolve_device(config.device)
     check_model_features(model, features)
     stores = {split: RaggedArray(features / split) for split in SPLITS}
-    network, model_config = load_model(model, device)
+    network, model_config = load_model_dir(model, device=device)
     try:
         layers = resolve_layers(config.layers, model_config.num_layers)
     except ExtractError as err:

@@ -26,12 +26,13 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import typer
 from tqdm import tqdm
 
+from mockingjay.audio import AudioError
 from mockingjay.config import from_section, to_flat_dict
 from mockingjay.featstore import RaggedArray, RaggedWriter
 from mockingjay.features import FeatureConfig, FeatureExtractor, GlobalCMVN, feature_config, featurize_wave, load_wave, num_frames
@@ -74,20 +75,14 @@ def _keep_freed_memory() -> None:
 
 
 def _featurize_chunk(tasks: list[Task]) -> list:
-    """Features of a few files: (float16 features, float16 target or None, stats or None) each,
-    or ("error", message) for a file that cannot be read (AudioError does not pickle)."""
-    from mockingjay.audio import AudioError
-
+    """Features of a few files: (float16 features, float16 target or None, stats or None) each.
+    A file that cannot be read raises AudioError, which travels back from the worker."""
     assert _extractor is not None
     config = _extractor.config
     results = []
     for path, source_rate, want_stats in tasks:
         stats = (GlobalCMVN(config.dim), GlobalCMVN(config.target_dim)) if want_stats else None
-        try:
-            wave = load_wave(path, _extractor, source_rate)
-        except AudioError as err:
-            results.append(("error", str(err)))
-            continue
+        wave = load_wave(path, _extractor, source_rate)
         feats, target = featurize_wave(wave, _extractor, np.float16, stats)
         results.append((feats, target, stats))
     return results
@@ -119,16 +114,18 @@ def compute_features(
     def task(row: ManifestRow) -> Task:
         return (row.path, row.sample_rate, collect and row.split == "train")
 
-    def unpack(chunk: list[ManifestRow], results: list):
-        for row, result in zip(chunk, results):
-            if isinstance(result[0], str):
-                raise StageError(f"{result[1]}; the manifest is stale, rerun prepare")
+    def unpack(chunk: list[ManifestRow], results: Callable[[], list]):
+        try:
+            computed = results()
+        except AudioError as err:
+            raise StageError(f"{err}; the manifest is stale, rerun prepare") from err
+        for row, result in zip(chunk, computed):
             yield (row, *result)
 
     if workers == 1:
         _init_worker(config)
         for chunk in _chunks(rows, chunk_sec):
-            yield from unpack(chunk, _featurize_chunk([task(r) for r in chunk]))
+            yield from unpack(chunk, lambda: _featurize_chunk([task(r) for r in chunk]))
         return
     chunk_sec = min(chunk_sec, max(1.0, sum(r.duration for r in rows) / (8 * workers)))  # balance the tail
     # fork: the workers inherit the imported torch instead of importing it again (~2 s each)
@@ -138,11 +135,11 @@ def compute_features(
         for chunk in _chunks(rows, chunk_sec):
             if len(pending) >= workers * in_flight_per_worker:
                 done_chunk, future = pending.popleft()
-                yield from unpack(done_chunk, future.result())
+                yield from unpack(done_chunk, future.result)
             pending.append((chunk, pool.submit(_featurize_chunk, [task(r) for r in chunk])))
         while pending:
             done_chunk, future = pending.popleft()
-            yield from unpack(done_chunk, future.result())
+            yield from unpack(done_chunk, future.result)
 
 
 def load_frame_labels(alignments: Path | None, config: FeatureConfig) -> RaggedArray | None:

@@ -15,13 +15,13 @@ Under torchrun every rank trains; rank 0 alone writes and logs to MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
 import os
 import shutil
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,9 +29,10 @@ import typer
 
 from mockingjay.config import ParamError, from_section, to_flat_dict
 from mockingjay.featstore import RaggedArray
+from mockingjay.features import FeatureConfig
 
 from . import tracking
-from .common import PARAMS_OPTION, StageError, cli_errors, section, write_json
+from .common import PARAMS_OPTION, StageError, cli_errors, read_feature_config, section, write_json
 
 
 @dataclass(frozen=True)
@@ -134,15 +135,16 @@ def main(
     device: str = typer.Option(None, help="override pretrain.train.device (auto, cpu, cuda, cuda:N)"),
 ) -> None:
     """Pretrain the masked acoustic model; resumes from the newest checkpoint after a crash."""
-    feature_config = _read_feature_config(features)
-    target_dim = feature_config["n_fft"] // 2 + 1 if feature_config.get("target") == "linear" else _dim(feature_config)
-    model_config, mask_config, train_config = resolve_configs(section(params, "pretrain"), _dim(feature_config), target_dim)
+    feature_config = read_feature_config(features)
+    settings = FeatureConfig(**{f.name: feature_config[f.name] for f in dataclasses.fields(FeatureConfig)})
+    pretrain_section = section(params, "pretrain")
+    model_config, mask_config, train_config = resolve_configs(pretrain_section, settings.dim, settings.target_dim)
     if device:
         train_config = dataclasses.replace(train_config, device=device)
     train_config.validate()
     train_stores = [features / "train", features / "dev"]
     target_stores = None
-    if feature_config.get("target") == "linear":
+    if settings.target == "linear":
         target_stores = [features / "train_target", features / "dev_target"]
     for store in train_stores:
         RaggedArray(store)  # fails now, naming the store, if featurize did not finish
@@ -150,11 +152,13 @@ def main(
     record = {"model": model_config.to_dict(), "mask": mask_config.to_dict(), "training": _train_record(train_config)}
     if rank == 0:
         _fresh_or_resume(checkpoints, record)
-    frame_rate = 1000.0 / feature_config["hop_ms"]
+    frame_rate = 1000.0 / settings.hop_ms
     train_config = dataclasses.replace(train_config, frame_rate=frame_rate)
     flat = {**to_flat_dict({"model": model_config.to_dict(), "mask": mask_config.to_dict()}),
-            **to_flat_dict({"train": train_config.to_dict()}), "preset": section(params, "pretrain").get("preset", "tera-base")}
-    with _maybe_run(rank, flat) as mlflow:
+            **to_flat_dict({"train": train_config.to_dict()}), "preset": pretrain_section.get("preset", "tera-base")}
+    # Under torchrun every rank trains; rank 0 alone tracks.
+    run = tracking.stage_run("pretrain", flat, system_metrics=True) if rank == 0 else contextlib.nullcontext()
+    with run as mlflow:
         logger = _Logger(mlflow)
         result = _train(model_config, mask_config, train_config, train_stores, features, target_stores,
                         checkpoints, out / "model", logger, feature_config)
@@ -198,30 +202,6 @@ def _train_record(train_config) -> dict:
     values = train_config if isinstance(train_config, dict) else train_config.to_dict()
     return {k: v for k, v in values.items() if k not in ignore}
 
-
-class _maybe_run:
-    def __init__(self, rank: int, params: dict):
-        self.rank, self.params, self.context = rank, params, None
-
-    def __enter__(self):
-        if self.rank != 0:
-            return None
-        self.context = tracking.stage_run("pretrain", self.params, system_metrics=True)
-        return self.context.__enter__()
-
-    def __exit__(self, *exc):
-        return self.context.__exit__(*exc) if self.context is not None else False
-
-
-def _read_feature_config(features: Path) -> dict:
-    path = features / "feature_config.json"
-    if not path.is_file():
-        raise StageError(f"{path} not found; run the featurize stage first")
-    return json.loads(path.read_text())
-
-
-def _dim(feature_config: dict) -> int:
-    return feature_config["n_mels"] * (1 + feature_config["delta_order"])
 
 
 def _write_loss_plot(path: Path, records: list[dict]) -> None:

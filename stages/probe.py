@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from mockingjay.manifest import SPLITS
 
 from . import tracking
 from .common import PARAMS_OPTION, StageError, atomic_output_dir, check_model_features, cli_errors, section, write_json
-from .extract import load_model, resolve_device
+from .extract import resolve_device
 
 TASKS = ("phone", "speaker")
 
@@ -128,7 +127,9 @@ def main(
         raise ParamError(f"--mode: expected extracted or online, got {mode!r}")
     if mode == "online" or checkpoint:
         check_model_features(model_dir, features)
-        num_layers = _model_config(model_dir)["num_layers"]
+        from mockingjay.checkpoint import load_config
+
+        num_layers = load_config(model_dir)["model"]["num_layers"]
     else:
         num_layers = _stored_layers(representations)
     layers, include_input = parse_layer(layer or config.layers, num_layers)
@@ -161,19 +162,13 @@ def main(
             mlflow.log_artifact(str(report / "results.json"))
 
 
-def _model_config(model_dir: Path) -> dict:
-    path = model_dir / "config.json"
-    if not path.is_file():
-        raise StageError(f"{model_dir}: no config.json; not a model directory (run pretrain, or import a checkpoint)")
-    return json.loads(path.read_text())["model"]
-
-
 def _pretrain_params(model_dir: Path) -> dict:
-    """The model's own record of how it was pretrained, as `pretrain.*` params."""
-    path = model_dir / "config.json"
-    if not path.is_file():
+    """The model's own record of how it was pretrained, as `pretrain.*` params (none without a model)."""
+    from mockingjay.checkpoint import load_config
+
+    if not (model_dir / "config.json").is_file():
         return {}
-    stored = json.loads(path.read_text())
+    stored = load_config(model_dir)
     wanted = {k: stored[k] for k in ("model", "mask", "training") if k in stored}
     return {f"pretrain.{k}": v for k, v in to_flat_dict(wanted).items()}
 
@@ -184,7 +179,9 @@ def _run_probes(config, mode, model_dir, features, representations, layers, incl
     if mode == "online":
         from mockingjay.probe import probe_online
 
-        network, _ = load_model(model_dir, device)
+        from mockingjay.checkpoint import load_model_dir
+
+        network, _ = load_model_dir(model_dir, device=device)
         stores = {split: RaggedArray(features / split) for split in SPLITS}
         online = probe_online(network, stores, labels if "phone" in config.tasks else None,
                               speakers if "speaker" in config.tasks else None, layers=layers or [],
