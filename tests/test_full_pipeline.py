@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -81,6 +80,7 @@ def test_probe_checkpoint_runs_online_and_agrees_with_extracted(pipeline_repo):
     assert accuracy == pytest.approx(stored["phone"]["layer_02"]["accuracy"], abs=0.05)
     missing = run(["mockingjay", "probe", "--checkpoint", "models/nowhere"], pipeline_repo)
     assert missing.returncode == 1 and "models/nowhere" in missing.stderr
+    assert "Traceback" not in missing.stderr and "not found" in missing.stderr
 
 
 def test_dvc_experiment_lands_in_the_same_store_with_its_name(pipeline_repo):

@@ -73,7 +73,7 @@ def test_hts_full_context_lab_equals_seconds_lab():
 def test_lab_errors_name_file_and_line(tmp_path):
     bad_phone = tmp_path / "bad_phone.lab"
     bad_phone.write_text("0.00 0.10 sil\n0.10 0.20 qq\n")
-    with pytest.raises(LabelError, match=rf"bad_phone\.lab:2: unknown phone 'qq'"):
+    with pytest.raises(LabelError, match=r"bad_phone\.lab:2: unknown phone 'qq'"):
         read_lab(bad_phone)
 
     overlapping = tmp_path / "overlap.lab"
