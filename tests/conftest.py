@@ -151,6 +151,17 @@ def featurized_repo(tmp_path_factory) -> Path:
     return repo
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: extra threads only add synchronisation (and stall on a busy 2-core machine)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 TINY_PIPELINE = {
     "pretrain": {
         "preset": "tera-base",

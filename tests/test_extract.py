@@ -17,12 +17,8 @@ LENGTHS = [37, 5, 80, 1, 23, 64, 64, 9, 41, 17]  # unsorted, with ties and a 1-f
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: extra threads only add synchronisation (and stall on a busy 2-core machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def one_thread(one_torch_thread):
+    """Tiny tensors here: see conftest.one_torch_thread."""
 
 
 def tiny_model(downsample_rate: int = 1, seed: int = 0) -> MockingjayForMAM:

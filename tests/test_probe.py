@@ -61,12 +61,8 @@ def make_corpus(root: Path, seed: int = 0, extra_test_speaker: bool = False) -> 
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: extra threads only add synchronisation (and stall on a busy 2-core machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def one_thread(one_torch_thread):
+    """Tiny tensors here: see conftest.one_torch_thread."""
 
 
 def labels_of(root: Path) -> dict[str, RaggedArray]:
