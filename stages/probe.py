@@ -15,8 +15,6 @@ and layer.
 from __future__ import annotations
 
 import csv
-import json
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -273,7 +271,4 @@ def _log_runs(mlflow, results: dict, rows: list[dict]) -> None:
                                    "weight_decay": layer["weight_decay"], "best_epoch": layer["best_epoch"]})
                 mlflow.log_metrics({k: float(layer[k]) for k in ("accuracy", "macro_f1", "majority_rate",
                                                                  "dev_accuracy")})
-                with tempfile.TemporaryDirectory() as tmp:
-                    path = Path(tmp) / "confusion.json"
-                    path.write_text(json.dumps(layer["confusion"]))
-                    mlflow.log_artifact(str(path))
+                mlflow.log_dict(layer["confusion"], "confusion.json")

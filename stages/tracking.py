@@ -12,7 +12,6 @@ import contextlib
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -139,12 +138,3 @@ def log_params(mlflow, params: dict[str, Any]) -> None:
     items = [(k, str(v) if len(str(v)) <= 6000 else str(v)[:5990] + "...") for k, v in params.items()]
     for i in range(0, len(items), 100):
         mlflow.log_params(dict(items[i : i + 100]))
-
-
-def log_json_artifact(mlflow, payload: Any, name: str) -> None:
-    import json
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-        mlflow.log_artifact(str(path))

@@ -32,7 +32,7 @@ def test_repro_writes_probe_metrics_plots_and_report(pipeline_repo):
     assert "up to date" in status.stdout, status.stdout
 
 
-def test_mlflow_probe_parent_run_carries_pretrain_params_and_child_runs(pipeline_repo):
+def test_mlflow_probe_parent_run_carries_pretrain_params_and_child_runs(pipeline_repo, tmp_path):
     runs = mlflow_runs(pipeline_repo)
     stages = {r.data.tags.get("mockingjay.stage") for r in runs}
     assert {"prepare", "align", "featurize", "pretrain", "extract", "probe"} <= stages
@@ -50,6 +50,12 @@ def test_mlflow_probe_parent_run_carries_pretrain_params_and_child_runs(pipeline
     )
     child = next(r for r in children if r.info.run_name == "phone/layer_01")
     assert child.data.metrics["accuracy"] == pytest.approx(parent.data.metrics["phone_accuracy.layer_01"])
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{pipeline_repo / 'mlflow.db'}")
+    client.download_artifacts(child.info.run_id, "confusion.json", str(tmp_path))
+    confusion = json.loads((tmp_path / "confusion.json").read_text())
+    assert len(confusion["labels"]) == 40 and len(confusion["matrix"]) == 40
 
 
 def test_probe_one_layer_the_baseline_and_bad_layers(pipeline_repo):
