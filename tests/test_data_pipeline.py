@@ -165,3 +165,20 @@ def test_unreachable_tracking_server_fails_fast_before_any_output(repo, tmp_path
     assert f"http://127.0.0.1:{port} is unreachable" in result.stderr and "MLFLOW_TRACKING_URI" in result.stderr
     assert time.monotonic() - started < 60  # MLflow's own HTTP retries would take minutes
     assert not (tmp_path / "out").exists()
+
+
+def test_align_reports_each_failure_and_carries_on(repo, tmp_path):
+    lines = (repo / "data/prepared/manifest.tsv").read_text().splitlines()
+    header, arctic = lines[0], [line for line in lines[1:] if line.startswith("arctic_")][:2]
+    columns = header.split("\t")
+    bad = arctic[1].split("\t")
+    bad[columns.index("transcript")] = "qwzxvk " + bad[columns.index("transcript")]
+    (tmp_path / "m.tsv").write_text("\n".join([header, arctic[0], "\t".join(bad)]) + "\n")
+    result = run(["mockingjay", "align", "--manifest", str(tmp_path / "m.tsv"), "--out", str(tmp_path / "out")], repo)
+    assert result.returncode == 0, result.stderr
+    assert f"align: failed {bad[1]}" in result.stderr and "qwzxvk" in result.stderr
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    assert summary["failed"] == 1 and summary["labelled"] == 1
+    failures = (tmp_path / "out/failures.tsv").read_text().splitlines()
+    assert len(failures) == 2 and failures[1].startswith(bad[0]) and "OutOfVocabularyError" in failures[1]
+    assert RaggedArray(tmp_path / "out/frame_labels").ids == [arctic[0].split("\t")[0]]
