@@ -135,10 +135,11 @@ class FrameSource:
             self.cached = {split: torch.from_numpy(np.asarray(stores[split].data[r])) for split, r in rows.items()}
 
     def gather(self, split: str, positions: np.ndarray) -> Tensor:
-        """float32 [len(positions), H]; `positions` index the split's labelled frames, ascending."""
+        """float16 [len(positions), H] (the heads standardise to float32 in one fused op); `positions`
+        index the split's labelled frames, ascending."""
         if self.cached is not None:
-            return self.cached[split][torch.from_numpy(positions)].float()
-        return torch.from_numpy(np.asarray(self.stores[split].data[self.rows[split][positions]])).float()
+            return self.cached[split][torch.from_numpy(positions)]
+        return torch.from_numpy(np.asarray(self.stores[split].data[self.rows[split][positions]]))
 
 
 def _chunks(count: int, size: int) -> Iterator[np.ndarray]:

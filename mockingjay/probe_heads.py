@@ -30,7 +30,7 @@ import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from torch import Tensor
 
-Batch = tuple[Tensor, Mapping[str, Tensor]]  # (labels [B] long, layer name -> inputs [B, H])
+Batch = tuple[Tensor, Mapping[str, Tensor]]  # (labels [B] long, layer name -> inputs [B, H] float16 or float32)
 
 
 class ProbeError(ValueError):
@@ -102,7 +102,8 @@ class RunningMoments:
 
 
 class LayerHeads:
-    """G linear softmax heads on one layer, trained together: weight [H, G*C], bias [G*C]."""
+    """G linear softmax heads on one layer, trained together: weight [H, G*C] and bias [G*C] are
+    the rows of one parameter matrix [H + 1, G*C], so the Adam update is one pass over one tensor."""
 
     betas = (0.9, 0.999)
     eps = 1e-8
@@ -110,48 +111,64 @@ class LayerHeads:
     def __init__(self, mean: np.ndarray, std: np.ndarray, num_classes: int, grid: Sequence[tuple[float, float]],
                  device: torch.device):
         dim, self.heads, self.classes = len(mean), len(grid), num_classes
-        self.mean = torch.as_tensor(mean, dtype=torch.float32, device=device)
+        self.dim = dim
+        # standardised = inputs * inv_std + shift = (inputs - mean) / std, as one fused op (addcmul)
         self.inv_std = 1.0 / torch.as_tensor(std, dtype=torch.float32, device=device)
+        self.shift = -torch.as_tensor(mean, dtype=torch.float32, device=device) * self.inv_std
         width = self.heads * num_classes
-        self.weight = torch.zeros(dim, width, device=device)
-        self.bias = torch.zeros(width, device=device)
-        # each head's hyper-parameters, repeated over its C columns of the weight matrix
+        self.params = torch.zeros(dim + 1, width, device=device)
+        # each head's hyper-parameters, repeated over its C columns
         self.lr = torch.tensor([lr for lr, _ in grid], device=device).repeat_interleave(num_classes)
         self.weight_decay = torch.tensor([wd for _, wd in grid], device=device).repeat_interleave(num_classes)
-        self.moments = [torch.zeros_like(t) for t in (self.weight, self.weight, self.bias, self.bias)]
+        self.exp_avg, self.exp_avg_sq = torch.zeros_like(self.params), torch.zeros_like(self.params)
         self.steps = 0
-        self.best_weight, self.best_bias = self.weight.clone(), self.bias.clone()
+        self.best_params = self.params.clone()
         self.best_dev = np.full(self.heads, -1.0)
         self.best_loss = np.full(self.heads, np.inf)
         self.best_epoch = np.zeros(self.heads, dtype=int)
 
-    def _logits(self, inputs: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        standardised = (inputs - self.mean) * self.inv_std
-        return (standardised @ weight + bias).view(len(inputs), self.heads, self.classes)
+    @property
+    def weight(self) -> Tensor:
+        return self.params[:-1]
+
+    @property
+    def bias(self) -> Tensor:
+        return self.params[-1]
+
+    def standardise(self, inputs: Tensor) -> Tensor:
+        """float32 (inputs - mean) / std; inputs may be float16 (the stores' dtype)."""
+        return torch.addcmul(self.shift, inputs, self.inv_std)
+
+    def _logits(self, inputs: Tensor, params: Tensor) -> Tensor:
+        logits = torch.addmm(params[-1], self.standardise(inputs), params[:-1])
+        return logits.view(len(inputs), self.heads, self.classes)
 
     def step(self, inputs: Tensor, labels: Tensor) -> None:
         """One Adam step of every head on the mean cross-entropy of this batch (+ L2)."""
         batch = len(inputs)
-        standardised = (inputs - self.mean) * self.inv_std
-        logits = (standardised @ self.weight + self.bias).view(batch, self.heads, self.classes)
+        standardised = self.standardise(inputs)
+        logits = torch.addmm(self.bias, standardised, self.weight).view(batch, self.heads, self.classes)
         # d(mean CE)/d(logits) = (softmax - onehot) / B, for every head at once: no autograd graph.
         grad_logits = torch.softmax(logits, dim=-1)
-        grad_logits[torch.arange(batch, device=labels.device), :, labels] -= 1.0
-        grad_logits = grad_logits.view(batch, -1) / batch
-        grad_weight = standardised.T @ grad_logits + self.weight_decay * self.weight
-        grad_bias = grad_logits.sum(0)
+        target = labels[:, None, None].expand(-1, self.heads, 1)
+        grad_logits.scatter_add_(-1, target, torch.full(target.shape, -1.0, device=labels.device))
+        grad_logits = grad_logits.view(batch, -1)
+        grad = torch.empty_like(self.params)
+        # the 1/B of the mean folds into the matmul; the L2 term wd * W is its additive input
+        torch.addmm(self.weight * self.weight_decay, standardised.T, grad_logits, alpha=1.0 / batch,
+                    out=grad[:-1])
+        torch.sum(grad_logits, 0, out=grad[-1]).mul_(1.0 / batch)
         self.steps += 1
         beta1, beta2 = self.betas
         correction1, correction2 = 1 - beta1**self.steps, 1 - beta2**self.steps
-        m_w, v_w, m_b, v_b = self.moments
-        for param, grad, m, v in ((self.weight, grad_weight, m_w, v_w), (self.bias, grad_bias, m_b, v_b)):
-            m.mul_(beta1).add_(grad, alpha=1 - beta1)
-            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            param.sub_(self.lr * (m / correction1) / ((v / correction2).sqrt() + self.eps))
+        self.exp_avg.lerp_(grad, 1 - beta1)
+        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denominator = (self.exp_avg_sq / correction2).sqrt_().add_(self.eps)
+        self.params.addcdiv_(self.exp_avg * (self.lr / correction1), denominator, value=-1.0)
 
     def score(self, inputs: Tensor, labels: Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(correct predictions, summed cross-entropy) of each of the G heads on a batch."""
-        logits = self._logits(inputs, self.weight, self.bias)
+        logits = self._logits(inputs, self.params)
         correct = (logits.argmax(-1) == labels[:, None]).sum(0)
         target = labels[:, None, None].expand(-1, self.heads, 1)
         loss = (torch.logsumexp(logits, -1) - logits.gather(-1, target)[..., 0]).sum(0)
@@ -162,9 +179,8 @@ class LayerHeads:
         (common on small dev sets, e.g. several epochs at 100%) the lower dev cross-entropy."""
         improved = (dev_accuracy > self.best_dev) | ((dev_accuracy == self.best_dev) & (dev_loss < self.best_loss))
         if improved.any():
-            columns = torch.from_numpy(np.repeat(improved, self.classes)).to(self.weight.device)
-            self.best_weight = torch.where(columns, self.weight, self.best_weight)
-            self.best_bias = torch.where(columns, self.bias, self.best_bias)
+            columns = torch.from_numpy(np.repeat(improved, self.classes)).to(self.params.device)
+            self.best_params = torch.where(columns, self.params, self.best_params)
             self.best_dev[improved] = dev_accuracy[improved]
             self.best_loss[improved] = dev_loss[improved]
             self.best_epoch[improved] = epoch
@@ -176,7 +192,7 @@ class LayerHeads:
 
     def predict(self, inputs: Tensor) -> Tensor:
         """Class predictions of the chosen head, at its best epoch."""
-        return self._logits(inputs, self.best_weight, self.best_bias)[:, self.chosen].argmax(-1)
+        return self._logits(inputs, self.best_params)[:, self.chosen].argmax(-1)
 
 
 def train_heads(

@@ -132,7 +132,7 @@ def _phone_probe(passes: _Passes, names: list[str], frame_labels: dict[str, _Fra
     def mini_batches(targets: Tensor, inputs: Mapping[str, Tensor], order: Tensor, size: int) -> Iterator[Batch]:
         for start in range(0, len(targets), size):
             chosen = order[start : start + size]
-            yield targets[chosen], {name: x[chosen].float() for name, x in inputs.items()}
+            yield targets[chosen], {name: x[chosen] for name, x in inputs.items()}
 
     def train_batches(epoch: int) -> Iterator[Batch]:
         # Length-sorted encoder batches are homogeneous (all short digits, or all long sentences),

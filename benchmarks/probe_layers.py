@@ -1,0 +1,115 @@
+"""Cost of probing every layer vs one layer, extracted mode; print one JSON object.
+
+Two measurements, on the pipeline's outputs (data/representations, data/features, the probe
+section of params.yaml):
+
+* compute: `probe_phones` + `probe_speakers` in this process (stores opened, heads trained on
+  train, chosen on dev, scored on test), for one layer and for all stores (log-mel input +
+  every hidden state), best of `--runs`;
+* command: the whole `mockingjay probe --layer N` vs `--layer all` as a user runs it (fresh
+  process: imports, data loading, MLflow logging to a throw-away SQLite store), alternated so
+  that load from other jobs hits both alike, best and median of `--runs`.
+
+    python benchmarks/probe_layers.py               # after `dvc repro` (or `dvc repro extract`)
+    python benchmarks/probe_layers.py --layer 1 --runs 5
+    python benchmarks/probe_layers.py --skip-command   # compute only
+
+The ratio all / one is what issue 4 bounds (at most 2x). `--data` points at another checkout's
+outputs, so an older commit's code can be timed on the same data (run this file from that
+checkout with `--data` set to this one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from mockingjay.config import from_section, load_params  # noqa: E402
+from mockingjay.featstore import RaggedArray  # noqa: E402
+from mockingjay.probe import open_representations, probe_phones, probe_speakers, read_speakers  # noqa: E402
+from stages.probe import ProbeStageConfig  # noqa: E402
+
+SPLITS = ("train", "dev", "test")
+
+
+def compute_seconds(data: Path, layers: list[int] | None, include_input: bool, config: ProbeStageConfig) -> dict:
+    reps = open_representations(data / "data/representations", layers=layers, include_input=include_input)
+    labels = {split: RaggedArray(data / "data/features/labels" / split) for split in SPLITS}
+    speakers = read_speakers(data / "data/features/utterances.tsv")
+    started = time.perf_counter()
+    phone = probe_phones(reps, labels, config.phone.to_probe_config(), progress=False)
+    middle = time.perf_counter()
+    speaker = probe_speakers(reps, speakers, config.speaker.to_probe_config(), progress=False)
+    ended = time.perf_counter()
+    return {"phone_s": middle - started, "speaker_s": ended - middle, "total_s": ended - started,
+            "stores": list(reps["train"]),
+            "phone_accuracy": {k: round(v["accuracy"], 4) for k, v in phone["layers"].items()},
+            "speaker_accuracy": {k: round(v["accuracy"], 4) for k, v in speaker["layers"].items()}}
+
+
+def command_seconds(data: Path, layer: str, store: Path) -> float:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "stages.cli", "probe", "--layer", layer,
+                    "--params", str(data / "params.yaml"),
+                    "--representations", str(data / "data/representations"),
+                    "--features", str(data / "data/features"),
+                    "--model", str(data / "models/pretrain/model")],
+                   cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def summary(values: list[float]) -> dict:
+    return {"best": round(min(values), 2), "median": round(statistics.median(values), 2),
+            "all": [round(v, 2) for v in values]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=ROOT, help="repo whose pipeline outputs are probed")
+    parser.add_argument("--layer", type=int, default=3, help="the single layer to compare with")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--skip-command", action="store_true")
+    args = parser.parse_args()
+    config = from_section(ProbeStageConfig, load_params(args.data / "params.yaml")["probe"], "probe")
+    result: dict = {"torch_threads": torch.get_num_threads(), "load_before": os.getloadavg()[0],
+                    "layer": args.layer, "code": str(ROOT), "data": str(args.data)}
+    one, every = [], []
+    for _ in range(args.runs):
+        one.append(compute_seconds(args.data, [args.layer], False, config))
+        every.append(compute_seconds(args.data, None, True, config))
+    result["compute"] = {
+        "one": {k: summary([r[k] for r in one]) for k in ("phone_s", "speaker_s", "total_s")},
+        "all": {k: summary([r[k] for r in every]) for k in ("phone_s", "speaker_s", "total_s")},
+        "stores_all": every[0]["stores"],
+        "ratio_best": round(min(r["total_s"] for r in every) / min(r["total_s"] for r in one), 2),
+        "accuracy_all": {"phone": every[0]["phone_accuracy"], "speaker": every[0]["speaker_accuracy"]},
+    }
+    if not args.skip_command:
+        with tempfile.TemporaryDirectory() as tmp:
+            store = Path(tmp) / "mlflow.db"
+            times: dict[str, list[float]] = {"one": [], "all": []}
+            for _ in range(args.runs):
+                times["one"].append(command_seconds(args.data, str(args.layer), store))
+                times["all"].append(command_seconds(args.data, "all", store))
+        result["command"] = {k: summary(v) for k, v in times.items()}
+        result["command"]["ratio_best"] = round(min(times["all"]) / min(times["one"]), 2)
+        result["command"]["ratio_median"] = round(statistics.median(times["all"]) / statistics.median(times["one"]), 2)
+    result["load_after"] = os.getloadavg()[0]
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
