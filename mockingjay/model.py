@@ -25,6 +25,9 @@ from torch import Tensor, nn
 # --------------------------------------------------------------------------------------------
 # Configuration
 
+# The non-linearities s3prl's `hidden_act` names (BERT's ACT2FN); gelu is the exact erf form.
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu}
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -38,7 +41,8 @@ class ModelConfig:
     hidden_dropout / attention_dropout: (`hidden_dropout_prob` / `attention_probs_dropout_prob`).
     layer_norm_eps: (`layer_norm_eps`). initializer_range: std of the normal init
     (`initializer_range`). max_positions: steps in the pre-built sinusoidal table; longer inputs
-    extend it once, so this only sizes the common case.
+    extend it once, so this only sizes the common case. activation: the FFN and prediction-head
+    non-linearity (`hidden_act`: gelu, the exact erf form, as the paper; relu; swish).
     """
 
     input_dim: int
@@ -53,6 +57,7 @@ class ModelConfig:
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
     max_positions: int = 4096
+    activation: str = "gelu"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -73,6 +78,9 @@ class ModelConfig:
         for name in ("layer_norm_eps", "initializer_range"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"ModelConfig.activation must be one of {sorted(ACTIVATIONS)}, "
+                             f"got {self.activation!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -261,9 +269,10 @@ class FeedForward(nn.Module):
         super().__init__()
         self.up = nn.Linear(config.hidden_size, config.intermediate_size)
         self.down = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.activation = ACTIVATIONS[config.activation]  # default exact (erf) GELU, as BERT
 
     def forward(self, hidden: Tensor) -> Tensor:
-        return self.down(F.gelu(self.up(hidden)))  # exact (erf) GELU, as BERT and s3prl
+        return self.down(self.activation(self.up(hidden)))
 
 
 class EncoderLayer(nn.Module):
@@ -372,7 +381,7 @@ class MockingjayEncoder(nn.Module):
 
 
 class PredictionHead(nn.Module):
-    """dense(H, H) -> GELU -> LayerNorm -> Linear(H, R * target_dim), split back into R frames."""
+    """dense(H, H) -> activation (GELU) -> LayerNorm -> Linear(H, R * target_dim), split into R frames."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -381,12 +390,13 @@ class PredictionHead(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.output = nn.Linear(config.hidden_size, config.downsample_rate * config.target_dim)
+        self.activation = ACTIVATIONS[config.activation]
         self.apply(lambda m: init_weights(m, config.initializer_range))
 
     def forward(self, hidden: Tensor) -> Tensor:
         """`[B, T', H]` -> `[B, T' * R, target_dim]` at the feature frame rate."""
         batch, steps, _ = hidden.shape
-        out = self.output(self.layer_norm(F.gelu(self.dense(hidden))))
+        out = self.output(self.layer_norm(self.activation(self.dense(hidden))))
         return out.reshape(batch, steps * self.downsample_rate, self.target_dim)
 
 

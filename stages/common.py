@@ -113,7 +113,10 @@ def check_model_features(model_dir: Path, features_dir: Path) -> dict:
     if not model_dir.is_dir():
         raise StageError(f"model directory {model_dir} not found; run the pretrain stage or pass --model/--checkpoint")
     features = read_feature_config(features_dir)
-    model_features = load_config(model_dir).get("features")
+    stored = load_config(model_dir)
+    model_features = stored.get("features")
+    for difference in (stored.get("import") or {}).get("feature_differences") or []:  # import-checkpoint
+        print(f"warning: {model_dir} was imported; its features may differ from the source's: {difference}", file=sys.stderr)
     if not model_features:
         print(
             f"warning: {model_dir} records no feature settings; make sure {features_dir} was made the way "

@@ -1,0 +1,97 @@
+"""import-checkpoint / export-checkpoint: s3prl and original-Mockingjay checkpoints in and out.
+
+`mockingjay import-checkpoint SRC DEST` reads an s3prl (`Transformer`, `SpecHead`,
+`Upstream_Config`, ...) or original Mockingjay (`Mockingjay`, `Settings`, ...) file without
+executing anything in it (mockingjay/safe_load.py) and writes a model directory (model.safetensors
++ config.json) that `mockingjay probe --checkpoint DEST` and `extract --model DEST` read. The
+config.json holds the model, the feature settings when the file has them (checked by probe and
+extract against the features they are fed), the masking record, and an "import" section with
+every source field that was not mapped, what was ignored, and the source config itself.
+
+`mockingjay export-checkpoint SRC DEST` writes one of our model directories in s3prl's layout
+(`--layout s3prl`, what s3prl/upstream/mockingjay loads) or the original code's
+(`--layout mockingjay`, needed for frame stacking R > 1). Neither command is a DVC stage; each
+run is logged to MLflow like the stages.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from . import tracking
+from .common import StageError, cli_errors
+
+
+def _print_report(title: str, items) -> None:
+    items = list(items)
+    if items:
+        print(f"{title}:", file=sys.stderr)
+        for item in items:
+            print(f"  {item}", file=sys.stderr)
+
+
+@cli_errors
+def import_main(
+    src: Path = typer.Argument(..., help="s3prl or original Mockingjay checkpoint file (.ckpt)"),
+    dest: Path = typer.Argument(..., help="model directory to write (model.safetensors + config.json)"),
+    force: bool = typer.Option(False, "--force", help="replace DEST if it exists"),
+) -> None:
+    """Convert an s3prl / original Mockingjay checkpoint into our model directory (read safely)."""
+    from mockingjay.checkpoint import save_model_dir
+    from mockingjay.interop import import_checkpoint
+
+    if dest.exists() and not force and (not dest.is_dir() or any(dest.iterdir())):
+        raise StageError(f"{dest} exists; pass --force to replace it")
+    imported = import_checkpoint(src)
+    model, config = imported.model, imported.model.config
+    print(f"import-checkpoint: {imported.layout} layout, {config.num_layers} layers, hidden {config.hidden_size}, "
+          f"{config.num_heads} heads, FFN {config.intermediate_size}, R={config.downsample_rate}, "
+          f"input {config.input_dim}-d, target {config.target_dim}-d, {config.activation}", file=sys.stderr)
+    _print_report("fields not mapped (kept in config.json 'import.unmapped')",
+                  (f"{k} = {v!r}" for k, v in imported.unmapped.items()))
+    _print_report("entries not used (training state)", imported.ignored)
+    _print_report("notes", imported.notes)
+    features = imported.sections.get("features")
+    if features:
+        settings = " ".join(f"{k}={features[k]}" for k in
+                            ("sample_rate", "n_mels", "win_ms", "hop_ms", "n_fft", "delta_order",
+                             "delta_window", "log_offset", "cmvn"))
+        print(f"features (featurize params the model expects): {settings}", file=sys.stderr)
+    _print_report("features: known differences from the source's own extraction", imported.feature_differences)
+    run_params = {"src": str(src), "dest": str(dest), "layout": imported.layout,
+                  **{f"model.{k}": v for k, v in config.to_dict().items()}}
+    with tracking.stage_run("import-checkpoint", run_params) as mlflow:
+        save_model_dir(dest, model, config, extra=imported.sections)
+        mlflow.log_metrics({"num_parameters": float(model.num_parameters(include_head=False)),
+                            "unmapped_fields": float(len(imported.unmapped))})
+        mlflow.log_artifact(str(dest / "config.json"))
+    print(f"import-checkpoint: {src} -> {dest}", file=sys.stderr)
+
+
+@cli_errors
+def export_main(
+    src: Path = typer.Argument(..., help="our model directory (model.safetensors + config.json)"),
+    dest: Path = typer.Argument(..., help="checkpoint file to write (.ckpt)"),
+    layout: str = typer.Option("s3prl", "--layout", help="s3prl (s3prl/upstream/mockingjay) | mockingjay (original code)"),
+) -> None:
+    """Write our model as an s3prl (or original Mockingjay) checkpoint that their loaders read."""
+    import torch
+
+    from mockingjay.checkpoint import load_config, load_model_dir
+    from mockingjay.interop import LAYOUTS, export_checkpoint
+
+    if layout not in LAYOUTS:
+        raise StageError(f"--layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
+    model, _ = load_model_dir(src)
+    checkpoint, notes = export_checkpoint(model, load_config(src), layout)
+    _print_report("notes", notes)
+    with tracking.stage_run("export-checkpoint", {"src": str(src), "dest": str(dest), "layout": layout}) as mlflow:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.partial")
+        torch.save(checkpoint, tmp)
+        tmp.replace(dest)
+        mlflow.log_metric("bytes_written", float(dest.stat().st_size))
+    print(f"export-checkpoint: {src} -> {dest} ({layout} layout)", file=sys.stderr)
