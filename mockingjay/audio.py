@@ -63,6 +63,7 @@ def read_audio(
     """
     path = Path(path)
     try:
+        open(path, "rb").close()  # libsndfile reports a refused open only as "System error"
         f = sf.SoundFile(str(path))
     except PermissionError as err:
         raise AudioError(path, "unreadable", f"permission denied ({err.strerror})") from err

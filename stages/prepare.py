@@ -15,7 +15,7 @@ from pathlib import Path
 import typer
 from tqdm import tqdm
 
-from mockingjay.config import from_section, to_flat_dict
+from mockingjay.config import ParamError, from_section, to_flat_dict
 from mockingjay.corpora import UtteranceSource, read_corpus
 from mockingjay.manifest import (
     ManifestRow,
@@ -71,6 +71,9 @@ def main(
 ) -> None:
     """Scan corpora into a manifest: validate every file, resample/down-mix, split by seed."""
     config = from_section(PrepareConfig, section(params, "prepare"), "prepare")
+    for i, spec in enumerate(config.corpora):
+        if not Path(spec.path).exists():
+            raise ParamError(f"prepare.corpora[{i}].path: {spec.path} does not exist (corpus {spec.name!r})")
     sources: list[tuple[UtteranceSource, bool]] = []
     for spec in config.corpora:
         sources.extend((utt, spec.align) for utt in read_corpus(spec))

@@ -75,7 +75,10 @@ def resolve_configs(section_values: dict, feature_dim: int, target_dim: int):
         mask = MaskConfig.from_dict({**MASK_PRESETS[config.preset].to_dict(), **config.mask})
     except (ValueError, TypeError) as err:
         raise ParamError(str(err).replace("MaskConfig.", "pretrain.mask.")) from err
-    train = from_section(TrainConfig, config.train, "pretrain.train")
+    try:
+        train = from_section(TrainConfig, config.train, "pretrain.train")
+    except ParamError as err:  # "pretrain.train: TrainConfig.x must be ..." -> "pretrain.train.x must be ..."
+        raise ParamError(str(err).replace("pretrain.train: TrainConfig.", "pretrain.train.")) from err
     return model, mask, train
 
 
@@ -141,13 +144,25 @@ def main(
     model_config, mask_config, train_config = resolve_configs(pretrain_section, settings.dim, settings.target_dim)
     if device:
         train_config = dataclasses.replace(train_config, device=device)
-    train_config.validate()
+        try:
+            train_config.validate()
+        except ValueError as err:
+            raise ParamError(f"--device: {err}") from err
     train_stores = [features / "train", features / "dev"]
     target_stores = None
     if settings.target == "linear":
         target_stores = [features / "train_target", features / "dev_target"]
-    for store in train_stores:
-        RaggedArray(store)  # fails now, naming the store, if featurize did not finish
+    # Open every store now (fails naming the store if featurize did not finish), and check that the
+    # longest utterance fits one batch before any run starts, not when the trainer builds its sampler.
+    stores = [RaggedArray(store) for store in (*train_stores, features / "test")]
+    longest = max((int(store.lengths.max()) for store in stores if len(store)), default=0)
+    if train_config.max_length is not None:
+        longest = min(longest, train_config.max_length)
+    if longest > train_config.max_frames_per_batch:
+        raise ParamError(
+            f"pretrain.train.max_frames_per_batch: {train_config.max_frames_per_batch} is smaller than the longest "
+            f"utterance ({longest} frames after cropping to max_length); raise it or lower pretrain.train.max_length"
+        )
     rank = int(os.environ.get("RANK", "0"))
     record = {"model": model_config.to_dict(), "mask": mask_config.to_dict(), "training": _train_record(train_config)}
     if rank == 0:

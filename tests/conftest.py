@@ -134,6 +134,12 @@ def copy_repo(src: Path, dest: Path) -> Path:
     return dest
 
 
+def file_stats(root: Path) -> dict[str, tuple[int, int]]:
+    """Relative path -> (size, mtime in ns) of every file below `root`: what changed between two calls."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in root.rglob("*") if p.is_file() and not p.is_symlink()}
+
+
 def mlflow_runs(repo: Path) -> list:
     from mlflow.tracking import MlflowClient
 
@@ -180,13 +186,26 @@ TINY_PIPELINE = {
 
 
 @pytest.fixture(scope="session")
-def pipeline_repo(featurized_repo, tmp_path_factory) -> Path:
-    """A repository where the whole `dvc repro` (prepare .. probe) has run with a tiny model.
-
-    Starts from a copy of `featurized_repo`, so prepare/align/featurize are already done there.
-    """
+def _pipeline_repos(featurized_repo, tmp_path_factory) -> tuple[Path, Path]:
     repo = copy_repo(featurized_repo, tmp_path_factory.mktemp("pipeline") / "repo")
     (repo / "params.yaml").write_text(yaml.safe_dump({**PARAMS, **TINY_PIPELINE}, sort_keys=False))
     result = run(["dvc", "repro"], repo)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return repo
+    return repo, copy_repo(repo, tmp_path_factory.mktemp("pipeline-pristine") / "repo")
+
+
+@pytest.fixture(scope="session")
+def pipeline_repo(_pipeline_repos) -> Path:
+    """A repository where the whole `dvc repro` (prepare .. probe) has run with a tiny model.
+
+    Starts from a copy of `featurized_repo`, so prepare/align/featurize are already done there.
+    Tests may run more commands in it (test_full_pipeline runs a `dvc exp run` in it).
+    """
+    return _pipeline_repos[0]
+
+
+@pytest.fixture(scope="session")
+def pristine_pipeline_repo(_pipeline_repos) -> Path:
+    """A copy of `pipeline_repo` taken right after its `dvc repro`, that no test changes: the
+    reference outputs of an uninterrupted run. Copy it before running anything in it."""
+    return _pipeline_repos[1]

@@ -13,7 +13,7 @@ import yaml
 from mockingjay.featstore import RaggedArray
 from mockingjay.manifest import read_manifest
 
-from .conftest import copy_repo, make_repo, mlflow_runs, plant_bad_files, run
+from .conftest import copy_repo, mlflow_runs, run
 
 pytestmark = pytest.mark.slow
 
@@ -87,48 +87,6 @@ def test_dvc_exp_name_is_tagged(repo, tmp_path):
     assert result.returncode == 0, result.stderr
     tagged = [r for r in mlflow_runs(repo) if r.data.tags.get("dvc_exp_name") == "exp-xyz"]
     assert len(tagged) == 1 and tagged[0].data.tags["mockingjay.stage"] == "prepare"
-
-
-def test_bad_files_fail_naming_each_file_then_skip_reports_them(tmp_path):
-    repo = make_repo(tmp_path / "repo")
-    expected = plant_bad_files(repo / "data/sample/bad")
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["prepare"]["corpora"].append({"name": "bad", "format": "arctic", "path": "data/sample/bad", "align": True})
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    failed = run(["mockingjay", "prepare"], repo)
-    assert failed.returncode == 1
-    for name in expected:
-        assert name in failed.stderr, (name, failed.stderr)
-    assert "nothing was written" in failed.stderr
-    assert not (repo / "data/prepared").exists()
-
-    params["prepare"]["on_error"] = "skip"
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    skipped = run(["mockingjay", "prepare"], repo)
-    assert skipped.returncode == 0, skipped.stderr
-    table = (repo / "data/prepared/skipped.tsv").read_text()
-    for name, reason in expected.items():
-        assert name in table and reason in table
-    rows = read_manifest(repo / "data/prepared/manifest.tsv")
-    assert "bad_stereo44k" in {r.utt_id for r in rows}
-    run_ = next(r for r in mlflow_runs(repo) if r.data.params.get("on_error") == "skip")
-    assert run_.data.metrics["skipped"] == len(expected)
-
-
-def test_invalid_param_fails_before_work_and_names_it(tmp_path):
-    repo = make_repo(tmp_path / "repo")
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["featurize"]["hop_ms"] = -10
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    result = run(["mockingjay", "featurize", "--manifest", "nowhere.tsv"], repo)
-    assert result.returncode == 2
-    assert "featurize.hop_ms" in result.stderr
-    params["prepare"]["corpora"][0]["path"] = "data/does-not-exist"
-    params["featurize"]["hop_ms"] = None
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    missing = run(["mockingjay", "prepare"], repo)
-    assert missing.returncode == 1 and "data/does-not-exist" in missing.stderr
-    assert not (repo / "mlflow.db").exists()
 
 
 def test_align_imports_existing_lab_files_instead_of_aligning(repo, tmp_path):
