@@ -137,8 +137,8 @@ class FrameSource:
     def gather(self, split: str, positions: np.ndarray) -> Tensor:
         """float16 [len(positions), H] (the heads standardise to float32 in one fused op); `positions`
         index the split's labelled frames, ascending."""
-        if self.cached is not None:
-            return self.cached[split][torch.from_numpy(positions)]
+        if self.cached is not None:  # index_select: several times faster than a[index] on float16 rows
+            return torch.index_select(self.cached[split], 0, torch.from_numpy(positions))
         return torch.from_numpy(np.asarray(self.stores[split].data[self.rows[split][positions]]))
 
 
