@@ -44,6 +44,8 @@ from .common import PARAMS_OPTION, StageError, atomic_output_dir, cli_errors, se
 CHUNK_AUDIO_SEC = 60.0  # audio seconds per task sent to a worker (~25 ms of work); fewer, larger
 # tasks cost the main process less, and small corpora still get >= 8 tasks per worker
 IN_FLIGHT_PER_WORKER = 3  # outstanding tasks per worker: keeps workers busy, bounds memory
+# summary fields that describe the run (machine, wall clock): metrics and MLflow, not the output folder
+RUN_FACTS = ("workers", "seconds", "real_time_factor")
 
 _extractor: FeatureExtractor | None = None
 
@@ -266,7 +268,9 @@ def main(
             "real_time_factor": round(total_sec / max(elapsed, 1e-9), 1),
             "bytes_written": size,
         }
-        write_json(tmp / "summary.json", summary)
+        # The output folder holds what the features are, not how fast this machine made them: a
+        # redo (after a kill, on another machine) must hash the same, or pretrain reruns for nothing.
+        write_json(tmp / "summary.json", {k: v for k, v in summary.items() if k not in RUN_FACTS})
         mlflow.log_metrics({k: float(v) for k, v in summary.items()})
         mlflow.log_artifact(str(tmp / "summary.json"))
         mlflow.log_artifact(str(tmp / "feature_config.json"))
