@@ -4,12 +4,14 @@ Reads `data/features/{train,dev}` (pretraining never sees the probes' test split
 as the held-out set for the reconstruction loss). Writes::
 
     models/pretrain/model/          the final model: model.safetensors + config.json (what later stages read)
-    models/checkpoints/             resumable checkpoints (kept between runs: DVC `persist`)
+    models/checkpoints/             resumable checkpoints (kept between runs: DVC `persist`), and
+                                    train_log.jsonl, the loss log of the whole run across resumes
     metrics/pretrain.json           held-out loss at initialisation and at the end, throughput, ...
     plots/pretrain_loss.tsv         step, loss, learning_rate (a DVC plot)
 
-Re-running after a crash resumes from the newest complete checkpoint when the configuration is
-unchanged; a changed configuration starts afresh (the old checkpoints are moved aside).
+Re-running after a crash resumes from the newest complete checkpoint when the configuration, the
+feature settings and the data (a fingerprint of the stores' indexes) are unchanged; any change
+starts afresh (the old checkpoints are moved aside).
 Under torchrun every rank trains; rank 0 alone writes and logs to MLflow.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -33,6 +36,8 @@ from mockingjay.features import FeatureConfig
 
 from . import tracking
 from .common import PARAMS_OPTION, StageError, cli_errors, read_feature_config, section, write_json
+
+TRAIN_LOG = "train_log.jsonl"  # in the checkpoints folder: the loss log of the whole run, across resumes
 
 
 @dataclass(frozen=True)
@@ -100,7 +105,8 @@ def _fresh_or_resume(checkpoints: Path, record: dict) -> None:
         return
     stored = load_config(latest)
     previous = {"model": stored.get("model"), "mask": stored.get("mask"),
-                "training": _train_record(stored.get("training") or {})}
+                "training": _train_record(stored.get("training") or {}),
+                "features": stored.get("features"), "data": stored.get("data")}
     if json.loads(json.dumps(previous, default=str)) != json.loads(json.dumps(record, default=str)):
         aside = checkpoints.with_name(f"{checkpoints.name}.previous")
         shutil.rmtree(aside, ignore_errors=True)
@@ -111,22 +117,62 @@ def _fresh_or_resume(checkpoints: Path, record: dict) -> None:
 
 
 class _Logger:
-    """Collects the trainer's records; mirrors them to MLflow on rank 0."""
+    """Collects the trainer's records, mirrors them to MLflow on rank 0, and keeps the training log
+    of the whole run in `log_path` (beside the checkpoints), so that a resumed run, even one resumed
+    at its last step, still reports the loss curve and final loss of the steps before the resume."""
 
-    def __init__(self, mlflow):
+    def __init__(self, mlflow, log_path: Path | None):
         self.mlflow = mlflow
+        self.log_path = log_path
         self.train: list[dict] = []
+        self._mode = "w"  # a fresh run starts a new log; a resumed one appends to what it kept
 
     def __call__(self, record: dict) -> None:
         if record.get("event") == "train":
             self.train.append(record)
+            if self.log_path is not None:
+                self.log_path.parent.mkdir(parents=True, exist_ok=True)  # before the first checkpoint makes it
+                with open(self.log_path, self._mode) as f:
+                    f.write(json.dumps(record) + "\n")
+                self._mode = "a"
             if self.mlflow is not None:
                 keys = ("loss", "learning_rate", "grad_norm", "audio_seconds_per_second", "skipped_batches")
                 self.mlflow.log_metrics({k: float(record[k]) for k in keys}, step=int(record["step"]))
         elif record.get("event") == "resume":
             print(f"pretrain: resumed at step {record['step']} from {record['path']}", file=sys.stderr)
+            if self.log_path is not None:  # steps after the checkpoint are trained again: drop their records
+                self.train = [r for r in _read_log(self.log_path) if r["step"] <= record["step"]]
+                _write_lines_atomically(self.log_path, [json.dumps(r) for r in self.train])
+                self._mode = "a"
             if self.mlflow is not None:
                 self.mlflow.set_tag("resumed_from", record["path"])
+
+
+def _read_log(path: Path) -> list[dict]:
+    """Records of a training log; a line cut short by a crash is skipped."""
+    records = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def _write_lines_atomically(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
+
+
+def data_fingerprint(stores: list[Path]) -> str:
+    """sha256 of the stores' indexes (utterance ids and lengths): a checkpoint trained on other data
+    is not resumed, even when every setting matches."""
+    digest = hashlib.sha256()
+    for store in stores:
+        digest.update((store / "index.tsv").read_bytes())
+    return digest.hexdigest()
 
 
 @cli_errors
@@ -164,7 +210,10 @@ def main(
             f"utterance ({longest} frames after cropping to max_length); raise it or lower pretrain.train.max_length"
         )
     rank = int(os.environ.get("RANK", "0"))
-    record = {"model": model_config.to_dict(), "mask": mask_config.to_dict(), "training": _train_record(train_config)}
+    # the model's config.json and every checkpoint record what it was trained on
+    provenance = {"features": feature_config, "data": {"fingerprint": data_fingerprint(train_stores + (target_stores or []))}}
+    record = {"model": model_config.to_dict(), "mask": mask_config.to_dict(), "training": _train_record(train_config),
+              **provenance}
     if rank == 0:
         _fresh_or_resume(checkpoints, record)
     frame_rate = 1000.0 / settings.hop_ms
@@ -174,28 +223,33 @@ def main(
     # Under torchrun every rank trains; rank 0 alone tracks.
     run = tracking.stage_run("pretrain", flat, system_metrics=True) if rank == 0 else contextlib.nullcontext()
     with run as mlflow:
-        logger = _Logger(mlflow)
+        logger = _Logger(mlflow, checkpoints / TRAIN_LOG if rank == 0 else None)
         result = _train(model_config, mask_config, train_config, train_stores, features, target_stores,
-                        checkpoints, out / "model", logger, feature_config)
+                        checkpoints, out / "model", logger, provenance)
         if rank != 0:
             return
         metrics = {k: result[k] for k in ("steps", "heldout_loss_initial", "heldout_loss_final", "train_loss_final",
                                           "skipped_batches", "audio_seconds_per_second", "train_seconds", "num_parameters")}
+        if result["steps_this_run"] == 0:  # resumed at the last step: nothing was trained in this run
+            metrics["train_loss_final"] = logger.train[-1]["loss"] if logger.train else None
+            metrics["audio_seconds_per_second"] = None
         metrics["heldout_loss_ratio"] = metrics["heldout_loss_final"] / metrics["heldout_loss_initial"]
         write_json(Path("metrics") / "pretrain.json", metrics)
         _write_loss_plot(Path("plots") / "pretrain_loss.tsv", logger.train)
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
         _log_figures(mlflow, out / "model", features, mask_config, logger.train, metrics)
         mlflow.log_artifact(str(out / "model" / "config.json"))
+    speed = metrics["audio_seconds_per_second"]
     print(
         f"pretrain: {metrics['steps']} steps, held-out masked L1 {metrics['heldout_loss_initial']:.4f} -> "
-        f"{metrics['heldout_loss_final']:.4f}, {metrics['audio_seconds_per_second']:.0f} audio-s/s -> {out / 'model'}",
+        f"{metrics['heldout_loss_final']:.4f}, "
+        f"{'no step trained in this run' if speed is None else f'{speed:.0f} audio-s/s'} -> {out / 'model'}",
         file=sys.stderr,
     )
 
 
 def _train(model_config, mask_config, train_config, train_stores, features, target_stores, checkpoints, model_dir,
-           logger, feature_config):
+           logger, provenance):
     from mockingjay.trainer import NonFiniteLossError, train
 
     try:
@@ -203,7 +257,7 @@ def _train(model_config, mask_config, train_config, train_stores, features, targ
             model_config, mask_config, train_config, train_stores, features / "test", checkpoints.parent,
             callback=logger, model_dir=model_dir, target_store_paths=target_stores,
             heldout_target_path=features / "test_target" if target_stores else None,
-            checkpoints_dir=checkpoints, extra_config={"features": feature_config},
+            checkpoints_dir=checkpoints, extra_config=provenance,
         )
     except NonFiniteLossError as err:
         raise StageError(str(err)) from err

@@ -74,7 +74,9 @@ def test_pretrain_is_killed_resumes_and_logs_to_mlflow(repo):
     assert saved["features"]["n_mels"] == 80  # the feature settings travel with the model
     assert len(list(checkpoints.glob("step-*"))) == 2  # keep_checkpoints
     plot = (repo / "plots/pretrain_loss.tsv").read_text().splitlines()
-    assert plot[0].split("\t")[:2] == ["step", "loss"] and len(plot) > 5
+    assert plot[0].split("\t")[:2] == ["step", "loss"]
+    # the loss log spans the whole run: steps before the kill (kept) and after it, none twice
+    assert [int(line.split("\t")[0]) for line in plot[1:]] == list(range(2, 61, 2))
 
     runs = [r for r in mlflow_runs(repo) if r.data.tags.get("mockingjay.stage") == "pretrain"]
     finished = [r for r in runs if r.info.status == "FINISHED"]
@@ -96,13 +98,35 @@ def test_pretrain_is_killed_resumes_and_logs_to_mlflow(repo):
     assert system, "system metrics were not logged"
 
 
-def test_changed_config_starts_afresh(repo):
+def test_finished_run_reports_whole_and_other_config_or_features_start_afresh(repo):
     first = run(["mockingjay", "pretrain"], repo)
     assert first.returncode == 0, first.stderr
-    changed = dict(TINY, train={**TINY["train"], "total_steps": 8})
-    set_pretrain(repo, changed)
+    metrics = json.loads((repo / "metrics/pretrain.json").read_text())
+    plot = (repo / "plots/pretrain_loss.tsv").read_text()
+    # DVC reruns the stage when an upstream hash changes: the finished run is resumed at its last
+    # step, and its outputs still report the whole run, not an empty one
     again = run(["mockingjay", "pretrain"], repo)
     assert again.returncode == 0, again.stderr
-    assert "configuration changed" in again.stderr
+    assert "resumed at step 60" in again.stderr and "no step trained in this run" in again.stderr
+    resumed = json.loads((repo / "metrics/pretrain.json").read_text())
+    for key in ("steps", "heldout_loss_initial", "heldout_loss_final", "train_loss_final"):
+        assert resumed[key] == metrics[key], key
+    assert resumed["audio_seconds_per_second"] is None and metrics["audio_seconds_per_second"] > 0
+    assert (repo / "plots/pretrain_loss.tsv").read_text() == plot
+
+    # other features with the same shape (no CMVN instead of per-utterance): not resumed
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["featurize"]["cmvn"] = "none"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    featurized = run(["mockingjay", "featurize"], repo)
+    assert featurized.returncode == 0, featurized.stderr
+    other_features = run(["mockingjay", "pretrain"], repo)
+    assert other_features.returncode == 0, other_features.stderr
+    assert "configuration changed" in other_features.stderr and "resumed at step" not in other_features.stderr
+    changed = dict(TINY, train={**TINY["train"], "total_steps": 8})
+    set_pretrain(repo, changed)
+    shorter = run(["mockingjay", "pretrain"], repo)
+    assert shorter.returncode == 0, shorter.stderr
+    assert "configuration changed" in shorter.stderr
     assert json.loads((repo / "metrics/pretrain.json").read_text())["steps"] == 8
 
