@@ -98,7 +98,8 @@ def test_pretrain_is_killed_resumes_and_logs_to_mlflow(repo):
     assert system, "system metrics were not logged"
 
 
-def test_finished_run_reports_whole_and_other_config_or_features_start_afresh(repo):
+def test_finished_run_reports_whole_and_other_features_or_config_start_afresh(repo):
+    set_pretrain(repo, dict(TINY, train={**TINY["train"], "total_steps": 20}))
     first = run(["mockingjay", "pretrain"], repo)
     assert first.returncode == 0, first.stderr
     metrics = json.loads((repo / "metrics/pretrain.json").read_text())
@@ -107,7 +108,7 @@ def test_finished_run_reports_whole_and_other_config_or_features_start_afresh(re
     # step, and its outputs still report the whole run, not an empty one
     again = run(["mockingjay", "pretrain"], repo)
     assert again.returncode == 0, again.stderr
-    assert "resumed at step 60" in again.stderr and "no step trained in this run" in again.stderr
+    assert "resumed at step 20" in again.stderr and "no step trained in this run" in again.stderr
     resumed = json.loads((repo / "metrics/pretrain.json").read_text())
     for key in ("steps", "heldout_loss_initial", "heldout_loss_final", "train_loss_final"):
         assert resumed[key] == metrics[key], key
@@ -123,8 +124,8 @@ def test_finished_run_reports_whole_and_other_config_or_features_start_afresh(re
     other_features = run(["mockingjay", "pretrain"], repo)
     assert other_features.returncode == 0, other_features.stderr
     assert "configuration changed" in other_features.stderr and "resumed at step" not in other_features.stderr
-    changed = dict(TINY, train={**TINY["train"], "total_steps": 8})
-    set_pretrain(repo, changed)
+    # and another training config: not resumed either
+    set_pretrain(repo, dict(TINY, train={**TINY["train"], "total_steps": 8}))
     shorter = run(["mockingjay", "pretrain"], repo)
     assert shorter.returncode == 0, shorter.stderr
     assert "configuration changed" in shorter.stderr
