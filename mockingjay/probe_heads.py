@@ -111,7 +111,6 @@ class LayerHeads:
     def __init__(self, mean: np.ndarray, std: np.ndarray, num_classes: int, grid: Sequence[tuple[float, float]],
                  device: torch.device):
         dim, self.heads, self.classes = len(mean), len(grid), num_classes
-        self.dim = dim
         # standardised = inputs * inv_std + shift = (inputs - mean) / std, as one fused op (addcmul)
         self.inv_std = 1.0 / torch.as_tensor(std, dtype=torch.float32, device=device)
         self.shift = -torch.as_tensor(mean, dtype=torch.float32, device=device) * self.inv_std

@@ -74,11 +74,16 @@ def atomic_output_dir(path: Path) -> Iterator[Path]:
     os.replace(tmp, path)
 
 
-def write_json(path: Path, payload: Any) -> None:
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write beside `path`, then rename: a reader sees the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    write_text_atomically(path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def worker_count(requested: int) -> int:

@@ -35,7 +35,8 @@ from mockingjay.featstore import RaggedArray
 from mockingjay.features import FeatureConfig
 
 from . import tracking
-from .common import PARAMS_OPTION, StageError, cli_errors, read_feature_config, section, write_json
+from .common import (PARAMS_OPTION, StageError, cli_errors, read_feature_config, section, write_json,
+                     write_text_atomically)
 
 TRAIN_LOG = "train_log.jsonl"  # in the checkpoints folder: the loss log of the whole run, across resumes
 
@@ -142,7 +143,7 @@ class _Logger:
             print(f"pretrain: resumed at step {record['step']} from {record['path']}", file=sys.stderr)
             if self.log_path is not None:  # steps after the checkpoint are trained again: drop their records
                 self.train = [r for r in _read_log(self.log_path) if r["step"] <= record["step"]]
-                _write_lines_atomically(self.log_path, [json.dumps(r) for r in self.train])
+                write_text_atomically(self.log_path, "".join(json.dumps(r) + "\n" for r in self.train))
                 self._mode = "a"
             if self.mlflow is not None:
                 self.mlflow.set_tag("resumed_from", record["path"])
@@ -158,12 +159,6 @@ def _read_log(path: Path) -> list[dict]:
             except json.JSONDecodeError:
                 continue
     return records
-
-
-def _write_lines_atomically(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
 
 
 def data_fingerprint(stores: list[Path]) -> str:
