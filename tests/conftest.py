@@ -7,11 +7,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
 import soundfile as sf
 import yaml
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -148,13 +150,34 @@ def mlflow_runs(repo: Path) -> list:
     return client.search_runs([experiment.experiment_id], max_results=1000) if experiment else []
 
 
-@pytest.fixture(scope="session")
-def featurized_repo(tmp_path_factory) -> Path:
-    """A repository where `dvc repro featurize` has run; copy it before changing anything."""
-    repo = make_repo(tmp_path_factory.mktemp("e2e") / "repo")
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], Path]) -> Path:
+    """`build(folder)` run once per test session, also when pytest-xdist splits the session across
+    worker processes: the first worker builds under a file lock, the others wait and reuse it.
+    Only for read-only fixtures, since every worker gets the same folder."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        return build(tmp_path_factory.mktemp(name))
+    folder = tmp_path_factory.getbasetemp().parent / name  # shared by this session's workers
+    with FileLock(f"{folder}.lock"):
+        built = folder / ".built"
+        if not built.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            built.write_text(str(build(folder)))  # only a finished build is marked
+        return Path(built.read_text())
+
+
+def _featurize(folder: Path) -> Path:
+    repo = make_repo(folder / "repo")
     result = run(["dvc", "repro", "featurize"], repo)
     assert result.returncode == 0, result.stdout + result.stderr
     return repo
+
+
+@pytest.fixture(scope="session")
+def featurized_repo(tmp_path_factory) -> Path:
+    """A repository where `dvc repro featurize` has run; copy it before changing anything."""
+    return built_once(tmp_path_factory, "e2e", _featurize)
 
 
 @pytest.fixture(scope="module")
@@ -186,26 +209,23 @@ TINY_PIPELINE = {
 
 
 @pytest.fixture(scope="session")
-def _pipeline_repos(featurized_repo, tmp_path_factory) -> tuple[Path, Path]:
-    repo = copy_repo(featurized_repo, tmp_path_factory.mktemp("pipeline") / "repo")
-    (repo / "params.yaml").write_text(yaml.safe_dump({**PARAMS, **TINY_PIPELINE}, sort_keys=False))
-    result = run(["dvc", "repro"], repo)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return repo, copy_repo(repo, tmp_path_factory.mktemp("pipeline-pristine") / "repo")
+def pristine_pipeline_repo(featurized_repo, tmp_path_factory) -> Path:
+    """A repository where the whole `dvc repro` (prepare .. probe) has run with a tiny model, and
+    that no test changes: the reference outputs of an uninterrupted run. Copy it before running
+    anything in it. It starts from a copy of `featurized_repo`, so prepare/align/featurize ran
+    in the repository it was copied from."""
+    def repro(folder: Path) -> Path:
+        repo = copy_repo(featurized_repo, folder / "repo")
+        (repo / "params.yaml").write_text(yaml.safe_dump({**PARAMS, **TINY_PIPELINE}, sort_keys=False))
+        result = run(["dvc", "repro"], repo)
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+        return repo
+
+    return built_once(tmp_path_factory, "pipeline-pristine", repro)
 
 
 @pytest.fixture(scope="session")
-def pipeline_repo(_pipeline_repos) -> Path:
-    """A repository where the whole `dvc repro` (prepare .. probe) has run with a tiny model.
-
-    Starts from a copy of `featurized_repo`, so prepare/align/featurize are already done there.
-    Tests may run more commands in it (test_full_pipeline runs a `dvc exp run` in it).
-    """
-    return _pipeline_repos[0]
-
-
-@pytest.fixture(scope="session")
-def pristine_pipeline_repo(_pipeline_repos) -> Path:
-    """A copy of `pipeline_repo` taken right after its `dvc repro`, that no test changes: the
-    reference outputs of an uninterrupted run. Copy it before running anything in it."""
-    return _pipeline_repos[1]
+def pipeline_repo(pristine_pipeline_repo, tmp_path_factory) -> Path:
+    """A copy of `pristine_pipeline_repo` that the tests of one session (one xdist worker) share:
+    they may run more commands in it (test_full_pipeline runs a `dvc exp run` in it)."""
+    return copy_repo(pristine_pipeline_repo, tmp_path_factory.mktemp("pipeline") / "repo")
