@@ -247,8 +247,9 @@ class Trainer:
         return stacked.tolist()
 
     def _masked_loss(self, module: torch.nn.Module, batch, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = batch.inputs.to(self.device, non_blocking=True)
-        targets = batch.targets.to(self.device, non_blocking=True) if batch.targets is not None else inputs
+        # Batches come in the store's float16 and become float32 on the device (exact).
+        inputs = batch.inputs.to(self.device, non_blocking=True).float()
+        targets = batch.targets.to(self.device, non_blocking=True).float() if batch.targets is not None else inputs
         lengths = batch.lengths.to(self.device, non_blocking=True)
         # Decided on the host from the collate's lengths: no padding lets attention skip its mask.
         unpadded = int(batch.lengths.min()) == inputs.size(1)

@@ -68,16 +68,16 @@ def test_long_utterances_are_cropped_randomly_to_max_length():
     assert len(starts[3]) > 1  # the crop offset is random across epochs
 
 
-def test_collate_pads_crops_and_converts(tmp_path):
+def test_collate_pads_crops_and_keeps_the_store_dtype(tmp_path):
     items = write_store(tmp_path / "train", [7, 30, 12], dim=4)
     dataset = FeatureDataset(tmp_path / "train")
     batch = collate_features([dataset[(1, 10, 25)], dataset[0], dataset[(2, 0, 12)]])
-    assert batch.inputs.dtype == torch.float32 and batch.inputs.shape == (3, 15, 4)
+    assert batch.inputs.dtype == torch.float16 and batch.inputs.shape == (3, 15, 4)  # float32 on the device
     assert batch.lengths.tolist() == [15, 7, 12] and batch.lengths.dtype == torch.int64
     assert batch.indices.tolist() == [1, 0, 2]
     assert batch.targets is None
-    np.testing.assert_array_equal(batch.inputs[0].numpy(), items[1][10:25].astype(np.float32))
-    np.testing.assert_array_equal(batch.inputs[1, :7].numpy(), items[0].astype(np.float32))
+    np.testing.assert_array_equal(batch.inputs[0].numpy(), items[1][10:25])
+    np.testing.assert_array_equal(batch.inputs[1, :7].numpy(), items[0])
     assert torch.all(batch.inputs[1, 7:] == 0)  # padding is zeros
 
 
@@ -153,7 +153,8 @@ def test_target_store_beside_the_input_is_used(tmp_path):
     assert dataset.has_targets and dataset.target_dim == 6 and dataset.input_dim == 4
     batch = collate_features([dataset[(0, 2, 8)], dataset[1]])
     assert batch.targets.shape == (2, 6, 6)
-    np.testing.assert_array_equal(batch.targets[0].numpy(), targets[0][2:8].astype(np.float32))
+    np.testing.assert_array_equal(batch.targets[0].numpy(), targets[0][2:8])
+    assert batch.targets.dtype == torch.float16
 
 
 def test_mismatched_target_store_is_rejected(tmp_path):
