@@ -41,13 +41,8 @@ import torch  # noqa: E402
 import torchaudio  # noqa: E402
 
 from mockingjay.config import from_section, load_params  # noqa: E402
-from mockingjay.features import (  # noqa: E402
-    FeatureConfig,
-    FeatureExtractor,
-    feature_config,
-    featurize_wave,
-    load_wave,
-)
+from mockingjay.feature_config import FeatureConfig, feature_config  # noqa: E402
+from mockingjay.features import FeatureExtractor, featurize_wave, load_wave  # noqa: E402
 from mockingjay.manifest import ManifestRow, read_manifest  # noqa: E402
 
 

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import torch
-import torchaudio.functional as AF
 
 TARGET_SAMPLE_RATE = 16_000
 
@@ -105,5 +103,9 @@ def read_audio(
 
 def resample(samples: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
     """Band-limited sinc resampling with torchaudio's default (Hann-windowed) kernel."""
+    # Imported on first use: prepare and align read audio without torch when no file needs resampling.
+    import torch
+    import torchaudio.functional as AF
+
     wave = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
     return AF.resample(wave, source_rate, target_rate).numpy()

@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .features import FEATURE_PRESETS, FeatureConfig
+from .feature_config import FEATURE_PRESETS, FeatureConfig
 
 S3PRL_SAMPLE_RATE = 16_000  # extracter.py's SAMPLE_RATE; the UpstreamExpert assumes a 160-sample hop
 S3PRL_TARGET_LEVEL = -25  # s3prl's configs; builder.py reads audio.target_level unconditionally

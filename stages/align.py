@@ -29,7 +29,7 @@ from mockingjay.align import AlignmentError, align_in_process
 from mockingjay.audio import AudioError, read_audio
 from mockingjay.config import from_section, to_flat_dict
 from mockingjay.featstore import RaggedWriter
-from mockingjay.features import FeatureConfig, feature_config, num_frames
+from mockingjay.feature_config import FeatureConfig, feature_config, num_frames
 from mockingjay.manifest import ManifestRow, Problem, read_manifest, write_tsv
 from mockingjay.phones import (
     PHONES,

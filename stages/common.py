@@ -32,24 +32,31 @@ def section(params_file: Path, name: str) -> dict:
     return value
 
 
+# The errors of bad data, by the module that raises them (module -> class name).
+DATA_ERRORS = {"mockingjay.audio": "AudioError", "mockingjay.checkpoint": "CheckpointError",
+               "mockingjay.corpora": "CorpusError", "mockingjay.featstore": "StoreError",
+               "stages.tracking": "TrackingError"}
+
+
+def _loaded_data_errors() -> tuple[type, ...]:
+    # Only a module already imported can have raised its error; importing the others here would
+    # load torch (mockingjay.checkpoint) and make every parameter error seconds slower.
+    return tuple(getattr(sys.modules[module], name) for module, name in DATA_ERRORS.items() if module in sys.modules)
+
+
 def cli_errors(func: Callable) -> Callable:
     """Turn the errors a user can fix into one clear line and exit status 2 (1 for data problems)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        from mockingjay.audio import AudioError
-        from mockingjay.checkpoint import CheckpointError
-        from mockingjay.corpora import CorpusError
-        from mockingjay.featstore import StoreError
-
-        from .tracking import TrackingError
-
         try:
             return func(*args, **kwargs)
         except ParamError as err:
             print(f"error: invalid parameter: {err}", file=sys.stderr)
             raise typer.Exit(2)
-        except (CorpusError, AudioError, CheckpointError, StoreError, StageError, TrackingError, FileNotFoundError) as err:
+        except Exception as err:
+            if not isinstance(err, (StageError, FileNotFoundError, *_loaded_data_errors())):
+                raise
             print(f"error: {err}", file=sys.stderr)
             raise typer.Exit(1)
 

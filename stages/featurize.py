@@ -26,7 +26,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import typer
@@ -35,7 +35,7 @@ from tqdm import tqdm
 from mockingjay.audio import AudioError
 from mockingjay.config import from_section, to_flat_dict
 from mockingjay.featstore import RaggedArray, RaggedWriter
-from mockingjay.features import FeatureConfig, FeatureExtractor, GlobalCMVN, feature_config, featurize_wave, load_wave, num_frames
+from mockingjay.feature_config import FeatureConfig, feature_config, num_frames
 from mockingjay.manifest import SPLITS, ManifestRow, read_manifest
 
 from . import tracking
@@ -47,6 +47,9 @@ IN_FLIGHT_PER_WORKER = 3  # outstanding tasks per worker: keeps workers busy, bo
 # summary fields that describe the run (machine, wall clock): metrics and MLflow, not the output folder
 RUN_FACTS = ("workers", "seconds", "real_time_factor")
 
+if TYPE_CHECKING:  # mockingjay.features imports torch: imported where features are computed
+    from mockingjay.features import FeatureExtractor
+
 _extractor: FeatureExtractor | None = None
 
 # One task: (path, source sample rate, whether to sum global-CMVN statistics).
@@ -55,6 +58,8 @@ Task = tuple[str, int, bool]
 
 def _init_worker(config: FeatureConfig) -> None:
     import torch
+
+    from mockingjay.features import FeatureExtractor
 
     global _extractor
     torch.set_num_threads(1)
@@ -79,6 +84,8 @@ def _keep_freed_memory() -> None:
 def _featurize_chunk(tasks: list[Task]) -> list:
     """Features of a few files: (float16 features, float16 target or None, stats or None) each.
     A file that cannot be read raises AudioError, which travels back from the worker."""
+    from mockingjay.features import GlobalCMVN, featurize_wave, load_wave
+
     assert _extractor is not None
     config = _extractor.config
     results = []
@@ -131,6 +138,7 @@ def compute_features(
         return
     chunk_sec = min(chunk_sec, max(1.0, sum(r.duration for r in rows) / (8 * workers)))  # balance the tail
     # fork: the workers inherit the imported torch instead of importing it again (~2 s each)
+    import mockingjay.features  # noqa: F401
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(config,)) as pool:
         pending: collections.deque = collections.deque()
@@ -185,6 +193,8 @@ def write_features(
 
     Returns the resolved feature settings (feature_config.json) and the utterance table rows.
     """
+    from mockingjay.features import GlobalCMVN
+
     attrs = {"feature_config": config.to_dict(), "kind": "input"}
     (out / "labels").mkdir()
     writers = {s: RaggedWriter(out / s, config.dim, "float16", attrs) for s in SPLITS}
@@ -252,6 +262,7 @@ def main(
     labels = None if no_labels else load_frame_labels(alignments, config)
     workers = worker_count(config.workers)
     total_sec = sum(r.duration for r in rows)
+    import mockingjay.features  # noqa: F401  torch loads now (~2 s), not in the timed part below
     with tracking.stage_run("featurize", to_flat_dict(config)) as mlflow, atomic_output_dir(out) as tmp:
         started = time.time()
         _, table = write_features(rows, config, tmp, workers, labels)

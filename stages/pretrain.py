@@ -32,7 +32,7 @@ import typer
 
 from mockingjay.config import ParamError, from_section, to_flat_dict
 from mockingjay.featstore import RaggedArray
-from mockingjay.features import FeatureConfig
+from mockingjay.feature_config import FeatureConfig
 
 from . import tracking
 from .common import (PARAMS_OPTION, StageError, cli_errors, read_feature_config, section, write_json,

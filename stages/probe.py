@@ -116,8 +116,6 @@ def main(
     report: Path = typer.Option(None, help="write full results and a PNG figure into this folder"),
 ) -> None:
     """Linear phone (frame) and speaker (utterance) probes per layer; prints a result table."""
-    from mockingjay.probe import ProbeError
-
     config = from_section(ProbeStageConfig, section(params, "probe"), "probe")
     model_dir = checkpoint or model
     mode = mode or ("online" if checkpoint else config.mode)
@@ -132,7 +130,7 @@ def main(
         num_layers = _stored_layers(representations)
     layers, include_input = parse_layer(layer or config.layers, num_layers)
     labels = {split: RaggedArray(features / "labels" / split) for split in SPLITS}
-    from mockingjay.probe import read_speakers
+    from mockingjay.probe import ProbeError, read_speakers
 
     speakers = read_speakers(features / "utterances.tsv")
     run_params = {**to_flat_dict(config), "mode": mode, "layer": layer or config.layers, "model": str(model_dir)}

@@ -18,15 +18,12 @@ import torchaudio
 from mockingjay.audio import read_audio
 from mockingjay.config import ParamError, from_section
 from mockingjay.featstore import RaggedArray
+from mockingjay.feature_config import FEATURE_PRESETS, FeatureConfig, feature_config, num_frames
 from mockingjay.features import (
-    FEATURE_PRESETS,
-    FeatureConfig,
     FeatureExtractor,
     GlobalCMVN,
-    feature_config,
     featurize_file,
     load_wave,
-    num_frames,
     utterance_cmvn,
 )
 from mockingjay.manifest import ManifestRow

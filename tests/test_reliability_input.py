@@ -163,6 +163,15 @@ def changed(params: dict, dotted: str, value) -> dict:
     return params
 
 
+def imported_modules(stderr: str) -> set[str]:
+    """Top-level modules a process imported, from its PYTHONPROFILEIMPORTTIME lines on stderr."""
+    return {m.group(1).split(".")[0] for m in re.finditer(r"^import time:.*\|\s*([\w.]+)$", stderr, re.M)}
+
+
+# Commands whose settings need no torch to validate: a mistake is reported before torch loads (~2 s).
+VALIDATED_WITHOUT_TORCH = ("prepare", "featurize", "probe")
+
+
 @pytest.mark.parametrize("case", list(INVALID))
 def test_invalid_param_is_named_before_any_work(finished, tmp_path, case):
     command, change, name = INVALID[case]
@@ -172,9 +181,23 @@ def test_invalid_param_is_named_before_any_work(finished, tmp_path, case):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     before = file_stats(finished)
     options = [o.format(tmp=tmp_path) for o in OUTPUT_OPTIONS[command[0]]]
-    result = run(["mockingjay", *command, "--params", str(tmp_path / "params.yaml"), *options], finished)
+    result = run(["mockingjay", *command, "--params", str(tmp_path / "params.yaml"), *options], finished,
+                 env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert result.returncode == 2, result.stderr
+    assert "typer" in imported_modules(result.stderr)  # the import log is there to be read
+    if command[0] in VALIDATED_WITHOUT_TORCH:
+        assert not {"torch", "mlflow"} & imported_modules(result.stderr)
     assert f"error: invalid parameter: {name}" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # no output, not even a folder
     assert file_stats(finished) == before  # nothing in the repository changed: no MLflow run either
+
+
+def test_help_starts_without_loading_torch_or_mlflow(tmp_path):
+    for command in ([], ["probe"], ["pretrain"], ["import-checkpoint"]):
+        result = run(["mockingjay", *command, "--help"], tmp_path, env={"PYTHONPROFILEIMPORTTIME": "1"})
+        assert result.returncode == 0, result.stderr
+        assert "Usage:" in result.stdout
+        imported = imported_modules(result.stderr)
+        assert "typer" in imported and not {"torch", "mlflow", "sklearn"} & imported, (command, imported)
+
