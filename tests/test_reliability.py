@@ -124,10 +124,12 @@ def test_pretrain_killed_at_a_random_step_resumes_and_ends_as_the_uninterrupted_
     seed = int(os.environ.get("MOCKINGJAY_KILL_SEED") or random.SystemRandom().randrange(1 << 31))
     kill_step = random.Random(seed).randint(every + 1, total - 1)  # past the first checkpoint
     print(f"SIGKILL once pretrain reaches step {kill_step} of {total} (MOCKINGJAY_KILL_SEED={seed} repeats this)")
-    repo = fresh_copy(pristine_pipeline_repo, tmp_path / "repo")
+    # never_ran: otherwise DVC would complete the killed rerun by checking the earlier model out of
+    # its cache (safe too), and the resume from the checkpoints would not be tested
+    repo = fresh_copy(pristine_pipeline_repo, tmp_path / "repo", never_ran="pretrain")
     reference = json.loads((repo / "metrics/pretrain.json").read_text())
     reference_weights = (repo / "models/pretrain/model/model.safetensors").read_bytes()
-    reference_lock = lock_hashes(repo)["models/pretrain"]
+    reference_lock = lock_hashes(pristine_pipeline_repo)["models/pretrain"]
     shutil.rmtree(repo / "models/checkpoints")
 
     # TQDM_MININTERVAL=0: the progress bar reports every step (the CLI sets 10 s when not on a terminal).
@@ -146,7 +148,7 @@ def test_pretrain_killed_at_a_random_step_resumes_and_ends_as_the_uninterrupted_
     assert complete and complete[-1] <= step(), complete
 
     status = run(["dvc", "status", "pretrain"], repo)
-    assert "pretrain" in status.stdout and "deleted" in status.stdout, status.stdout
+    assert "pretrain" in status.stdout and "up to date" not in status.stdout, status.stdout
 
     resumed = run(["dvc", "repro", "pretrain"], repo)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -269,6 +271,7 @@ def test_pipeline_writes_only_its_declared_outputs_and_the_mlflow_store(scratch)
     repo, before, after = scratch["repo"], scratch["before"], scratch["after"]
     outputs, cached = declared_outputs(repo / "dvc.yaml")
     allowed = [*outputs, "mlflow.db", "mlartifacts",  # the MLflow store (runs, artifacts)
+               "models/checkpoints",  # pretrain's resume state: git-ignored, deliberately not a DVC output
                "dvc.lock", ".dvc/cache", ".dvc/tmp",  # DVC's own records
                *sorted({str(Path(p).parent / ".gitignore") for p in cached})]  # DVC's ignore entries
 
@@ -281,6 +284,9 @@ def test_pipeline_writes_only_its_declared_outputs_and_the_mlflow_store(scratch)
     for out in outputs:
         assert (repo / out).exists(), out
     assert sum(p.startswith("mlartifacts/") for p in changed) > 0  # artifacts went to the repository's store
+    assert "models/checkpoints" not in outputs and any(p.startswith("models/checkpoints/step-") for p in changed)
+    ignored = run(["git", "check-ignore", "-q", "models/checkpoints/train_log.jsonl"], repo)
+    assert ignored.returncode == 0, "the resume state must be git-ignored"
 
     # Outside the repository: only third-party caches in HOME, nothing in TMPDIR.
     home_files = sorted(str(p.relative_to(scratch["home"])) for p in scratch["home"].rglob("*") if p.is_file())
@@ -295,16 +301,19 @@ def test_pipeline_writes_only_its_declared_outputs_and_the_mlflow_store(scratch)
 # -- concurrency ---------------------------------------------------------------------------------------
 
 
-def test_two_queued_experiments_run_in_parallel_and_both_land_in_mlflow(pristine_pipeline_repo, tmp_path):
+def test_queued_experiments_run_in_parallel_land_in_mlflow_and_reuse_unchanged_stages(pristine_pipeline_repo, tmp_path):
     repo = copy_repo(pristine_pipeline_repo, tmp_path / "repo")
     for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "baseline: the finished pipeline"]):
         result = run(cmd, repo)
         assert result.returncode == 0, result.stderr
     before = {r.info.run_id for r in mlflow_runs(repo)}
-    # pretrain, extract and probe rerun in each (a few steps and a smaller probe keep it short)
-    experiments = {"par-a": 3, "par-b": 4}
+    # pretrain, extract and probe rerun in par-a and par-b (a few steps and a smaller probe keep it
+    # short); probe-only changes only probe params, so its temporary copy must take the model and the
+    # representations from the DVC cache instead of computing them again.
+    experiments = {"par-a": 3, "par-b": 4, "probe-only": None}
     for name, steps in experiments.items():
-        queued = run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"pretrain.train.total_steps={steps}",
+        pretrain_change = ["-S", f"pretrain.train.total_steps={steps}"] if steps else []
+        queued = run(["dvc", "exp", "run", "--queue", "-n", name, *pretrain_change,
                       "-S", "probe.phone.epochs=2", "-S", "probe.speaker.epochs=20"], repo)
         assert queued.returncode == 0, queued.stderr
     # The celery workers that `dvc queue start` daemonises inherit its stdout: read through a pipe,
@@ -338,6 +347,12 @@ def test_two_queued_experiments_run_in_parallel_and_both_land_in_mlflow(pristine
     spans = {}
     for name, steps in experiments.items():
         tagged = [r for r in new if r.data.tags.get("dvc_exp_name") == name]
+        if steps is None:  # a stage DVC skips makes no MLflow run
+            assert sorted(r.data.tags["mockingjay.stage"] for r in tagged) == ["probe"], name
+            logs = run(["dvc", "queue", "logs", name], repo).stdout
+            for stage in ("pretrain", "extract"):
+                assert f"Stage '{stage}' didn't change, skipping" in logs, logs[-3000:]
+            continue
         assert sorted(r.data.tags["mockingjay.stage"] for r in tagged) == ["extract", "pretrain", "probe"], name
         pretrain = next(r for r in tagged if r.data.tags["mockingjay.stage"] == "pretrain")
         assert pretrain.data.params["train.total_steps"] == str(steps)
@@ -345,8 +360,8 @@ def test_two_queued_experiments_run_in_parallel_and_both_land_in_mlflow(pristine
         children = [r for r in new if r.data.tags.get("mlflow.parentRunId") == probe.info.run_id]
         assert len(children) == 8, (name, len(children))  # 2 tasks x (input + 3 hidden states)
         spans[name] = (min(r.info.start_time for r in tagged), max(r.info.end_time for r in tagged))
-    assert len(new) == 2 * (3 + 8), "a run was lost or duplicated"
-    (a_start, a_end), (b_start, b_end) = spans.values()
+    assert len(new) == 2 * (3 + 8) + (1 + 8), "a run was lost or duplicated"
+    (a_start, a_end), (b_start, b_end) = spans["par-a"], spans["par-b"]
     assert a_start < b_end and b_start < a_end, f"the experiments did not overlap in time: {spans}"
 
 
