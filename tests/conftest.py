@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -132,7 +134,15 @@ def make_repo(path: Path, params: dict = PARAMS) -> Path:
 
 
 def copy_repo(src: Path, dest: Path) -> Path:
+    """A copy of a repository whose MLflow store is its own: MLflow records absolute artifact
+    paths, so without repointing them the copy's new runs would write into the source's
+    `mlartifacts/` (a shared, read-only fixture under pytest-xdist)."""
     shutil.copytree(src, dest, symlinks=True)
+    if (dest / "mlflow.db").exists():
+        old, new = (src / "mlartifacts").as_uri(), (dest / "mlartifacts").as_uri()
+        with contextlib.closing(sqlite3.connect(dest / "mlflow.db")) as store, store:
+            store.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (old, new))
+            store.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (old, new))
     return dest
 
 

@@ -344,6 +344,8 @@ def test_queued_experiments_run_in_parallel_land_in_mlflow_and_reuse_unchanged_s
 
     new = [r for r in mlflow_runs(repo) if r.info.run_id not in before]
     assert all(r.info.status == "FINISHED" for r in new), [(r.info.run_name, r.info.status) for r in new]
+    own_store = (repo / "mlartifacts").as_uri() + "/"  # the copy's store, not its source's (copy_repo)
+    assert all(r.info.artifact_uri.startswith(own_store) for r in new), {r.info.artifact_uri for r in new}
     spans = {}
     for name, steps in experiments.items():
         tagged = [r for r in new if r.data.tags.get("dvc_exp_name") == name]
