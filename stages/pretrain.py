@@ -4,7 +4,7 @@ Reads `data/features/{train,dev}` (pretraining never sees the probes' test split
 as the held-out set for the reconstruction loss). Writes::
 
     models/pretrain/model/          the final model: model.safetensors + config.json (what later stages read)
-    models/checkpoints/             resumable checkpoints (kept between runs: DVC `persist`), and
+    models/checkpoints/             resumable checkpoints (git-ignored and not a DVC output, so kept between runs), and
                                     train_log.jsonl, the loss log of the whole run across resumes
     metrics/pretrain.json           held-out loss at initialisation and at the end, throughput, ...
     plots/pretrain_loss.tsv         step, loss, learning_rate (a DVC plot)

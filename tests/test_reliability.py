@@ -335,10 +335,10 @@ def test_queued_experiments_run_in_parallel_land_in_mlflow_and_reuse_unchanged_s
     finally:
         stop_queue_workers(repo, starter)
     assert starter.returncode in (0, -signal.SIGKILL), (tmp_path / "queue-start.log").read_text()
+    logs = {name: run(["dvc", "queue", "logs", name], repo).stdout for name in experiments}
     for name in experiments:
         assert re.search(rf"\b{name}\s+.*\bSuccess\b", status.stdout), status.stdout
-        logs = run(["dvc", "queue", "logs", name], repo).stdout
-        assert "database is locked" not in logs and "Traceback" not in logs, logs[-3000:]
+        assert "database is locked" not in logs[name] and "Traceback" not in logs[name], logs[name][-3000:]
     shown = run(["dvc", "exp", "show", "--json"], repo)
     assert all(name in shown.stdout for name in experiments)
 
@@ -351,9 +351,8 @@ def test_queued_experiments_run_in_parallel_land_in_mlflow_and_reuse_unchanged_s
         tagged = [r for r in new if r.data.tags.get("dvc_exp_name") == name]
         if steps is None:  # a stage DVC skips makes no MLflow run
             assert sorted(r.data.tags["mockingjay.stage"] for r in tagged) == ["probe"], name
-            logs = run(["dvc", "queue", "logs", name], repo).stdout
             for stage in ("pretrain", "extract"):
-                assert f"Stage '{stage}' didn't change, skipping" in logs, logs[-3000:]
+                assert f"Stage '{stage}' didn't change, skipping" in logs[name], logs[name][-3000:]
             continue
         assert sorted(r.data.tags["mockingjay.stage"] for r in tagged) == ["extract", "pretrain", "probe"], name
         pretrain = next(r for r in tagged if r.data.tags["mockingjay.stage"] == "pretrain")
