@@ -38,20 +38,66 @@ class OutOfVocabularyError(AlignmentError):
         super().__init__(f"words not in the pronunciation dictionary: {', '.join(self.words)}")
 
 
+_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+         "sixteen seventeen eighteen nineteen").split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+_NUMBER = re.compile(r"^(\d+)(st|nd|rd|th|s)?$")
+
+
+def number_words(value: int) -> list[str]:
+    """English words of a non-negative integer: 42 -> forty two; years 1100-1999 as pairs
+    (1984 -> nineteen eighty four), as they are read aloud."""
+    if value < 20:
+        return [_ONES[value]]
+    if value < 100:
+        return [_TENS[value // 10]] + (number_words(value % 10) if value % 10 else [])
+    if 1100 <= value < 2000 and value % 100:
+        return number_words(value // 100) + (["oh"] if value % 100 < 10 else []) + number_words(value % 100)
+    for size, name in ((10**9, "billion"), (10**6, "million"), (1000, "thousand"), (100, "hundred")):
+        if value >= size:
+            rest = number_words(value % size) if value % size else []
+            return number_words(value // size) + [name] + rest
+    return []  # unreachable: every value >= 100 matched a size
+
+
 def transcript_words(transcript: str) -> list[str]:
-    """Lowercase words of a transcript, punctuation dropped.
+    """Lowercase words of a transcript, punctuation dropped, numbers written as digits spelt out.
 
     Apostrophes and hyphens are kept inside words ("don't", "o'brien", "twenty-five");
-    PhoneAligner splits a hyphenated word the dictionary lacks into its parts.
+    PhoneAligner splits a hyphenated word the dictionary lacks into its parts. "42" becomes
+    "forty two"; ordinal and plural suffixes are dropped with the digits ("1st" -> "one").
     """
     text = transcript.lower().replace("\u2019", "'").replace("\u2018", "'")
     text = _WORD_CHARS.sub(" ", text)
     words = []
     for token in text.split():
         word = token.strip("'-")  # quotes and dashes at word edges are punctuation
-        if word:
+        number = _NUMBER.match(word)
+        if number and len(number.group(1)) <= 12:
+            words.extend(number_words(int(number.group(1))))
+        elif word:
             words.append(word)
     return words
+
+
+_lexicons: dict[str, dict[str, str]] = {}
+
+
+def load_lexicon(path: str) -> dict[str, str]:
+    """word (lowercase) -> its first pronunciation, stress digits dropped, from a CMUdict-format
+    file (`WORD  PH1 PH2 ...`, tab or spaces; `word(2)` variants ignored). Cached per process."""
+    if path not in _lexicons:
+        lexicon: dict[str, str] = {}
+        for line in open(path, encoding="utf-8", errors="replace"):
+            parts = line.split()
+            if len(parts) < 2 or line.startswith(";;;"):
+                continue
+            word = parts[0].lower()
+            if "(" in word:
+                continue
+            lexicon.setdefault(word, " ".join(re.sub(r"\d", "", p).upper() for p in parts[1:]))
+        _lexicons[path] = lexicon
+    return _lexicons[path]
 
 
 class PhoneAligner:
@@ -214,6 +260,18 @@ def get_process_aligner() -> PhoneAligner:
     return _process_aligner
 
 
-def align_in_process(audio: np.ndarray, transcript: str, sample_rate: int = SAMPLE_RATE) -> list[Segment]:
-    """PhoneAligner.align with this process's cached aligner (picklable: a module function)."""
-    return get_process_aligner().align(audio, transcript, sample_rate)
+def align_in_process(
+    audio: np.ndarray, transcript: str, sample_rate: int = SAMPLE_RATE, lexicon: str | None = None
+) -> list[Segment]:
+    """PhoneAligner.align with this process's cached aligner (picklable: a module function).
+
+    `lexicon` (a CMUdict-format file) supplies the words CMUdict lacks; words in neither are
+    still reported as out of vocabulary.
+    """
+    aligner = get_process_aligner()
+    if lexicon:
+        extra = load_lexicon(lexicon)
+        for word in aligner.lookup_missing_words(transcript):
+            if word in extra:
+                aligner.add_pronunciation(word, extra[word])
+    return aligner.align(audio, transcript, sample_rate)

@@ -52,12 +52,16 @@ def read_audio(
     path: str | Path,
     target_sample_rate: int = TARGET_SAMPLE_RATE,
     min_duration_sec: float = 0.0,
+    segment: tuple[float, float] | None = None,
 ) -> Audio:
     """Decode, validate, down-mix (channel mean) and resample one file.
 
     Raises AudioError for: unreadable or non-audio bytes, truncated streams (fewer frames
     decoded than the header promises), zero samples, NaN or inf samples, and clips shorter
     than `min_duration_sec` (for example shorter than one feature window).
+
+    `segment` = (start, end) in seconds reads only that part of the file (Kaldi `segments`);
+    a segment that ends past the end of the file is an error, not a silently shorter clip.
     """
     path = Path(path)
     try:
@@ -75,8 +79,18 @@ def read_audio(
         declared_frames = f.frames
         source_rate = f.samplerate
         channels = f.channels
+        if segment is not None:
+            first, last = round(segment[0] * source_rate), round(segment[1] * source_rate)
+            if not 0 <= first < last or (declared_frames > 0 and last > declared_frames):
+                raise AudioError(
+                    path, "bad_segment",
+                    f"segment {segment[0]:.3f}-{segment[1]:.3f} s is outside the file "
+                    f"({declared_frames / source_rate:.3f} s)",
+                )
+            f.seek(first)
+            declared_frames = last - first
         try:
-            data = f.read(dtype="float32", always_2d=True)
+            data = f.read(frames=declared_frames if segment is not None else -1, dtype="float32", always_2d=True)
         except (sf.LibsndfileError, RuntimeError) as err:
             raise AudioError(path, "truncated", f"truncated or corrupted audio stream ({err})") from err
     if data.shape[0] == 0:

@@ -321,3 +321,23 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu"):
     model = MockingjayForMAM(config)
     load_weights(path, model, device=device)
     return model.to(device).eval(), config
+
+
+def release_model_dir(source: str | Path, out: str | Path, feature_config: dict[str, Any]) -> Path:
+    """A copy of model directory `source` for distribution: float16 weights (half the bytes; the
+    model computes in float32 after loading, which casts), its config.json with a `release`
+    note, and `feature_config.json`, the settings of the features it was trained on."""
+    from safetensors.torch import load_file, save_file
+
+    source = Path(source)
+    weights = load_file(str(source / MODEL_FILE))
+    payload = _read_config(source)
+    payload["release"] = {"dtype": "float16", "from": str(source)}
+
+    def write(tmp: Path) -> None:
+        save_file({k: v.to(torch.float16) if v.is_floating_point() else v for k, v in weights.items()},
+                  str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        _write_json(tmp / CONFIG_FILE, payload)
+        _write_json(tmp / "feature_config.json", feature_config)
+
+    return write_directory_atomically(Path(out), write)

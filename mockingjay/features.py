@@ -138,7 +138,9 @@ class GlobalCMVN:
         return mean.astype(np.float32), (np.sqrt(var) + eps).astype(np.float32)
 
 
-def load_wave(path: str, extractor: FeatureExtractor, source_rate: int | None = None) -> torch.Tensor:
+def load_wave(
+    path: str, extractor: FeatureExtractor, source_rate: int | None = None, segment: tuple[float, float] | None = None
+) -> torch.Tensor:
     """Decode and validate one file (audio.read_audio) and resample it to the feature rate.
 
     `source_rate` is the file's own rate when known (the manifest records it): the file is then
@@ -149,10 +151,10 @@ def load_wave(path: str, extractor: FeatureExtractor, source_rate: int | None = 
 
     target_rate = extractor.config.sample_rate
     if source_rate is None or source_rate == target_rate:
-        return torch.from_numpy(read_audio(path, target_rate).samples)
-    audio = read_audio(path, source_rate)
+        return torch.from_numpy(read_audio(path, target_rate, segment=segment).samples)
+    audio = read_audio(path, source_rate, segment=segment)
     if audio.source_sample_rate != source_rate:
-        return torch.from_numpy(read_audio(path, target_rate).samples)
+        return torch.from_numpy(read_audio(path, target_rate, segment=segment).samples)
     return extractor.resampler(source_rate)(torch.from_numpy(audio.samples))
 
 

@@ -66,6 +66,15 @@ class ManifestRow:
     transcript: str
     align: bool
     split: str = ""
+    start: float = 0.0  # seconds into the file where the utterance starts (Kaldi segments)
+    end: float = 0.0  # where it ends; 0 = the end of the file
+    keyword: str = ""  # utterance label for the keyword probe (Speech Commands)
+    gender: str = ""
+    age: str = ""
+
+    @property
+    def segment(self) -> tuple[float, float] | None:
+        return (self.start, self.end) if self.end > 0 else None
 
 
 @dataclass(frozen=True)
@@ -87,7 +96,7 @@ def validate_utterance(
     if align and not source.transcript:
         return Problem(source.utt_id, source.path, "missing_transcript", "no transcript, but the corpus is set to align")
     try:
-        audio = read_audio(source.path, target_sample_rate, min_duration_sec)
+        audio = read_audio(source.path, target_sample_rate, min_duration_sec, source.segment)
     except AudioError as err:
         return Problem(source.utt_id, source.path, err.reason, err.detail)
     return ManifestRow(
@@ -101,6 +110,12 @@ def validate_utterance(
         channels=audio.source_channels,
         transcript=source.transcript or "",
         align=align,
+        split=source.fixed_split,
+        start=source.segment[0] if source.segment else 0.0,
+        end=source.segment[1] if source.segment else 0.0,
+        keyword=source.keyword,
+        gender=source.gender,
+        age=source.age,
     )
 
 
@@ -114,13 +129,52 @@ def find_duplicate_ids(sources: Iterable[UtteranceSource]) -> list[Problem]:
     ]
 
 
-def assign_splits(rows: list[ManifestRow], dev_fraction: float, test_fraction: float, seed: int) -> list[ManifestRow]:
-    """Deterministic per-speaker split; the order of each speaker's utterances depends only on
-    the seed and the speaker, so adding a corpus does not reshuffle the others."""
-    by_speaker: dict[str, list[ManifestRow]] = defaultdict(list)
+def heldout_speakers(
+    rows: list[ManifestRow], by_speaker_corpora: Iterable[str], dev_fraction: float, test_fraction: float, seed: int
+) -> dict[str, str]:
+    """speaker -> "test" | "dev" for the speakers held out whole, per corpus split by speaker.
+
+    In each such corpus, speakers are ranked by a hash of (seed, speaker) and the first
+    round(n * test_fraction) are test speakers, the next round(n * dev_fraction) dev speakers:
+    every utterance of a test speaker is in test, so pretraining (train + dev) and probe
+    training never hear them. Deterministic under the seed; adding a speaker moves few others.
+    """
+    chosen: dict[str, str] = {}
+    by_corpus: dict[str, set[str]] = defaultdict(set)
+    wanted = set(by_speaker_corpora)
     for row in rows:
-        by_speaker[row.speaker].append(row)
+        if row.corpus in wanted and not row.split:  # rows with a corpus-given split keep it
+            by_corpus[row.corpus].add(row.speaker)
+    for corpus in sorted(by_corpus):
+        speakers = sorted(by_corpus[corpus], key=lambda s: hashlib.sha256(f"{seed}:heldout:{s}".encode()).digest())
+        n = len(speakers)
+        n_test = round(n * test_fraction) if n >= 3 else 0
+        n_dev = round(n * dev_fraction) if n >= 3 else 0
+        for i, speaker in enumerate(speakers[: n_test + n_dev]):
+            chosen[speaker] = "test" if i < n_test else "dev"
+    return chosen
+
+
+def assign_splits(
+    rows: list[ManifestRow], dev_fraction: float, test_fraction: float, seed: int,
+    heldout: dict[str, str] | None = None,
+) -> list[ManifestRow]:
+    """Deterministic per-speaker split; the order of each speaker's utterances depends only on
+    the seed and the speaker, so adding a corpus does not reshuffle the others.
+
+    Speakers in `heldout` (see `heldout_speakers`) go whole to their split; rows that already
+    carry a split (a corpus's own lists) keep it; the rest split by utterance within speaker.
+    """
+    heldout = heldout or {}
+    by_speaker: dict[str, list[ManifestRow]] = defaultdict(list)
     assigned: list[ManifestRow] = []
+    for row in rows:
+        if row.split:
+            assigned.append(row)
+        elif row.speaker in heldout:
+            assigned.append(_replace(row, split=heldout[row.speaker]))
+        else:
+            by_speaker[row.speaker].append(row)
     for speaker in sorted(by_speaker):
         group = sorted(by_speaker[speaker], key=lambda r: r.utt_id)
         digest = hashlib.sha256(f"{seed}:{speaker}".encode()).digest()
@@ -175,7 +229,8 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: manifest not found; run the prepare stage first")
-    types: dict[str, Callable] = {"duration": float, "num_samples": int, "sample_rate": int, "channels": int}
+    types: dict[str, Callable] = {"duration": float, "num_samples": int, "sample_rate": int, "channels": int,
+                                  "start": float, "end": float}
     rows = []
     with open(path, newline="") as f:
         for record in csv.DictReader(f, delimiter="\t"):

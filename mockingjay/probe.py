@@ -36,11 +36,12 @@ from torch import Tensor
 from mockingjay.extract import INPUT_STORE, layer_store_name
 from mockingjay.featstore import RaggedArray
 from mockingjay.phones import PHONES
-from mockingjay.probe_heads import (PHONE_PROBE, SPEAKER_PROBE, Batch, LayerHeads, ProbeConfig, ProbeError,
-                                    RunningMoments, layer_report, predict, train_heads)
+from mockingjay.probe_heads import (PHONE_PROBE, SPEAKER_PROBE, MLPSettings, ProbeConfig, ProbeError, RunningMoments,
+                                    layer_report, predict, train_heads)
+from mockingjay.probe_plan import build_heads, fraction_masks, fraction_members, head_grid
 
 __all__ = ["PHONE_PROBE", "SPEAKER_PROBE", "ProbeConfig", "ProbeError", "open_representations", "probe_online",
-           "probe_phones", "probe_speakers", "probe_utterances", "read_speakers", "utterance_means"]
+           "probe_labels", "probe_phones", "probe_speakers", "probe_utterances", "read_speakers", "utterance_stats"]
 
 SPLITS = ("train", "dev", "test")
 Representations = Mapping[str, Mapping[str, RaggedArray]]  # split -> store name -> store
@@ -147,6 +148,23 @@ def _chunks(count: int, size: int) -> Iterator[np.ndarray]:
         yield np.arange(start, min(start + size, count))
 
 
+def _item_of(reference: RaggedArray, rows: np.ndarray) -> np.ndarray:
+    """The utterance (item) index of each store row."""
+    return np.searchsorted(reference.offsets, rows, side="right") - 1
+
+
+def _report_all(heads, described, config, mlp, truth, predicted, majority, class_names) -> tuple[dict, list]:
+    """({layer: report} of the linear heads at fraction 1, [report with kind/layer/fraction] of every head)."""
+    layers, probes = {}, []
+    for key, head in heads.items():
+        kind, layer, fraction = described[key]
+        report = layer_report(head, head_grid(head, config, mlp), truth, predicted[key], majority, class_names)
+        probes.append({"kind": kind, "layer": layer, "fraction": fraction, **report})
+        if kind == "linear" and fraction == 1.0:
+            layers[layer] = report
+    return layers, probes
+
+
 def probe_phones(
     representations: Representations,
     labels: Mapping[str, RaggedArray],
@@ -155,20 +173,34 @@ def probe_phones(
     device: str | torch.device = "cpu",
     max_ram_bytes: int = 2 << 30,
     progress: bool = True,
+    include: Mapping[str, set[str]] | None = None,
+    kinds: Sequence[str] = ("linear",),
+    fractions: Sequence[float] = (1.0,),
+    mlp: MLPSettings = MLPSettings(),
 ) -> dict:
     """Frame-level phone probe of every store in `representations` ({split: {name: store}}).
 
-    Trains on the labelled train frames, picks each layer's head by dev accuracy, reports on test.
-    `labels` holds the int16 frame-label stores per split (-1 = unlabelled frame).
+    Trains on the labelled train frames, picks each head by dev accuracy, reports on test.
+    `labels` holds the int16 frame-label stores per split (-1 = unlabelled frame). `include`
+    (split -> utterance ids, see `probe_plan.select_utterances`) restricts each split; `kinds`
+    and `fractions` say which heads to train (`probe_plan.build_heads`).
     """
     started = time.perf_counter()
     device = torch.device(device)
     names = list(representations["train"])
     frames: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    items: dict[str, np.ndarray] = {}
+    references = {}
     for split in SPLITS:
-        reference = check_same_items(representations[split], split, names)
-        frames[split] = labelled_frames(reference, labels[split], split, len(class_names))
-        if len(frames[split][0]) == 0:
+        reference = references[split] = check_same_items(representations[split], split, names)
+        rows, values = labelled_frames(reference, labels[split], split, len(class_names))
+        item = _item_of(reference, rows)
+        if include is not None:
+            wanted = np.fromiter((utt in include[split] for utt in reference.ids), dtype=bool, count=len(reference))
+            keep = wanted[item]
+            rows, values, item = rows[keep], values[keep], item[keep]
+        frames[split], items[split] = (rows, values), item
+        if len(rows) == 0:
             raise ProbeError(f"{split}: no labelled frames (every label is -1); the phone probe needs labels "
                              f"in train, dev and test")
     rows = {split: frames[split][0] for split in SPLITS}
@@ -176,55 +208,71 @@ def probe_phones(
     ram_bytes = sum(len(rows[s]) * representations[s][n].dim * 2 for s in SPLITS for n in names)
     in_ram = ram_bytes <= max_ram_bytes
     sources = {name: FrameSource({s: representations[s][name] for s in SPLITS}, rows, in_ram) for name in names}
+    train_ids = references["train"].ids
+    labelled_train = sorted({train_ids[i] for i in np.unique(items["train"])})
+    members = fraction_members(labelled_train, fractions, config.seed)
+    masks = {f: torch.from_numpy(m) for f, m in fraction_masks(members, train_ids, items["train"]).items()}
 
-    def batches(split: str, position_batches: Iterator[np.ndarray]) -> Iterator[Batch]:
+    def batches(split: str, position_batches: Iterator[np.ndarray]) -> Iterator[tuple]:
         for positions in position_batches:
+            index = torch.from_numpy(positions)
+            batch_masks = {f: m[index].to(device) for f, m in masks.items()} if split == "train" else {}
             yield (targets[split][positions].to(device),
-                   {name: source.gather(split, positions).to(device) for name, source in sources.items()})
+                   {name: source.gather(split, positions).to(device) for name, source in sources.items()},
+                   batch_masks)
 
-    heads = {}
+    moments = {}
     for name, source in sources.items():
-        moments = RunningMoments(representations["train"][name].dim)
+        running = RunningMoments(representations["train"][name].dim)
         for positions in _chunks(len(rows["train"]), 65_536):
-            moments.update(source.gather("train", positions))
-        heads[name] = LayerHeads(*moments.mean_std(), len(class_names), config.grid(), device)
+            running.update(source.gather("train", positions))
+        moments[name] = running.mean_std()
+    heads, epochs, described = build_heads(names, moments, len(class_names), config, device, kinds, fractions, mlp)
 
     # One generator for the batch order: the same frames in the same order whatever the layers.
     generator = torch.Generator().manual_seed(config.seed)
     train_count = len(rows["train"])
     batch_size = config.batch_size or train_count
 
-    def train_batches(epoch: int) -> Iterator[Batch]:
+    def train_batches(epoch: int) -> Iterator[tuple]:
         order = torch.randperm(train_count, generator=generator).numpy()
         # sorted within the batch: sequential memory-map reads, and the same summation order in RAM
         return batches("train", (np.sort(order[i : i + batch_size]) for i in range(0, train_count, batch_size)))
 
-    def dev_batches() -> Iterator[Batch]:
+    def dev_batches() -> Iterator[tuple]:
         return batches("dev", _chunks(len(rows["dev"]), config.eval_batch))
 
-    train_heads(heads, config.epochs, train_batches, dev_batches, progress, "phone probe")
+    train_heads(heads, epochs, train_batches, dev_batches, progress, "phone probe")
     truth, predicted = predict(heads, batches("test", _chunks(len(rows["test"]), config.eval_batch)))
     majority = int(np.bincount(frames["train"][1], minlength=len(class_names)).argmax())
+    layers, probes = _report_all(heads, described, config, mlp, truth, predicted, majority, class_names)
     return {
         "task": "phone",
         "classes": list(class_names),
         "examples": {split: int(len(rows[split])) for split in SPLITS},
+        "utterances": {split: int(len(np.unique(items[split]))) for split in SPLITS},
+        "fraction_utterances": {f"{f:g}": len(m) for f, m in members.items()},
         "majority_class": class_names[majority],
         "config": config.to_dict(),
         "standardisation": "per layer, mean/std of the train split's labelled frames",
         "data_in_ram": in_ram,
-        "layers": {name: layer_report(heads[name], config.grid(), truth, predicted[name], majority, class_names)
-                   for name in names},
+        "layers": layers,
+        "probes": probes,
         "seconds": round(time.perf_counter() - started, 3),
     }
 
 
-def utterance_means(store: RaggedArray) -> np.ndarray:
-    """[items, dim] float32: each utterance's mean representation (accumulated in float64)."""
-    means = np.zeros((len(store), store.dim), dtype=np.float32)
+def utterance_stats(store: RaggedArray) -> np.ndarray:
+    """[items, 2 * dim] float32: each utterance's mean and standard deviation (statistics pooling,
+    as x-vectors do; accumulated in float64). The mean alone is no baseline for log-mel: under
+    per-utterance CMVN every utterance's mean is zero."""
+    stats = np.zeros((len(store), 2 * store.dim), dtype=np.float32)
     for item in range(len(store)):
-        means[item] = np.asarray(store[item], dtype=np.float64).mean(0) if store.lengths[item] else 0.0
-    return means
+        if store.lengths[item]:
+            rows = np.asarray(store[item], dtype=np.float64)
+            stats[item, : store.dim] = rows.mean(0)
+            stats[item, store.dim :] = rows.std(0)
+    return stats
 
 
 def probe_speakers(
@@ -233,13 +281,27 @@ def probe_speakers(
     config: ProbeConfig = SPEAKER_PROBE,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    **options,
 ) -> dict:
-    """Utterance-level speaker probe on mean-pooled representations (speakers: utt_id -> speaker)."""
+    """Utterance-level speaker probe on statistics-pooled representations (speakers: utt_id -> speaker)."""
+    return probe_labels(representations, speakers, "speaker", config, device, progress, **options)
+
+
+def probe_labels(
+    representations: Representations,
+    utterance_labels: Mapping[str, str],
+    task: str,
+    config: ProbeConfig = SPEAKER_PROBE,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    **options,
+) -> dict:
+    """Utterance-level probe (speaker, keyword) of statistics-pooled representations."""
     names = list(representations["train"])
     ids = {split: check_same_items(representations[split], split, names).ids for split in SPLITS}
-    vectors = {split: {name: utterance_means(store) for name, store in representations[split].items()}
+    vectors = {split: {name: utterance_stats(store) for name, store in representations[split].items()}
                for split in SPLITS}
-    return probe_utterances(vectors, ids, speakers, config, device, progress)
+    return probe_utterances(vectors, ids, utterance_labels, config, device, progress, task=task, **options)
 
 
 def probe_utterances(
@@ -249,70 +311,87 @@ def probe_utterances(
     config: ProbeConfig = SPEAKER_PROBE,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    task: str = "speaker",
+    include: Mapping[str, set[str]] | None = None,
+    kinds: Sequence[str] = ("linear",),
+    fractions: Sequence[float] = (1.0,),
+    mlp: MLPSettings = MLPSettings(),
 ) -> dict:
-    """Speaker probe on utterance vectors ({split: {name: [N, H]}}, rows in `ids[split]` order).
+    """Utterance-level probe on utterance vectors ({split: {name: [N, D]}}, rows in `ids[split]` order);
+    `speakers` maps each utterance to its class (the speaker, or the keyword for task "keyword").
 
-    Classes are the train speakers. Dev and test utterances of speakers absent from train cannot
+    Classes are the train labels. Dev and test utterances of classes absent from train cannot
     be classified: they are left out and listed in the result ("ignored").
     """
     started = time.perf_counter()
     device = torch.device(device)
+    chosen_ids = {split: [i for i, utt in enumerate(ids[split]) if include is None or utt in include[split]]
+                  for split in SPLITS}
     for split in SPLITS:
-        missing = next((utt for utt in ids[split] if utt not in speakers), None)
+        missing = next((ids[split][i] for i in chosen_ids[split] if ids[split][i] not in speakers), None)
         if missing is not None:
-            raise ProbeError(f"{split}: utterance {missing!r} has no speaker in the speaker table")
-    classes = sorted({speakers[utt] for utt in ids["train"]})
+            raise ProbeError(f"{split}: utterance {missing!r} has no {task} label")
+    classes = sorted({speakers[ids["train"][i]] for i in chosen_ids["train"]})
     if len(classes) < 2:
-        raise ProbeError(f"train: {len(classes)} speaker(s); a speaker probe needs at least 2")
-    class_of = {speaker: i for i, speaker in enumerate(classes)}
+        raise ProbeError(f"train: {len(classes)} {task} class(es); a {task} probe needs at least 2")
+    class_of = {label: i for i, label in enumerate(classes)}
     keep, targets, ignored = {}, {}, {}
     for split in SPLITS:
-        known = [i for i, utt in enumerate(ids[split]) if speakers[utt] in class_of]
-        unknown = sorted({speakers[utt] for utt in ids[split] if speakers[utt] not in class_of})
-        ignored[split] = {"utterances": len(ids[split]) - len(known), "speakers": unknown}
+        known = [i for i in chosen_ids[split] if speakers[ids[split][i]] in class_of]
+        unknown = sorted({speakers[ids[split][i]] for i in chosen_ids[split]} - set(class_of))
+        ignored[split] = {"utterances": len(chosen_ids[split]) - len(known), "classes": unknown}
         if not known:
-            raise ProbeError(f"{split}: no utterance of a train speaker")
+            raise ProbeError(f"{split}: no utterance of a {task} class seen in train")
         keep[split] = np.asarray(known)
         targets[split] = torch.tensor([class_of[speakers[ids[split][i]]] for i in known], device=device)
     names = list(vectors["train"])
     inputs = {split: {name: torch.from_numpy(vectors[split][name][keep[split]]).to(device) for name in names}
               for split in SPLITS}
-    heads = {}
+    moments = {}
     for name in names:
-        moments = RunningMoments(inputs["train"][name].shape[1])
-        moments.update(inputs["train"][name])
-        heads[name] = LayerHeads(*moments.mean_std(), len(classes), config.grid(), device)
+        running = RunningMoments(inputs["train"][name].shape[1])
+        running.update(inputs["train"][name])
+        moments[name] = running.mean_std()
+    heads, epochs, described = build_heads(names, moments, len(classes), config, device, kinds, fractions, mlp)
+    train_ids = [ids["train"][i] for i in keep["train"]]
+    members = fraction_members(train_ids, fractions, config.seed)
+    masks = {f: torch.from_numpy(m).to(device)
+             for f, m in fraction_masks(members, train_ids, np.arange(len(train_ids))).items()}
 
-    def batches(split: str, positions: Iterator[np.ndarray]) -> Iterator[Batch]:
+    def batches(split: str, positions: Iterator[np.ndarray]) -> Iterator[tuple]:
         for chosen in positions:
             index = torch.from_numpy(chosen).to(device)
-            yield targets[split][index], {name: inputs[split][name][index] for name in names}
+            batch_masks = {f: m[index] for f, m in masks.items()} if split == "train" else {}
+            yield targets[split][index], {name: inputs[split][name][index] for name in names}, batch_masks
 
     generator = torch.Generator().manual_seed(config.seed)
     count = len(keep["train"])
     batch_size = config.batch_size or count
 
-    def train_batches(epoch: int) -> Iterator[Batch]:
+    def train_batches(epoch: int) -> Iterator[tuple]:
         order = torch.randperm(count, generator=generator).numpy() if batch_size < count else np.arange(count)
         return batches("train", (np.sort(order[i : i + batch_size]) for i in range(0, count, batch_size)))
 
-    def dev_batches() -> Iterator[Batch]:
+    def dev_batches() -> Iterator[tuple]:
         return batches("dev", _chunks(len(keep["dev"]), config.eval_batch))
 
-    train_heads(heads, config.epochs, train_batches, dev_batches, progress, "speaker probe")
+    train_heads(heads, epochs, train_batches, dev_batches, progress, f"{task} probe")
     truth, predicted = predict(heads, batches("test", _chunks(len(keep["test"]), config.eval_batch)))
     majority = int(np.bincount(targets["train"].cpu().numpy(), minlength=len(classes)).argmax())
+    layers, probes = _report_all(heads, described, config, mlp, truth, predicted, majority, classes)
     return {
-        "task": "speaker",
+        "task": task,
         "classes": classes,
         "examples": {split: int(len(keep[split])) for split in SPLITS},
+        "fraction_utterances": {f"{f:g}": len(m) for f, m in members.items()},
         "majority_class": classes[majority],
         "ignored": ignored,
-        "note": "dev/test utterances of speakers absent from train are left out (see 'ignored')",
+        "note": f"dev/test utterances of {task} classes absent from train are left out (see 'ignored')",
         "config": config.to_dict(),
-        "standardisation": "per layer, mean/std of the train split's utterance means",
-        "layers": {name: layer_report(heads[name], config.grid(), truth, predicted[name], majority, classes)
-                   for name in names},
+        "pooling": "statistics: mean and standard deviation over frames, per layer",
+        "standardisation": "per layer, mean/std of the train split's pooled vectors",
+        "layers": layers,
+        "probes": probes,
         "seconds": round(time.perf_counter() - started, 3),
     }
 

@@ -109,8 +109,10 @@ class LayerHeads:
     eps = 1e-8
 
     def __init__(self, mean: np.ndarray, std: np.ndarray, num_classes: int, grid: Sequence[tuple[float, float]],
-                 device: torch.device):
+                 device: torch.device, source: str | None = None, fraction: float = 1.0):
         dim, self.heads, self.classes = len(mean), len(grid), num_classes
+        self.source = source  # the layer these heads read (None: the key they are filed under)
+        self.fraction = fraction  # of the labelled train utterances these heads learn from
         # standardised = inputs * inv_std + shift = (inputs - mean) / std, as one fused op (addcmul)
         self.inv_std = 1.0 / torch.as_tensor(std, dtype=torch.float32, device=device)
         self.shift = -torch.as_tensor(mean, dtype=torch.float32, device=device) * self.inv_std
@@ -194,33 +196,58 @@ class LayerHeads:
         return self._logits(inputs, self.best_params)[:, self.chosen].argmax(-1)
 
 
+def _inputs(layer, name: str, inputs: Mapping[str, Tensor], mask: Tensor | None = None):
+    """What one set of heads reads from a batch: its layer (linear), or every layer it mixes."""
+    if isinstance(layer, TorchHeads):
+        return {n: inputs[n] if mask is None else inputs[n][mask] for n in layer.sources}
+    x = inputs[layer.source or name]
+    return x if mask is None else x[mask]
+
+
 def train_heads(
-    heads: Mapping[str, LayerHeads],
+    heads: Mapping[str, "LayerHeads | TorchHeads"],
     epochs: int,
     train_batches: Callable[[int], Iterable[Batch]],
     dev_batches: Callable[[], Iterable[Batch]],
     progress: bool = True,
     description: str = "probe",
 ) -> None:
-    """Train every layer's heads on each train batch (read once), then score dev each epoch."""
+    """Train every layer's heads on each train batch (read once), then score dev each epoch.
+
+    A train batch is (labels, inputs) or (labels, inputs, masks): masks[f] marks the examples of
+    the label fraction f, and heads of fraction f < 1 step on those rows of the batch only (none:
+    no step), so every fraction shares the one pass over the data. `epochs` may be a mapping
+    name -> epochs (heads stop training after theirs; the pass runs for the largest).
+    """
     from tqdm import tqdm
 
-    for epoch in tqdm(range(epochs), desc=description, unit="epoch", disable=not progress):
-        for labels, inputs in train_batches(epoch):
-            for name, layer in heads.items():
-                layer.step(inputs[name], labels)
-        correct = {name: np.zeros(layer.heads, dtype=np.int64) for name, layer in heads.items()}
-        loss = {name: np.zeros(layer.heads) for name, layer in heads.items()}
+    limit = {name: epochs.get(name, 0) if isinstance(epochs, Mapping) else epochs for name in heads}
+    for epoch in tqdm(range(max(limit.values())), desc=description, unit="epoch", disable=not progress):
+        active = {name: layer for name, layer in heads.items() if epoch < limit[name]}
+        for batch in train_batches(epoch):
+            labels, inputs = batch[0], batch[1]
+            masks = batch[2] if len(batch) > 2 else None
+            for name, layer in active.items():
+                fraction = getattr(layer, "fraction", 1.0)
+                if fraction < 1.0:
+                    mask = masks[fraction]
+                    if not bool(mask.any()):
+                        continue
+                    layer.step(_inputs(layer, name, inputs, mask), labels[mask])
+                else:
+                    layer.step(_inputs(layer, name, inputs), labels)
+        correct = {name: np.zeros(layer.heads, dtype=np.int64) for name, layer in active.items()}
+        loss = {name: np.zeros(layer.heads) for name, layer in active.items()}
         total = 0
-        for labels, inputs in dev_batches():
+        for labels, inputs, *_ in dev_batches():
             total += len(labels)
-            for name, layer in heads.items():
-                batch_correct, batch_loss = layer.score(inputs[name], labels)
+            for name, layer in active.items():
+                batch_correct, batch_loss = layer.score(_inputs(layer, name, inputs), labels)
                 correct[name] += batch_correct
                 loss[name] += batch_loss
         if total == 0:
             raise ProbeError("the dev split has no examples to select hyper-parameters on")
-        for name, layer in heads.items():
+        for name, layer in active.items():
             layer.end_epoch(epoch, correct[name] / total, loss[name] / total)
 
 
@@ -228,10 +255,10 @@ def predict(heads: Mapping[str, LayerHeads], batches: Iterable[Batch]) -> tuple[
     """(true labels, layer name -> predictions of its chosen head) over `batches`."""
     truth: list[np.ndarray] = []
     predictions: dict[str, list[np.ndarray]] = {name: [] for name in heads}
-    for labels, inputs in batches:
+    for labels, inputs, *_ in batches:
         truth.append(labels.cpu().numpy())
         for name, layer in heads.items():
-            predictions[name].append(layer.predict(inputs[name]).cpu().numpy())
+            predictions[name].append(layer.predict(_inputs(layer, name, inputs)).cpu().numpy())
     concat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)  # noqa: E731
     return concat(truth), {name: concat(parts) for name, parts in predictions.items()}
 
@@ -247,7 +274,11 @@ def layer_report(layer: LayerHeads, grid: Sequence[tuple[float, float]], truth: 
     chosen = layer.chosen
     learning_rate, weight_decay = grid[chosen]
     matrix = confusion_matrix(truth, predicted, labels=list(range(len(class_names))))
+    extra = {}
+    if isinstance(layer, TorchHeads) and layer.kind == "weighted_sum":
+        extra["layer_weights"] = layer.layer_weights()
     return {
+        **extra,
         "accuracy": float(accuracy_score(truth, predicted)) if len(truth) else float("nan"),
         "macro_f1": (float(f1_score(truth, predicted, average="macro", zero_division=0))
                      if len(truth) else float("nan")),
@@ -260,3 +291,126 @@ def layer_report(layer: LayerHeads, grid: Sequence[tuple[float, float]], truth: 
         "grid_dev_accuracy": [float(a) for a in layer.best_dev],
         "confusion": {"labels": list(class_names), "matrix": matrix.tolist()},
     }
+
+
+KINDS = ("linear", "mlp", "weighted_sum")
+
+
+@dataclass(frozen=True)
+class MLPSettings:
+    """The one-hidden-layer probe (s3prl's `phone_1hidden`): Linear(H, hidden), ReLU, dropout, Linear."""
+
+    hidden_size: int = 768
+    dropout: float = 0.1
+    learning_rate: float = 1e-3
+    epochs: int | None = None  # None: the task's epochs
+    weight_decays: tuple[float, ...] | None = None  # None: the task's grid
+    layers: tuple[str, ...] = ()  # store names to probe; empty: every probed layer
+
+
+class TorchHeads:
+    """G heads of one kind trained by autograd, one per (learning rate, weight decay) of the grid,
+    with the interface of LayerHeads (step, score, end_epoch, chosen, predict).
+
+    kind "mlp": a one-hidden-layer classifier on one layer (`sources` = [name]).
+    kind "weighted_sum": a learnable softmax weighting of the standardised states of every layer
+    in `sources` (the paper's LARGE-WS, SUPERB's default) feeding one linear classifier; the
+    chosen head's layer weights are reported. Weights start equal, so the first steps see the
+    average of the layers.
+    Inputs are standardised per layer with the train statistics, as for the linear heads. The
+    weight decay is an L2 term on every parameter (Adam's coupled weight_decay), as the linear
+    heads' `weight_decay / 2 * ||W||^2`.
+    """
+
+    def __init__(self, kind: str, sources: Sequence[str], moments: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                 num_classes: int, grid: Sequence[tuple[float, float]], device: torch.device,
+                 mlp: MLPSettings = MLPSettings(), seed: int = 0):
+        from torch import nn
+
+        self.kind, self.sources, self.classes, self.heads = kind, list(sources), num_classes, len(grid)
+        self.shift = {n: torch.as_tensor(-moments[n][0] / moments[n][1], dtype=torch.float32, device=device)
+                      for n in self.sources}
+        self.inv_std = {n: torch.as_tensor(1.0 / moments[n][1], dtype=torch.float32, device=device)
+                        for n in self.sources}
+        dim = len(moments[self.sources[0]][0])
+        if any(len(moments[n][0]) != dim for n in self.sources):
+            raise ProbeError(f"{kind}: layers {self.sources} differ in width; a weighted sum needs one width")
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)  # the init is a function of the seed, not of what ran before
+        self.modules = []
+        for _ in grid:
+            if kind == "mlp":
+                module = nn.Sequential(nn.Linear(dim, mlp.hidden_size), nn.ReLU(), nn.Dropout(mlp.dropout),
+                                       nn.Linear(mlp.hidden_size, num_classes))
+            else:
+                module = nn.ModuleDict({"weights": nn.ParameterDict({"logits": nn.Parameter(
+                    torch.zeros(len(self.sources)))}), "linear": nn.Linear(dim, num_classes)})
+            self.modules.append(module.to(device))
+        torch.random.set_rng_state(generator_state)
+        self.optimizers = [torch.optim.Adam(m.parameters(), lr=lr, weight_decay=wd)
+                           for m, (lr, wd) in zip(self.modules, grid)]
+        self.best_states = [self._state(m) for m in self.modules]
+        self.best_dev = np.full(self.heads, -1.0)
+        self.best_loss = np.full(self.heads, np.inf)
+        self.best_epoch = np.zeros(self.heads, dtype=int)
+
+    @staticmethod
+    def _state(module) -> dict:
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    def take(self, inputs: Mapping[str, Tensor]) -> list[Tensor]:
+        return [torch.addcmul(self.shift[n], inputs[n], self.inv_std[n]) for n in self.sources]
+
+    def _forward(self, module, standardised: list[Tensor]) -> Tensor:
+        if self.kind == "mlp":
+            return module(standardised[0])
+        weights = torch.softmax(module["weights"]["logits"], 0)
+        mixed = torch.einsum("l,lbh->bh", weights, torch.stack(standardised))
+        return module["linear"](mixed)
+
+    def step(self, inputs: Mapping[str, Tensor], labels: Tensor) -> None:
+        standardised = self.take(inputs)
+        for module, optimizer in zip(self.modules, self.optimizers):
+            module.train()
+            loss = torch.nn.functional.cross_entropy(self._forward(module, standardised), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    @torch.no_grad()
+    def score(self, inputs: Mapping[str, Tensor], labels: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        standardised = self.take(inputs)
+        correct, loss = np.zeros(self.heads, dtype=np.int64), np.zeros(self.heads)
+        for g, module in enumerate(self.modules):
+            module.eval()
+            logits = self._forward(module, standardised)
+            correct[g] = int((logits.argmax(-1) == labels).sum())
+            loss[g] = float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        return correct, loss
+
+    def end_epoch(self, epoch: int, dev_accuracy: np.ndarray, dev_loss: np.ndarray) -> None:
+        improved = (dev_accuracy > self.best_dev) | ((dev_accuracy == self.best_dev) & (dev_loss < self.best_loss))
+        for g in np.flatnonzero(improved):
+            self.best_states[g] = self._state(self.modules[g])
+            self.best_dev[g], self.best_loss[g], self.best_epoch[g] = dev_accuracy[g], dev_loss[g], epoch
+
+    @property
+    def chosen(self) -> int:
+        return int(np.lexsort((np.arange(self.heads), self.best_loss, -self.best_dev))[0])
+
+    @torch.no_grad()
+    def predict(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        module = self.modules[self.chosen]
+        current = self._state(module)
+        module.load_state_dict(self.best_states[self.chosen])
+        module.eval()
+        predictions = self._forward(module, self.take(inputs)).argmax(-1)
+        module.load_state_dict(current)
+        return predictions
+
+    def layer_weights(self) -> dict[str, float] | None:
+        """The chosen weighted-sum head's softmax layer weights at its best epoch (None for mlp)."""
+        if self.kind != "weighted_sum":
+            return None
+        weights = torch.softmax(self.best_states[self.chosen]["weights.logits"], 0).cpu().numpy()
+        return {name: round(float(w), 6) for name, w in zip(self.sources, weights)}

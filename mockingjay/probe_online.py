@@ -105,9 +105,12 @@ def _statistics_pass(passes: _Passes, names: list[str], frame_labels: dict[str, 
             if split == "train" and frame_labels is not None:
                 selection = frame_labels["train"].of_batch(batch.indices, device)
             for name, states in batch.states.items():
-                if want_means:
-                    pooled = (states.float() * mask).sum(1) / lengths[:, None]
-                    means[split].setdefault(name, np.zeros((len(store), states.size(-1)), np.float32))
+                if want_means:  # statistics pooling (mean, std), as `probe.utterance_stats`
+                    values = states.double()
+                    mean = (values * mask).sum(1) / lengths[:, None]
+                    std = (((values - mean[:, None]) ** 2 * mask).sum(1) / lengths[:, None]).sqrt()
+                    pooled = torch.cat([mean, std], 1).float()
+                    means[split].setdefault(name, np.zeros((len(store), 2 * states.size(-1)), np.float32))
                     means[split][name][batch.indices] = pooled.cpu().numpy()
                 if selection is not None:
                     moments.setdefault(name, RunningMoments(states.size(-1)))

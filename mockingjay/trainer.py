@@ -403,6 +403,7 @@ class Trainer:
             "train_loss_final": last_loss, "heldout_loss_initial": self.heldout_loss_initial,
             "heldout_loss_final": heldout_loss_final, "skipped_batches": skipped_total,
             "audio_seconds_per_second": run_frames * self.dist.world_size / cfg.frame_rate / max(run_seconds, 1e-9),
+            "audio_seconds_seen": run_frames * self.dist.world_size / cfg.frame_rate,  # unpadded, after cropping
             "train_seconds": run_seconds, "model_dir": str(self.model_dir),
             "last_checkpoint": str(last_good) if last_good else None,
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,

@@ -74,10 +74,11 @@ class AlignConfig:
             raise ValueError(f"workers: must be >= 0, got {self.workers}")
 
 
-def _align_row(row: ManifestRow) -> tuple[str, list[Segment] | Problem]:
+def _align_row(item: tuple[ManifestRow, str | None]) -> tuple[str, list[Segment] | Problem]:
+    row, lexicon = item
     try:
-        audio = read_audio(row.path)
-        return row.utt_id, align_in_process(audio.samples, row.transcript, audio.sample_rate)
+        audio = read_audio(row.path, segment=row.segment)
+        return row.utt_id, align_in_process(audio.samples, row.transcript, audio.sample_rate, lexicon)
     except (AlignmentError, AudioError) as err:
         reason = type(err).__name__
         return row.utt_id, Problem(row.utt_id, row.path, reason, str(err).replace(f"{row.path}: ", ""))
@@ -89,12 +90,16 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
-def align_rows(rows: list[ManifestRow], workers: int) -> dict[str, list[Segment] | Problem]:
+def align_rows(
+    rows: list[ManifestRow], workers: int, lexicons: dict[str, str] | None = None
+) -> dict[str, list[Segment] | Problem]:
+    """Align every row; `lexicons` maps a corpus to its own CMUdict-format lexicon."""
+    items = [(row, (lexicons or {}).get(row.corpus)) for row in rows]
     progress = dict(total=len(rows), desc="align: pocketsphinx", unit="utt", file=sys.stderr)
     if workers == 1 or len(rows) <= 1:
-        return dict(tqdm(map(_align_row, rows), **progress))
+        return dict(tqdm(map(_align_row, items), **progress))
     with ProcessPoolExecutor(min(workers, len(rows)), initializer=_init_worker) as pool:
-        return dict(tqdm(pool.map(_align_row, rows, chunksize=4), **progress))
+        return dict(tqdm(pool.map(_align_row, items, chunksize=4), **progress))
 
 
 def import_labels(spec: LabelImport, rows: list[ManifestRow], features: FeatureConfig) -> dict[str, list[Segment] | np.ndarray | Problem]:
@@ -127,6 +132,14 @@ def import_labels(spec: LabelImport, rows: list[ManifestRow], features: FeatureC
     return results
 
 
+def corpus_lexicons(params: Path) -> dict[str, str]:
+    """corpus -> its `lexicon` file, from the prepare section's corpora (where corpora are defined)."""
+    from mockingjay.manifest import PrepareConfig
+
+    prepare = from_section(PrepareConfig, section(params, "prepare"), "prepare")
+    return {spec.name: spec.lexicon for spec in prepare.corpora if spec.lexicon}
+
+
 @cli_errors
 def main(
     params: Path = PARAMS_OPTION,
@@ -150,7 +163,7 @@ def main(
     failures: list[Problem] = []
     params_flat = {**to_flat_dict(config), "featurize.hop_length": features.hop_length, "to_align": len(to_align)}
     with tracking.stage_run("align", params_flat) as mlflow, atomic_output_dir(out) as tmp:
-        results.update(align_rows(to_align, workers))
+        results.update(align_rows(to_align, workers, corpus_lexicons(params)))
         (tmp / "lab").mkdir()
         attrs = {"hop_length": features.hop_length, "sample_rate": features.sample_rate, "phones": list(PHONES)}
         with RaggedWriter(tmp / "frame_labels", 1, "int16", attrs) as writer:

@@ -11,7 +11,7 @@ import typer
 if not sys.stderr.isatty():
     os.environ.setdefault("TQDM_MININTERVAL", "10")
 
-from . import align, extract, featurize, interop, prepare, pretrain, probe  # noqa: E402
+from . import align, extract, featurize, interop, prepare, pretrain, probe, report  # noqa: E402
 
 app = typer.Typer(
     help="Mockingjay: masked acoustic model pretraining and probing, as a DVC + MLflow pipeline.",
@@ -27,6 +27,9 @@ app.command("extract")(extract.main)
 app.command("probe")(probe.main)
 app.command("import-checkpoint")(interop.import_main)
 app.command("export-checkpoint")(interop.export_main)
+app.command("headline")(report.headline_main)
+app.command("release")(report.release_main)
+app.command("results-table")(report.table_main)
 
 if __name__ == "__main__":
     app()

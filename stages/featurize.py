@@ -5,7 +5,7 @@ Output directory layout::
     features/{train,dev,test}/          float16 ragged stores of the model input (featstore.py)
     features/{train,dev,test}_target/   the reconstruction target, only when it differs (linear)
     features/labels/{train,dev,test}/   int16 frame phone labels aligned 1:1 with the input (-1 = none)
-    features/utterances.tsv             utt_id, split, corpus, speaker, num_frames, labelled
+    features/utterances.tsv             utt_id, split, corpus, speaker, num_frames, labelled, keyword
     features/feature_config.json        the resolved feature settings (+ global CMVN stats)
 
 How it runs (measured by benchmarks/featurize.py): a fork pool of `workers` processes, each
@@ -52,8 +52,8 @@ if TYPE_CHECKING:  # mockingjay.features imports torch: imported where features 
 
 _extractor: FeatureExtractor | None = None
 
-# One task: (path, source sample rate, whether to sum global-CMVN statistics).
-Task = tuple[str, int, bool]
+# One task: (path, source sample rate, whether to sum global-CMVN statistics, segment or None).
+Task = tuple[str, int, bool, tuple[float, float] | None]
 
 
 def _init_worker(config: FeatureConfig) -> None:
@@ -89,9 +89,9 @@ def _featurize_chunk(tasks: list[Task]) -> list:
     assert _extractor is not None
     config = _extractor.config
     results = []
-    for path, source_rate, want_stats in tasks:
+    for path, source_rate, want_stats, segment in tasks:
         stats = (GlobalCMVN(config.dim), GlobalCMVN(config.target_dim)) if want_stats else None
-        wave = load_wave(path, _extractor, source_rate)
+        wave = load_wave(path, _extractor, source_rate, segment)
         feats, target = featurize_wave(wave, _extractor, np.float16, stats)
         results.append((feats, target, stats))
     return results
@@ -121,7 +121,7 @@ def compute_features(
     collect = config.cmvn == "global"
 
     def task(row: ManifestRow) -> Task:
-        return (row.path, row.sample_rate, collect and row.split == "train")
+        return (row.path, row.sample_rate, collect and row.split == "train", row.segment)
 
     def unpack(chunk: list[ManifestRow], results: Callable[[], list]):
         try:
@@ -224,7 +224,8 @@ def write_features(
                 raise StageError(f"{row.utt_id}: {len(aligned)} frame labels for {feats.shape[0]} frames; rerun align")
             frame_labels = np.asarray(aligned, dtype=np.int16)
         label_writers[row.split].append(row.utt_id, frame_labels)
-        table.append((row.utt_id, row.split, row.corpus, row.speaker, feats.shape[0], int((frame_labels >= 0).any())))
+        table.append((row.utt_id, row.split, row.corpus, row.speaker, feats.shape[0], int((frame_labels >= 0).any()),
+                      row.keyword))
         bar.update(round(row.duration, 1))
     bar.close()
     for writer in (*writers.values(), *target_writers.values(), *label_writers.values()):
@@ -243,7 +244,7 @@ def write_features(
     write_json(out / "feature_config.json", resolved)
     with open(out / "utterances.tsv", "w", newline="") as f:
         writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-        writer.writerow(["utt_id", "split", "corpus", "speaker", "num_frames", "labelled"])
+        writer.writerow(["utt_id", "split", "corpus", "speaker", "num_frames", "labelled", "keyword"])
         writer.writerows(table)
     return resolved, table
 

@@ -23,6 +23,7 @@ from mockingjay.manifest import (
     Problem,
     assign_splits,
     find_duplicate_ids,
+    heldout_speakers,
     summarize,
     validate_utterance,
     write_tsv,
@@ -93,13 +94,20 @@ def main(
             )
         if not rows:
             raise StageError("prepare: no usable utterances left after validation")
-        rows = assign_splits(rows, config.dev_fraction, config.test_fraction, config.seed)
+        by_speaker = [c.name for c in config.corpora if c.split_by == "speaker"]
+        heldout = heldout_speakers(rows, by_speaker, config.dev_fraction, config.test_fraction, config.seed)
+        rows = assign_splits(rows, config.dev_fraction, config.test_fraction, config.seed, heldout)
         summary = summarize(rows, problems, config.sample_rate)
+        summary["heldout_speakers"] = {split: sum(1 for v in heldout.values() if v == split) for split in ("dev", "test")}
         with atomic_output_dir(out) as tmp:
             write_tsv(tmp / "manifest.tsv", rows, ManifestRow)
+            # which speakers pretraining and probe training never hear (test) or only as dev
+            (tmp / "heldout_speakers.tsv").write_text(
+                "speaker\tsplit\n" + "".join(f"{spk}\t{split}\n" for spk, split in sorted(heldout.items())))
             write_tsv(tmp / "skipped.tsv", problems, Problem)
             write_json(tmp / "summary.json", summary)
         mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        mlflow.log_metrics({f"heldout_speakers_{k}": v for k, v in summary["heldout_speakers"].items()})
         mlflow.log_metrics({f"split_{k}": v for k, v in summary["splits"].items()})
         mlflow.log_artifact(str(out / "summary.json"))
         mlflow.log_artifact(str(out / "skipped.tsv"))

@@ -225,13 +225,15 @@ def main(
             return
         metrics = {k: result[k] for k in ("steps", "heldout_loss_initial", "heldout_loss_final", "train_loss_final",
                                           "skipped_batches", "audio_seconds_per_second", "train_seconds", "num_parameters")}
+        metrics["audio_hours_seen"] = result["audio_seconds_seen"] / 3600  # in this run
+        metrics["device"] = result["device"]
         if result["steps_this_run"] == 0:  # resumed at the last step: nothing was trained in this run
             metrics["train_loss_final"] = logger.train[-1]["loss"] if logger.train else None
             metrics["audio_seconds_per_second"] = None
         metrics["heldout_loss_ratio"] = metrics["heldout_loss_final"] / metrics["heldout_loss_initial"]
         write_json(Path("metrics") / "pretrain.json", metrics)
         _write_loss_plot(Path("plots") / "pretrain_loss.tsv", logger.train)
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
         _log_figures(mlflow, out / "model", features, mask_config, logger.train, metrics)
         mlflow.log_artifact(str(out / "model" / "config.json"))
     speed = metrics["audio_seconds_per_second"]

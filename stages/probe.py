@@ -15,6 +15,8 @@ and layer.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -29,7 +31,35 @@ from . import tracking
 from .common import PARAMS_OPTION, StageError, atomic_output_dir, check_model_features, cli_errors, section, write_json
 from .extract import resolve_device
 
-TASKS = ("phone", "speaker")
+TASKS = ("phone", "speaker", "keyword")
+KINDS = ("linear", "mlp", "weighted_sum")  # = mockingjay.probe_heads.KINDS (not imported: it loads torch)
+
+
+@dataclass(frozen=True)
+class MLPConfig:
+    """The one-hidden-layer probe (`kinds: [mlp]`), as s3prl's phone_1hidden."""
+
+    hidden_size: int = 768
+    dropout: float = 0.1
+    learning_rate: float = 1e-3
+    epochs: int | None = None  # null: the task's epochs
+    weight_decays: list[float] | None = None  # null: the task's grid
+    layers: list[str] = field(default_factory=list)  # store names (input, layer_03); empty: every probed layer
+
+    def validate(self) -> None:
+        if self.weight_decays is not None and (not self.weight_decays or min(self.weight_decays) < 0):
+            raise ValueError(f"weight_decays: need at least one, all >= 0, or null; got {self.weight_decays}")
+        bad = [n for n in self.layers if n != "input" and not re.fullmatch(r"layer_\d\d", n)]
+        if bad:
+            raise ValueError(f"layers: expected store names like input or layer_03, got {bad}")
+        if self.hidden_size < 1:
+            raise ValueError(f"hidden_size: must be >= 1, got {self.hidden_size}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate: must be > 0, got {self.learning_rate}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"epochs: must be >= 1 or null, got {self.epochs}")
 
 
 @dataclass(frozen=True)
@@ -39,6 +69,11 @@ class ProbeTaskConfig:
     learning_rates: list[float] = field(default_factory=lambda: [2e-3])
     weight_decays: list[float] = field(default_factory=lambda: [0.0, 1e-4, 1e-3, 1e-2])
     seed: int = 0
+    kinds: list[str] = field(default_factory=lambda: ["linear"])  # linear | mlp | weighted_sum
+    label_fractions: list[float] = field(default_factory=lambda: [1.0])  # of the labelled train utterances
+    speaker_independent: bool = False  # dev/test only on speakers with no train utterance
+    corpora: list[str] = field(default_factory=list)  # empty: every corpus with the task's labels
+    mlp: MLPConfig = field(default_factory=MLPConfig)
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -49,6 +84,12 @@ class ProbeTaskConfig:
             raise ValueError(f"learning_rates: need at least one, all > 0, got {self.learning_rates}")
         if not self.weight_decays or min(self.weight_decays) < 0:
             raise ValueError(f"weight_decays: need at least one, all >= 0, got {self.weight_decays}")
+        if not self.kinds or sorted(set(self.kinds) - set(KINDS)):
+            raise ValueError(f"kinds: must be a non-empty subset of {list(KINDS)}, got {self.kinds}")
+        if not self.label_fractions or not all(0 < f <= 1 for f in self.label_fractions):
+            raise ValueError(f"label_fractions: need at least one, each in (0, 1], got {self.label_fractions}")
+        if len(set(self.label_fractions)) != len(self.label_fractions):
+            raise ValueError(f"label_fractions: each fraction once, got {self.label_fractions}")
 
     def to_probe_config(self):
         from mockingjay.probe import ProbeConfig
@@ -56,43 +97,64 @@ class ProbeTaskConfig:
         return ProbeConfig(epochs=self.epochs, batch_size=self.batch_size, learning_rates=tuple(self.learning_rates),
                            weight_decays=tuple(self.weight_decays), seed=self.seed)
 
+    def options(self) -> dict:
+        """The probe functions' keyword options for this task (kinds, fractions, MLP settings)."""
+        from mockingjay.probe_heads import MLPSettings
+
+        mlp = dataclasses.asdict(self.mlp)
+        mlp["weight_decays"] = tuple(mlp["weight_decays"] or self.weight_decays)
+        mlp["layers"] = tuple(mlp["layers"])
+        return {"kinds": tuple(self.kinds), "fractions": tuple(sorted(self.label_fractions)),
+                "mlp": MLPSettings(**mlp)}
+
+
+def _utterance_task(**overrides) -> ProbeTaskConfig:
+    return ProbeTaskConfig(**{"epochs": 300, "batch_size": 0, "learning_rates": [1e-2], **overrides})
+
 
 @dataclass(frozen=True)
 class ProbeStageConfig:
     """The `probe` section of params.yaml."""
 
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    layers: str = "all"  # all | input | a hidden-state index
+    tasks: list[str] = field(default_factory=lambda: ["phone", "speaker"])
+    layers: int | str | list[int] = "all"  # all | input | a hidden-state index | a list of indices
     mode: Literal["extracted", "online"] = "extracted"
     device: str = "auto"
     phone: ProbeTaskConfig = field(default_factory=ProbeTaskConfig)
-    speaker: ProbeTaskConfig = field(
-        default_factory=lambda: ProbeTaskConfig(epochs=300, batch_size=0, learning_rates=[1e-2])
-    )
+    speaker: ProbeTaskConfig = field(default_factory=_utterance_task)
+    keyword: ProbeTaskConfig = field(default_factory=_utterance_task)
 
     def validate(self) -> None:
         unknown = sorted(set(self.tasks) - set(TASKS))
         if unknown or not self.tasks:
             raise ValueError(f"tasks: must be a non-empty subset of {list(TASKS)}, got {self.tasks}")
+        if isinstance(self.layers, list) and not self.layers:
+            raise ValueError("layers: an empty list probes nothing; use all, input, N or [N, M, ...]")
 
 
-def parse_layer(value: str, num_layers: int) -> tuple[list[int] | None, bool]:
-    """(--layer) all -> every hidden state + input; input -> the baseline only; N -> hidden state N."""
-    value = str(value).strip().lower()
-    if value == "all":
-        return list(range(num_layers + 1)), True
-    if value == "input":
-        return [], True
-    try:
-        index = int(value)
-    except ValueError:
-        raise ParamError(f"--layer: expected all, input or a layer index, got {value!r}") from None
-    if not 0 <= index <= num_layers:
-        raise ParamError(
-            f"--layer: {index} is out of range; this model has hidden states 0..{num_layers} "
-            f"(0 = input representation, {num_layers} = last layer), or use 'input' / 'all'"
-        )
-    return [index], False
+def parse_layer(value, num_layers: int) -> tuple[list[int] | None, bool]:
+    """(--layer / probe.layers) all -> every hidden state + input; input -> the baseline only;
+    N -> hidden state N; a list [N, M] (or "N,M") -> those hidden states. The log-mel baseline
+    comes with `all` and `input` only: one named layer is probed alone."""
+    if isinstance(value, (list, tuple)):
+        indices = list(value)
+    else:
+        text = str(value).strip().lower()
+        if text == "all":
+            return list(range(num_layers + 1)), True
+        if text == "input":
+            return [], True
+        try:
+            indices = [int(part) for part in text.split(",")]
+        except ValueError:
+            raise ParamError(f"--layer: expected all, input, a layer index or a list of them, got {value!r}") from None
+    for index in indices:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= num_layers:
+            raise ParamError(
+                f"--layer: {index} is out of range; this model has hidden states 0..{num_layers} "
+                f"(0 = input representation, {num_layers} = last layer), or use 'input' / 'all'"
+            )
+    return sorted(set(indices)), False
 
 
 def _stored_layers(representations: Path) -> int:
@@ -105,7 +167,7 @@ def _stored_layers(representations: Path) -> int:
 @cli_errors
 def main(
     params: Path = PARAMS_OPTION,
-    layer: str = typer.Option(None, "--layer", help="all | input | a layer index (default: probe.layers)"),
+    layer: str = typer.Option(None, "--layer", help="all | input | a layer index | indices as 1,3 (default: probe.layers)"),
     checkpoint: Path = typer.Option(None, "--checkpoint", help="probe this model directory (runs it on the fly)"),
     mode: str = typer.Option(None, help="extracted | online (default: probe.mode; --checkpoint implies online)"),
     representations: Path = typer.Option(Path("data/representations"), help="extract stage output"),
@@ -130,19 +192,20 @@ def main(
         num_layers = _stored_layers(representations)
     layers, include_input = parse_layer(layer or config.layers, num_layers)
     labels = {split: RaggedArray(features / "labels" / split) for split in SPLITS}
-    from mockingjay.probe import ProbeError, read_speakers
+    from mockingjay.probe import ProbeError
 
-    speakers = read_speakers(features / "utterances.tsv")
     run_params = {**to_flat_dict(config), "mode": mode, "layer": layer or config.layers, "model": str(model_dir)}
     run_params.update(_pretrain_params(model_dir))
     with tracking.stage_run("probe", run_params) as mlflow:
         try:
             results = _run_probes(config, mode, model_dir, features, representations, layers, include_input,
-                                  labels, speakers)
+                                  labels)
         except ProbeError as err:
             raise StageError(str(err)) from err
         rows = result_rows(results)
         print(format_table(rows, results))
+        if any(_extra_probes(r) for r in results.values()):
+            print(format_extra(results))
         _log_runs(mlflow, results, rows)
         if metrics:
             write_json(metrics, compact_metrics(results))
@@ -169,29 +232,52 @@ def _pretrain_params(model_dir: Path) -> dict:
     return {f"pretrain.{k}": v for k, v in to_flat_dict(wanted).items()}
 
 
-def _run_probes(config, mode, model_dir, features, representations, layers, include_input, labels, speakers) -> dict:
-    device = resolve_device(config.device)
-    phone_config, speaker_config = config.phone.to_probe_config(), config.speaker.to_probe_config()
-    if mode == "online":
-        from mockingjay.probe import probe_online
+def _is_plain(task: ProbeTaskConfig) -> bool:
+    """Only what online mode implements: linear heads on all labels and utterances."""
+    return (task.kinds == ["linear"] and task.label_fractions == [1.0] and not task.speaker_independent
+            and not task.corpora)
 
+
+def _run_probes(config, mode, model_dir, features, representations, layers, include_input, labels) -> dict:
+    from mockingjay.probe_plan import read_utterances, select_utterances
+
+    device = resolve_device(config.device)
+    utterances = read_utterances(features / "utterances.tsv")
+    speakers = {utt: info.speaker for utt, info in utterances.items()}
+    if mode == "online":
+        unsupported = [t for t in config.tasks if t == "keyword" or not _is_plain(getattr(config, t))]
+        if unsupported:
+            raise ParamError(f"probe.mode: online probes the phone and speaker tasks with linear heads on all "
+                             f"labels only; {unsupported} ask for more (kinds, label_fractions, corpora, "
+                             f"speaker_independent or the keyword task): extract the representations instead")
         from mockingjay.checkpoint import load_model_dir
+        from mockingjay.probe import probe_online
 
         network, _ = load_model_dir(model_dir, device=device)
         stores = {split: RaggedArray(features / split) for split in SPLITS}
         online = probe_online(network, stores, labels if "phone" in config.tasks else None,
                               speakers if "speaker" in config.tasks else None, layers=layers or [],
-                              include_input=include_input, device=device, phone_config=phone_config,
-                              speaker_config=speaker_config)
+                              include_input=include_input, device=device,
+                              phone_config=config.phone.to_probe_config(),
+                              speaker_config=config.speaker.to_probe_config())
         return {task: online[task] for task in config.tasks}
-    from mockingjay.probe import open_representations, probe_phones, probe_speakers
+    from mockingjay.probe import open_representations, probe_labels, probe_phones
 
     reps = open_representations(representations, layers=layers, include_input=include_input)
     results = {}
-    if "phone" in config.tasks:
-        results["phone"] = probe_phones(reps, labels, phone_config, device=device)
-    if "speaker" in config.tasks:
-        results["speaker"] = probe_speakers(reps, speakers, speaker_config, device=device)
+    for task in config.tasks:
+        settings: ProbeTaskConfig = getattr(config, task)
+        include = select_utterances(utterances, settings.corpora, settings.speaker_independent,
+                                    need_keyword=task == "keyword")
+        if task == "phone":
+            results[task] = probe_phones(reps, labels, settings.to_probe_config(), device=device, include=include,
+                                         **settings.options())
+        else:
+            classes = speakers if task == "speaker" else {u: i.keyword for u, i in utterances.items()}
+            results[task] = probe_labels(reps, classes, task, settings.to_probe_config(), device=device,
+                                         include=include, **settings.options())
+        results[task]["selection"] = {"corpora": settings.corpora or "all",
+                                      "speaker_independent": settings.speaker_independent}
     return results
 
 
@@ -226,12 +312,53 @@ def format_table(rows: list[dict], results: dict) -> str:
     return "\n".join(lines)
 
 
+def _extra_probes(result: dict) -> list[dict]:
+    """Every probe of a task except the linear ones on all labels (those are `result["layers"]`)."""
+    return [p for p in result.get("probes", []) if not (p["kind"] == "linear" and p["fraction"] == 1.0)]
+
+
+def probe_group(probe: dict) -> str:
+    """Where a probe is filed beside the layers: mlp, weighted_sum, fraction_0.1, fraction_0.1.weighted_sum."""
+    if probe["kind"] == "mlp":
+        return "mlp"
+    base = "" if probe["fraction"] == 1.0 else f"fraction_{probe['fraction']:g}"
+    if probe["kind"] == "weighted_sum":
+        return f"{base}.weighted_sum" if base else "weighted_sum"
+    return base
+
+
 def compact_metrics(results: dict) -> dict:
+    """{task: {layer: metrics, "weighted_sum": metrics, "mlp": {layer: metrics},
+    "fraction_0.1": {layer: metrics, "weighted_sum": metrics}}} (4 decimals)."""
+    keys = ("accuracy", "macro_f1", "majority_rate")
     out = {}
     for task, result in results.items():
-        out[task] = {name: {k: round(v, 4) for k, v in layer.items() if k in ("accuracy", "macro_f1", "majority_rate")}
+        out[task] = {name: {k: round(v, 4) for k, v in layer.items() if k in keys}
                      for name, layer in result["layers"].items()}
+        for probe in _extra_probes(result):
+            values = {k: round(probe[k], 4) for k in keys}
+            group = probe_group(probe)
+            if group == "weighted_sum":
+                out[task]["weighted_sum"] = values
+            elif group.endswith(".weighted_sum"):
+                out[task].setdefault(group.split(".")[0], {})["weighted_sum"] = values
+            else:
+                out[task].setdefault(group, {})[probe["layer"]] = values
     return out
+
+
+def format_extra(results: dict) -> str:
+    """One line per probe beyond the linear table: kind, layer, fraction, accuracy, macro-F1."""
+    lines = []
+    for task, result in results.items():
+        for probe in _extra_probes(result):
+            layer = "log-mel" if probe["layer"] == "input" else probe["layer"]
+            weights = ""
+            if probe.get("layer_weights"):
+                weights = "  weights " + " ".join(f"{w:.2f}" for w in probe["layer_weights"].values())
+            lines.append(f"{task:<8} {probe['kind']:<13} {layer:<13} labels {probe['fraction']:>5g}  "
+                         f"{probe['accuracy'] * 100:5.1f}%  F1 {probe['macro_f1'] * 100:5.1f}%{weights}")
+    return "\n".join(lines)
 
 
 def write_plot_table(path: Path, rows: list[dict]) -> None:
@@ -260,8 +387,27 @@ def _log_runs(mlflow, results: dict, rows: list[dict]) -> None:
         if layer_rows:
             top = max(layer_rows, key=lambda r: r["accuracy"])
             best[f"{task}_accuracy.best_layer"] = top["accuracy"]
-    mlflow.log_metrics({**summary, **best})
+    extra = {}
     for task, result in results.items():
+        for probe in _extra_probes(result):
+            group = probe_group(probe)
+            key = group if group.endswith("weighted_sum") else f"{group}.{probe['layer']}"
+            extra[f"{task}_accuracy.{key}"] = probe["accuracy"]
+    mlflow.log_metrics({**summary, **best, **extra})
+    for task, result in results.items():
+        for probe in _extra_probes(result):
+            name = f"{probe['kind']}/{probe['layer']}@{probe['fraction']:g}"
+            with mlflow.start_run(run_name=f"{task}/{name}", nested=True,
+                                  tags={"mockingjay.stage": "probe", "probe.task": task, "probe.layer": probe["layer"],
+                                        "probe.kind": probe["kind"], "probe.fraction": f"{probe['fraction']:g}"}):
+                mlflow.log_params({"task": task, "layer": probe["layer"], "kind": probe["kind"],
+                                   "label_fraction": probe["fraction"], "learning_rate": probe["learning_rate"],
+                                   "weight_decay": probe["weight_decay"], "best_epoch": probe["best_epoch"]})
+                mlflow.log_metrics({k: float(probe[k]) for k in ("accuracy", "macro_f1", "majority_rate",
+                                                                 "dev_accuracy")})
+                if probe.get("layer_weights"):
+                    mlflow.log_metrics({f"layer_weight.{k}": v for k, v in probe["layer_weights"].items()})
+                mlflow.log_dict(probe["confusion"], "confusion.json")
         for name, layer in result["layers"].items():
             with mlflow.start_run(run_name=f"{task}/{name}", nested=True,
                                   tags={"mockingjay.stage": "probe", "probe.task": task, "probe.layer": name}):

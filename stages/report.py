@@ -1,0 +1,239 @@
+"""Study outputs a reader (or a check) can use without knowing the detailed layout.
+
+* `mockingjay headline`: `metrics/headline.json`, the test accuracies of every task as fractions
+  (log-mel, majority, each hidden state, weighted sum, best MLP) and the pretraining facts;
+* `mockingjay release`: the final model as float16 safetensors + config + the feature settings
+  it was trained on, small enough to commit (`mockingjay probe --checkpoint` and
+  `export-checkpoint` read it like any model directory);
+* `mockingjay results-table`: the README's results tables, generated from the metrics files
+  between `<!-- results:NAME -->` markers (`--check` fails when the README disagrees).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import typer
+
+from .common import StageError, cli_errors, write_json
+
+TASK_ORDER = ("phone", "speaker", "keyword")
+# The paper's figures (Liu et al. 2020, LibriSpeech train-clean-360 pretraining, BASE): linear phone
+# (72 MFA classes) and utterance speaker recognition. No keyword figure exists in the paper.
+PAPER = {"phone": {"logmel": 0.491, "best": 0.609}, "speaker": {"logmel": 0.7006, "best": 0.9454}}
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise StageError(f"{path}: not found; run the stage that writes it first")
+    return json.loads(path.read_text())
+
+
+def headline_of(results: dict, pretrain: dict, curve: dict[int, dict] | None = None) -> dict:
+    """The compact record: {task: {logmel, majority, layers, weighted_sum, mlp_best}, pretrain: {...}}."""
+    out: dict = {}
+    for task in TASK_ORDER:
+        if task not in results:
+            continue
+        result = results[task]
+        layers = result["layers"]
+        hidden = sorted(n for n in layers if n.startswith("layer_"))
+        probes = result.get("probes", [])
+        weighted = [p for p in probes if p["kind"] == "weighted_sum" and p["fraction"] == 1.0]
+        mlp = [p["accuracy"] for p in probes if p["kind"] == "mlp" and p["layer"] != "input"]
+        entry = {
+            "logmel": layers["input"]["accuracy"] if "input" in layers else None,
+            "majority": next(iter(layers.values()))["majority_rate"],
+            "layers": [layers[n]["accuracy"] for n in hidden],
+            "weighted_sum": weighted[0]["accuracy"] if weighted else None,
+            "mlp_best": max(mlp) if mlp else None,
+            "test_examples": result["examples"]["test"],
+        }
+        mlp_input = [p["accuracy"] for p in probes if p["kind"] == "mlp" and p["layer"] == "input"]
+        if mlp_input:
+            entry["mlp_logmel"] = mlp_input[0]
+        if weighted:
+            entry["layer_weights"] = weighted[0].get("layer_weights")
+        fractions = {}
+        for p in probes:
+            if p["fraction"] != 1.0 and p["kind"] == "linear":
+                group = fractions.setdefault(f"{p['fraction']:g}", {"layers": {}})
+                group["layers"][p["layer"]] = p["accuracy"]
+            elif p["fraction"] != 1.0 and p["kind"] == "weighted_sum":
+                fractions.setdefault(f"{p['fraction']:g}", {"layers": {}})["weighted_sum"] = p["accuracy"]
+        if fractions:
+            fractions["1"] = {"layers": {n: layers[n]["accuracy"] for n in layers},
+                              "weighted_sum": entry["weighted_sum"]}
+            entry["label_fractions"] = {f: {"logmel": g["layers"].get("input"),
+                                            "best_layer": max((v for n, v in g["layers"].items() if n != "input"),
+                                                              default=None),
+                                            "weighted_sum": g.get("weighted_sum")}
+                                        for f, g in sorted(fractions.items(), key=lambda kv: float(kv[0]))}
+        out[task] = entry
+    out["pretrain"] = {
+        "audio_hours_seen": round(pretrain["audio_hours_seen"], 3) if pretrain.get("audio_hours_seen") else None,
+        "train_seconds": round(pretrain["train_seconds"], 1) if pretrain.get("train_seconds") else None,
+        "steps": pretrain.get("steps"),
+        "device": pretrain.get("device"),
+        "heldout_loss_initial": pretrain.get("heldout_loss_initial"),
+        "heldout_loss_final": pretrain.get("heldout_loss_final"),
+    }
+    if curve:
+        out["curve"] = [{"step": step, **{task: metrics[task] for task in TASK_ORDER if task in metrics}}
+                        for step, metrics in sorted(curve.items())]
+    return out
+
+
+def _curve_points(curve_dir: Path | None, steps_per_hour: float | None) -> dict[int, dict]:
+    """step -> {task: last-layer accuracy, audio_hours_seen} from `step-NNNNNN.json` probe metrics."""
+    points: dict[int, dict] = {}
+    if curve_dir is None or not curve_dir.is_dir():
+        return points
+    for path in sorted(curve_dir.glob("step-*.json")):
+        step = int(path.stem.split("-")[1])
+        metrics = json.loads(path.read_text())
+        point: dict = {}
+        for task, layers in metrics.items():
+            hidden = sorted(n for n in layers if n.startswith("layer_"))
+            if hidden:
+                point[task] = layers[hidden[-1]]["accuracy"]
+        if steps_per_hour:
+            point["audio_hours_seen"] = round(step / steps_per_hour, 3)
+        points[step] = point
+    return points
+
+
+@cli_errors
+def headline_main(
+    results: Path = typer.Option(Path("reports/probe/results.json"), help="probe stage --report results.json"),
+    pretrain_metrics: Path = typer.Option(Path("metrics/pretrain.json"), help="pretrain stage metrics"),
+    curve: Path = typer.Option(None, help="folder of step-NNNNNN.json probe metrics of checkpoints"),
+    out: Path = typer.Option(Path("metrics/headline.json"), help="where to write the headline"),
+) -> None:
+    """Write the compact headline metrics of a study (test accuracies as fractions)."""
+    probe_results, pretrain = _read_json(results), _read_json(pretrain_metrics)
+    per_hour = (pretrain["steps"] / pretrain["audio_hours_seen"]) if pretrain.get("audio_hours_seen") else None
+    payload = headline_of(probe_results, pretrain, _curve_points(curve, per_hour))
+    write_json(out, payload)
+    print(json.dumps({k: v for k, v in payload.items() if k != "curve"}, indent=1)[:2000], file=sys.stderr)
+
+
+@cli_errors
+def release_main(
+    model: Path = typer.Option(Path("models/pretrain/model"), help="model directory to release"),
+    features: Path = typer.Option(Path("data/features"), help="the features it was trained on (their settings travel)"),
+    out: Path = typer.Option(..., help="release directory (replaced when it holds an earlier release)"),
+) -> None:
+    """Copy a model as float16 safetensors + config.json + feature_config.json (for committing)."""
+    from mockingjay.checkpoint import release_model_dir
+
+    feature_config = _read_json(features / "feature_config.json")
+    path = release_model_dir(model, out, feature_config)
+    size = sum(p.stat().st_size for p in path.iterdir())
+    print(f"release: {path} ({size / 1e6:.1f} MB, float16)", file=sys.stderr)
+
+
+def _percent(value) -> str:
+    return "" if value is None else f"{value * 100:.1f}"
+
+
+def study_table(headline: dict) -> str:
+    """Markdown: one row per representation, one column per task, paper figures beside ours."""
+    tasks = [t for t in TASK_ORDER if t in headline]
+    depth = max(len(headline[t]["layers"]) for t in tasks)
+    header = "| representation | " + " | ".join(f"{t} (ours)" for t in tasks) + " | phone (paper) | speaker (paper) |"
+    lines = [header, "|" + "---|" * (len(tasks) + 3)]
+
+    def row(name: str, values: list, paper: tuple[str, str] = ("", "")) -> None:
+        lines.append(f"| {name} | " + " | ".join(_percent(v) for v in values) + f" | {paper[0]} | {paper[1]} |")
+
+    row("majority class", [headline[t]["majority"] for t in tasks])
+    row("log-mel (input)", [headline[t]["logmel"] for t in tasks],
+        (_percent(PAPER["phone"]["logmel"]), _percent(PAPER["speaker"]["logmel"])))
+    for i in range(depth):
+        name = "hidden state 0 (projection + position)" if i == 0 else f"layer {i}"
+        row(name, [headline[t]["layers"][i] if i < len(headline[t]["layers"]) else None for t in tasks])
+    row("weighted sum of hidden states", [headline[t].get("weighted_sum") for t in tasks])
+    row("best single layer", [max(headline[t]["layers"]) for t in tasks],
+        (f"{_percent(PAPER['phone']['best'])} (BASE)", f"{_percent(PAPER['speaker']['best'])} (BASE)"))
+    if any(headline[t].get("mlp_best") is not None for t in tasks):
+        row("MLP probe, log-mel", [headline[t].get("mlp_logmel") for t in tasks])
+        row("MLP probe, best layer", [headline[t].get("mlp_best") for t in tasks])
+    return "\n".join(lines)
+
+
+def fraction_table(headline: dict, task: str = "phone") -> str:
+    fractions = headline.get(task, {}).get("label_fractions")
+    if not fractions:
+        return ""
+    lines = ["| labelled train utterances | log-mel | best layer | weighted sum |", "|---|---|---|---|"]
+    for fraction, values in fractions.items():
+        lines.append(f"| {float(fraction) * 100:g}% | {_percent(values['logmel'])} | "
+                     f"{_percent(values['best_layer'])} | {_percent(values['weighted_sum'])} |")
+    return "\n".join(lines)
+
+
+def curve_table(headline: dict) -> str:
+    points = headline.get("curve")
+    if not points:
+        return ""
+    tasks = [t for t in TASK_ORDER if any(t in p for p in points)]
+    lines = ["| step | audio seen (h) | " + " | ".join(f"{t}, last layer" for t in tasks) + " |",
+             "|" + "---|" * (len(tasks) + 2)]
+    for p in points:
+        lines.append(f"| {p['step']} | {p.get('audio_hours_seen', '')} | "
+                     + " | ".join(_percent(p.get(t)) for t in tasks) + " |")
+    return "\n".join(lines)
+
+
+def demo_table(probe_metrics: dict) -> str:
+    tasks = [t for t in TASK_ORDER if t in probe_metrics]
+    names = [n for n in probe_metrics[tasks[0]] if n == "input" or n.startswith("layer_")]
+    lines = ["| layer | " + " | ".join(f"{t} acc" for t in tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
+    for name in names:
+        label = "log-mel (input)" if name == "input" else name.replace("layer_", "")
+        lines.append(f"| {label} | " + " | ".join(_percent(probe_metrics[t].get(name, {}).get("accuracy"))
+                                                 for t in tasks) + " |")
+    lines.append("| majority class | " + " | ".join(_percent(next(iter(probe_metrics[t].values()))["majority_rate"])
+                                                  for t in tasks) + " |")
+    return "\n".join(lines)
+
+
+def tables(root: Path) -> dict[str, str]:
+    """Marker name -> generated markdown, from the committed metrics files under `root`."""
+    out = {}
+    demo = root / "metrics" / "probe.json"
+    if demo.is_file():
+        out["demo"] = demo_table(json.loads(demo.read_text()))
+    headline = root / "studies" / "multispeaker" / "metrics" / "headline.json"
+    if headline.is_file():
+        data = json.loads(headline.read_text())
+        out["study"] = study_table(data)
+        out["study-fractions"] = fraction_table(data)
+        out["study-curve"] = curve_table(data)
+    return out
+
+
+def render_readme(text: str, generated: dict[str, str]) -> str:
+    for name, table in generated.items():
+        pattern = re.compile(rf"(<!-- results:{re.escape(name)} -->\n).*?(<!-- /results:{re.escape(name)} -->)", re.S)
+        text = pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text)
+    return text
+
+
+@cli_errors
+def table_main(
+    readme: Path = typer.Option(Path("README.md"), help="the file with <!-- results:NAME --> markers"),
+    check: bool = typer.Option(False, "--check", help="only check that the file is up to date (exit 1 if not)"),
+) -> None:
+    """Regenerate the README's result tables from the metrics files (or --check them)."""
+    text = readme.read_text()
+    rendered = render_readme(text, tables(readme.resolve().parent))
+    if check:
+        if rendered != text:
+            raise StageError(f"{readme}: result tables differ from the metrics files; run mockingjay results-table")
+        return
+    readme.write_text(rendered)
