@@ -43,7 +43,9 @@ from mockingjay.masking import MaskConfig, mam_l1_loss, mask_batch  # noqa: E402
 from mockingjay.model import (  # noqa: E402
     SDPA_PRIORITY, MockingjayForMAM, ModelConfig, preset_config, set_attention_priority)
 
-FRAMES_PER_SECOND = 100  # 10 ms hop
+# Audio seconds count 10 ms frames (the default hop), --features stores included, so that the
+# model-only and real-loop figures, one synthetic and one not, compare frame for frame.
+FRAMES_PER_SECOND = 100
 # DESIGN section 4: BASE is s3prl's config (3 layers, 240-d fbank+d+dd in and out, R=1) and
 # LARGE the same with 12 layers.
 CONFIGS = {"base": dict(num_layers=3), "large": dict(num_layers=12)}
