@@ -41,7 +41,7 @@ LOCK_UPGRADE ?= --upgrade
 lock: venv
 	$(BIN)/python -m pip install --quiet 'uv>=0.5'
 	$(BIN)/uv pip compile pyproject.toml --extra dev --generate-hashes --python-version 3.11 \
-		--custom-compile-command "make lock" $(LOCK_UPGRADE) -o requirements.lock
+		--custom-compile-command "make lock" --quiet $(LOCK_UPGRADE) -o requirements.lock
 
 system-deps:
 ifneq ($(MISSING_BINS),)
