@@ -1,11 +1,15 @@
 # make demo: set up .venv and run the whole pipeline (dvc repro) on the bundled corpus.
 # make test: set up .venv if missing, install the Debian packages the browser test needs if they
 #            are missing (system-deps; apt-get, as root or through sudo), and run the test suite.
+# make test-fast: the unit tests only (not the `slow` end-to-end and benchmark tests), for the edit loop.
+# make lock: re-resolve pyproject.toml's dependencies to their newest releases and rewrite
+#            requirements.lock (exact pins with hashes), which .venv installs from.
+#            `make lock LOCK_UPGRADE=` keeps the current pins and resolves only what pyproject.toml changed.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test venv system-deps bench clean-venv
+.PHONY: demo test test-fast venv lock system-deps bench clean-venv
 
 # tests/test_mlflow_ui.py drives headless Chromium through chromedriver (Debian chromium, chromium-driver).
 SYSTEM_BINS := /usr/bin/chromium /usr/bin/chromedriver
@@ -18,13 +22,26 @@ demo: venv
 test: venv system-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
+test-fast: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
+
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# The dependencies come from the lock, hash-checked, so every clone gets the builds dvc.lock was
+# made with; the project itself goes on top without resolving anything.
+$(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $@
+
+# uv is only the locking tool: it lives in .venv but is not one of the project's dependencies.
+LOCK_UPGRADE ?= --upgrade
+lock: venv
+	$(BIN)/python -m pip install --quiet 'uv>=0.5'
+	$(BIN)/uv pip compile pyproject.toml --extra dev --generate-hashes --python-version 3.11 \
+		--custom-compile-command "make lock" --quiet $(LOCK_UPGRADE) -o requirements.lock
 
 system-deps:
 ifneq ($(MISSING_BINS),)

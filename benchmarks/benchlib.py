@@ -21,7 +21,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-FRAMES_PER_SECOND = 100  # 10 ms hop: audio seconds = frames / 100
+# Synthetic stores are random frames with no recorded feature settings: the figures count them
+# as 10 ms frames (the default hop). A featurized store records its hop; store_frame_rate reads it.
+FRAMES_PER_SECOND = 100
+
+
+def store_frame_rate(store) -> float:
+    """Frames per second of a feature store: its recorded featurize settings, else the synthetic 100."""
+    from mockingjay.feature_config import frames_per_second
+
+    settings = store.attrs.get("feature_config")
+    return frames_per_second(settings) if settings else FRAMES_PER_SECOND
 
 
 def machine() -> dict:
@@ -85,7 +95,7 @@ def store_summary(path: Path) -> dict:
     store = RaggedArray(path)
     frames = int(store.lengths.sum())
     return {"utterances": len(store), "frames": frames, "dim": store.dim,
-            "audio_hours": round(frames / FRAMES_PER_SECOND / 3600, 4),
+            "audio_hours": round(frames / store_frame_rate(store) / 3600, 4),
             "bytes": int((Path(path) / "data.bin").stat().st_size),
             "uniform_length": bool(len(store) and store.lengths.min() == store.lengths.max())}
 

@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchlib import machine, store_summary, width, write_synthetic_store
+from benchlib import machine, store_frame_rate, store_summary, width, write_synthetic_store
 from pretrain_throughput import CONFIGS  # BASE 3 layers, LARGE 12: the same models
 
 from mockingjay.extract import (
@@ -50,8 +50,6 @@ from mockingjay.extract import (
 )
 from mockingjay.featstore import RaggedArray
 from mockingjay.model import MockingjayForMAM, preset_config
-
-FRAMES_PER_SECOND = 100
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -118,7 +116,8 @@ def main(argv=None) -> dict:
         layers = resolve_layers(None if args.layers == "all" else [int(x) for x in args.layers.split(",")],
                                 config.num_layers)
         batches = length_sorted_batches(store.lengths, args.batch_frames)
-        audio_sec = float(store.lengths.sum()) / FRAMES_PER_SECOND
+        frame_rate = store_frame_rate(store)  # a --features store's own hop; synthetic: 10 ms frames
+        audio_sec = float(store.lengths.sum()) / frame_rate
         include_input = not args.no_input
         sync = torch.cuda.synchronize if cuda else (lambda: None)
 
@@ -158,7 +157,7 @@ def main(argv=None) -> dict:
         result["host_batch_assembly"] = with_rate(timed_passes(assemble, args.passes, lambda: None), audio_sec)
         if args.write:
             summary = extract_representations(model, store, tmp / "representations", layers, device,
-                                              args.batch_frames, include_input, progress=False)
+                                              args.batch_frames, include_input, progress=False, frame_rate=frame_rate)
             result["extract_to_disk"] = {k: summary[k] for k in ("seconds", "audio_seconds_per_second", "bytes_written")}
             result["extract_to_disk"]["note"] = "one pass, first write of the files"
         result["audio_seconds_per_second"] = result["encode_batches"]["audio_seconds_per_second"]

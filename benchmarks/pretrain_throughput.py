@@ -1,4 +1,4 @@
-"""Time Mockingjay pretraining steps and print one JSON line (DESIGN.md section 4 shapes).
+"""Time Mockingjay pretraining steps and print one JSON line (docs/design.md section 7 shapes).
 
 One step = MAM masking on the device, model forward, L1 loss on the masked frames, backward,
 gradient clipping, AdamW (fused on CUDA); bf16 autocast on CUDA; features already on the device.
@@ -19,7 +19,7 @@ exactly T frames written with the featurize stage's writer to a temporary folder
 batch is [B, T, D] as in the model-only step. The trainer's own step on batches already on the
 device is timed too: real loop / that isolates the input path.
 
-MFU follows DESIGN.md: per step 6 x matmul parameters x frames + 12 x layers x B x T^2 x hidden
+MFU follows docs/design.md section 7: per step 6 x matmul parameters x frames + 12 x layers x B x T^2 x hidden
 FLOPs (T in model steps), over a bf16 peak of 790 TFLOP/s (H200 8192^3 bf16 matmul).
 """
 
@@ -43,8 +43,10 @@ from mockingjay.masking import MaskConfig, mam_l1_loss, mask_batch  # noqa: E402
 from mockingjay.model import (  # noqa: E402
     SDPA_PRIORITY, MockingjayForMAM, ModelConfig, preset_config, set_attention_priority)
 
-FRAMES_PER_SECOND = 100  # 10 ms hop
-# DESIGN section 4: BASE is s3prl's config (3 layers, 240-d fbank+d+dd in and out, R=1) and
+# Audio seconds count 10 ms frames (the default hop), --features stores included, so that the
+# model-only and real-loop figures, one synthetic and one not, compare frame for frame.
+FRAMES_PER_SECOND = 100
+# docs/design.md section 7: BASE is s3prl's config (3 layers, 240-d fbank+d+dd in and out, R=1) and
 # LARGE the same with 12 layers.
 CONFIGS = {"base": dict(num_layers=3), "large": dict(num_layers=12)}
 

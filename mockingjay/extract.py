@@ -37,10 +37,10 @@ import torch
 from torch import Tensor, nn
 
 from mockingjay.featstore import _DATA, _INDEX, _META, RaggedArray
+from mockingjay.feature_config import frames_per_second
 from mockingjay.model import upsample_to_frames
 
 INPUT_STORE = "input"
-FRAMES_PER_SECOND = 100  # the speed figure counts audio seconds at a 10 ms hop
 ProgressCallback = Callable[[int, int], None]  # (frames done, total frames)
 
 
@@ -247,6 +247,7 @@ def extract_representations(
     batch_frames: int = 32_000,
     include_input: bool = True,
     progress: bool | ProgressCallback = True,
+    frame_rate: float | None = None,
 ) -> dict:
     """Write per-layer float16 stores of `feature_store` under `out_dir`; return a summary.
 
@@ -254,10 +255,15 @@ def extract_representations(
     batch_frames: cap on padded frames (batch size x longest utterance) per forward pass.
     include_input: also write the input features as `out_dir/input` (the probes' baseline).
     progress: True = tqdm bar on stderr, False = silent, or a callback(frames done, total frames).
+    frame_rate: feature frames per second of audio; None = from the store's recorded feature
+        settings (featurize writes them into its attrs). A store that records none, and no
+        frame_rate, gives audio_seconds_per_second None rather than a guessed rate.
 
     Summary keys: items, frames, stores, layers, hidden_size, batches, bytes_written, seconds,
-    audio_seconds_per_second (audio at 100 frames/s per wall-clock second), device.
+    audio_seconds_per_second (seconds of audio per wall-clock second), device.
     """
+    if frame_rate is None and "feature_config" in feature_store.attrs:
+        frame_rate = frames_per_second(feature_store.attrs["feature_config"])
     device = torch.device(device)
     encoder = encoder_of(model)
     config = encoder.config
@@ -306,6 +312,7 @@ def extract_representations(
         "batches": len(batches),
         "bytes_written": int(written),
         "seconds": round(seconds, 3),
-        "audio_seconds_per_second": round(total_frames / FRAMES_PER_SECOND / max(seconds, 1e-9), 1),
+        "audio_seconds_per_second": (None if frame_rate is None
+                                     else round(total_frames / frame_rate / max(seconds, 1e-9), 1)),
         "device": str(device),
     }

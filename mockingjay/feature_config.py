@@ -12,6 +12,7 @@ every command's start, `--help` and parameter errors included, seconds slower.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -78,6 +79,11 @@ class FeatureConfig:
         return self.hop_length / self.sample_rate
 
     @property
+    def frame_rate(self) -> float:
+        """Feature frames per second of audio: 100 at a 10 ms hop, 80 at the paper's 12.5 ms."""
+        return self.sample_rate / self.hop_length
+
+    @property
     def dim(self) -> int:
         return self.n_mels * (1 + self.delta_order)
 
@@ -96,6 +102,15 @@ def feature_config(section: dict | None = None) -> dict:
     merged = dict(FEATURE_PRESETS.get(preset, {}))
     merged.update({k: v for k, v in section.items() if v is not None})  # null = the preset's value
     return merged
+
+
+def frames_per_second(settings: Mapping) -> float:
+    """The frame rate of recorded feature settings (feature_config.json, a feature store's attrs).
+
+    Every audio-seconds figure divides frames by this, never by a fixed 100: under the paper
+    preset a frame is 12.5 ms, and 100 frames are 1.25 s of audio.
+    """
+    return FeatureConfig(sample_rate=int(settings["sample_rate"]), hop_ms=float(settings["hop_ms"])).frame_rate
 
 
 def num_frames(num_samples: int, hop_length: int) -> int:

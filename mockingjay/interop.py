@@ -1,6 +1,6 @@
 """Checkpoints of s3prl and of the original Mockingjay code, converted to and from our model.
 
-Layouts (DESIGN.md section 5), checked against s3prl/s3prl: s3prl/upstream/mockingjay/builder.py
+Layouts (docs/design.md section 8), checked against s3prl/s3prl: s3prl/upstream/mockingjay/builder.py
 (the loader: the entries and config keys it reads), model.py (module names, TransformerConfig),
 s3prl/pretrain/mockingjay/pretrain_expert.py (what pretraining saves), and, from the same
 repository's 2019 history, mockingjay/model.py and nn_mockingjay.py (the original code)::

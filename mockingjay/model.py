@@ -162,8 +162,8 @@ def sinusoid_table(num_positions: int, hidden_size: int) -> Tensor:
 
 # Attention backends in order of preference on CUDA. Measured on an H200, torch 2.11, BASE B32
 # T1500 bf16 training step: with a boolean padding mask cuDNN is fastest (flash cannot take a
-# mask and the default then picks the memory-efficient kernel, ~40% slower in attention, DESIGN
-# section 4); without a mask cuDNN still beat flash (32.6 vs 33.9 ms eager, 26.9 vs 28.0 ms
+# mask and the default then picks the memory-efficient kernel, ~40% slower in attention, docs/design.md
+# section 7); without a mask cuDNN still beat flash (32.6 vs 33.9 ms eager, 26.9 vs 28.0 ms
 # compiled). Math stays last so the CPU and odd shapes always have a path. Keyed by "is there a
 # padding mask", so the two cases can be tuned apart (set_attention_priority).
 SDPA_PRIORITY: dict[bool, tuple[str, ...]] = {

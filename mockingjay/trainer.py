@@ -66,7 +66,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     eval_every: int = 0  # 0: held-out loss only at step 0 and at the end
     eval_max_utterances: int | None = None
-    frame_rate: float = 100.0  # feature frames per second of audio, for audio-seconds/second
+    frame_rate: float = 100.0  # feature frames per second, for audio-seconds/s; the stage sets the features' own
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     compile: bool = False

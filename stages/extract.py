@@ -20,6 +20,7 @@ import typer
 
 from mockingjay.config import from_section, to_flat_dict
 from mockingjay.featstore import RaggedArray
+from mockingjay.feature_config import frames_per_second
 from mockingjay.manifest import SPLITS
 
 from . import tracking
@@ -37,6 +38,19 @@ class ExtractConfig:
     def validate(self) -> None:
         if self.batch_frames <= 0:
             raise ValueError(f"batch_frames: must be positive, got {self.batch_frames}")
+
+
+def totals(summaries: dict[str, dict], layers: list[int], frame_rate: float) -> dict:
+    """The run's figures over all splits; audio seconds count frames at the features' own rate."""
+    total = {
+        "utterances": sum(s["items"] for s in summaries.values()),
+        "frames": sum(s["frames"] for s in summaries.values()),
+        "layers": len(layers),
+        "bytes_written": sum(s["bytes_written"] for s in summaries.values()),
+        "seconds": round(sum(s["seconds"] for s in summaries.values()), 3),
+    }
+    total["audio_seconds_per_second"] = round(total["frames"] / frame_rate / max(total["seconds"], 1e-9), 1)
+    return total
 
 
 def resolve_device(name: str):
@@ -61,7 +75,7 @@ def main(
 
     config = from_section(ExtractConfig, section(params, "extract"), "extract")
     device = resolve_device(config.device)
-    check_model_features(model, features)
+    frame_rate = frames_per_second(check_model_features(model, features))
     stores = {split: RaggedArray(features / split) for split in SPLITS}
     network, model_config = load_model_dir(model, device=device)
     try:
@@ -73,16 +87,10 @@ def main(
         for split in SPLITS:
             print(f"extract: {split} ({len(stores[split])} utterances)", file=sys.stderr)
             summaries[split] = extract_representations(
-                network, stores[split], tmp / split, layers, device, config.batch_frames, include_input=True
+                network, stores[split], tmp / split, layers, device, config.batch_frames, include_input=True,
+                frame_rate=frame_rate,
             )
-        total = {
-            "utterances": sum(s["items"] for s in summaries.values()),
-            "frames": sum(s["frames"] for s in summaries.values()),
-            "layers": len(layers),
-            "bytes_written": sum(s["bytes_written"] for s in summaries.values()),
-            "seconds": round(sum(s["seconds"] for s in summaries.values()), 3),
-        }
-        total["audio_seconds_per_second"] = round(total["frames"] / 100 / max(total["seconds"], 1e-9), 1)
+        total = totals(summaries, layers, frame_rate)
         # content only (no seconds, no device): a redo elsewhere gives a byte-identical output folder
         run_facts = ("seconds", "audio_seconds_per_second", "device")
         timeless = {split: {k: v for k, v in part.items() if k not in run_facts} for split, part in summaries.items()}

@@ -211,7 +211,7 @@ def main(
               **provenance}
     if rank == 0:
         _fresh_or_resume(checkpoints, record)
-    frame_rate = 1000.0 / settings.hop_ms
+    frame_rate = settings.frame_rate
     train_config = dataclasses.replace(train_config, frame_rate=frame_rate)
     flat = {**to_flat_dict({"model": model_config.to_dict(), "mask": mask_config.to_dict()}),
             **to_flat_dict({"train": train_config.to_dict()}), "preset": pretrain_section.get("preset", "tera-base")}

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
+pytestmark = pytest.mark.slow  # runs the benchmark scripts
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 FSDD = ROOT / "tests" / "fixtures" / "fsdd" / "recordings"
@@ -83,8 +85,12 @@ def test_pretrain_real_loop_reports_both_throughputs_and_their_ratio(runs):
         assert real[phase]["steps_timed"] == 2
         assert all(positive(real[phase][k]) for k in ("audio_seconds_per_second", "ms_per_step", "cpu_ms_per_step"))
     assert positive(real["loader_only"]["audio_seconds_per_second"])
-    assert positive(real["ratio_real_loop_vs_model_only"]) and positive(real["ratio_real_loop_vs_trainer_step"])
-    assert real["target_ratio"] == 0.9
+    # the ratios are the reported figures' own quotients (rounding aside), not separate measurements
+    assert real["ratio_real_loop_vs_model_only"] == pytest.approx(
+        real["trainer_real_loop"]["audio_seconds_per_second"] / report["audio_seconds_per_second"], rel=0.02)
+    assert real["ratio_real_loop_vs_trainer_step"] == pytest.approx(
+        real["trainer_real_loop"]["audio_seconds_per_second"]
+        / real["trainer_step_device_batches"]["audio_seconds_per_second"], rel=0.02)
 
 
 def test_extract_reports_each_stage_of_the_path(runs):

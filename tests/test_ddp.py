@@ -10,9 +10,12 @@ from pathlib import Path
 import hashlib
 
 import numpy as np
+import pytest
 
 from mockingjay.checkpoint import load_model_dir
 from mockingjay.featstore import RaggedWriter
+
+pytestmark = pytest.mark.slow  # trains end to end in two torchrun processes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

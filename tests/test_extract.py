@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,7 +11,9 @@ import torch
 
 from mockingjay.extract import (ExtractError, extract_representations, layer_store_name, length_sorted_batches)
 from mockingjay.featstore import RaggedArray, RaggedWriter
+from mockingjay.feature_config import FEATURE_PRESETS, FeatureConfig, frames_per_second
 from mockingjay.model import MockingjayForMAM, ModelConfig
+from stages.extract import totals
 
 DIM = 12
 LENGTHS = [37, 5, 80, 1, 23, 64, 64, 9, 41, 17]  # unsorted, with ties and a 1-frame utterance
@@ -27,9 +30,9 @@ def tiny_model(downsample_rate: int = 1, seed: int = 0) -> MockingjayForMAM:
                                         intermediate_size=64, downsample_rate=downsample_rate))
 
 
-def feature_store(path: Path) -> RaggedArray:
+def feature_store(path: Path, attrs: dict | None = None) -> RaggedArray:
     rng = np.random.default_rng(0)
-    with RaggedWriter(path, DIM, "float16", {"kind": "input"}) as writer:
+    with RaggedWriter(path, DIM, "float16", {"kind": "input", **(attrs or {})}) as writer:
         for i, length in enumerate(LENGTHS):
             writer.append(f"utt{i:02d}", rng.normal(0, 1, (length, DIM)))
     return RaggedArray(path)
@@ -108,3 +111,31 @@ def test_errors_name_the_layer_range_and_the_dims(tmp_path):
     with pytest.raises(ExtractError, match=r"features have 12 dims but the model expects input_dim=13"):
         extract_representations(wide, store, tmp_path / "out", progress=False)
     assert not any(p.name.startswith(".") for p in (tmp_path / "out").iterdir())  # no temporary left behind
+
+
+PAPER = FeatureConfig(**FEATURE_PRESETS["paper"])  # 12.5 ms hop: 80 frames per second
+
+
+def test_audio_seconds_count_frames_at_the_stores_own_hop(tmp_path, monkeypatch):
+    # issue 12: a fixed 100 frames/s made the paper preset's figure 25% too low
+    clock = iter([100.0, 102.0, 200.0, 202.0, 300.0, 302.0])  # each run takes 2 s
+    monkeypatch.setattr("mockingjay.extract.time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    store = feature_store(tmp_path / "paper", {"feature_config": PAPER.to_dict()})
+    summary = extract_representations(tiny_model(), store, tmp_path / "a", layers=[1], progress=False)
+    assert summary["audio_seconds_per_second"] == round(sum(LENGTHS) / 80 / 2, 1) == 2.1
+    # an explicit rate wins; a store recording no settings gives no figure rather than a guess
+    summary = extract_representations(tiny_model(), store, tmp_path / "b", layers=[1], progress=False, frame_rate=50)
+    assert summary["audio_seconds_per_second"] == round(sum(LENGTHS) / 50 / 2, 1)
+    bare = extract_representations(tiny_model(), feature_store(tmp_path / "bare"), tmp_path / "c", layers=[1],
+                                   progress=False)
+    assert bare["audio_seconds_per_second"] is None
+
+
+def test_stage_totals_use_the_feature_settings_frame_rate():
+    summaries = {"train": {"items": 3, "frames": 6000, "bytes_written": 10, "seconds": 5.0},
+                 "test": {"items": 1, "frames": 2000, "bytes_written": 4, "seconds": 5.0}}
+    rate = frames_per_second(PAPER.to_dict())
+    assert rate == 80.0 and frames_per_second(FeatureConfig().to_dict()) == 100.0
+    total = totals(summaries, [0, 1, 2], rate)
+    assert total["audio_seconds_per_second"] == 10.0  # 8000 frames = 100 s of audio in 10 s
+    assert (total["utterances"], total["frames"], total["layers"], total["bytes_written"]) == (4, 8000, 3, 14)

@@ -330,6 +330,7 @@ def test_other_pickles_and_garbage_are_refused_cleanly(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow  # the CLI end to end on a featurized repository
 def test_import_probe_and_export_from_the_command_line(featurized_repo, tmp_path):
     """An s3prl checkpoint with 80-d log-mel settings, imported and probed on the fixture features."""
     repo = copy_repo(featurized_repo, tmp_path / "repo")

@@ -13,6 +13,7 @@ from mockingjay.masking import (
     mask_batch,
     mask_preset_config,
 )
+from mockingjay.model import PRESETS
 
 PAPER = MaskConfig()
 TERA = mask_preset_config("tera-base")
@@ -57,12 +58,18 @@ def test_policy_probabilities_must_sum_to_at_most_one():
     assert MaskConfig(zero_prob=0.5, random_prob=0.5).keep_prob == 0.0
 
 
-def test_presets():
-    assert set(MASK_PRESETS) == {"paper-base", "paper-large", "tera-base", "s3prl-base"}
-    assert MASK_PRESETS["paper-base"] == PAPER
-    assert (PAPER.freq_mask_proportion, PAPER.noise_prob) == (0.0, 0.0)
-    assert MASK_PRESETS["paper-large"].span_length == 3
-    assert (TERA.freq_mask_proportion, TERA.noise_prob, TERA.noise_std) == (0.2, 0.15, 0.2)
+def test_presets_pair_with_the_model_presets_and_mask_as_their_method_does():
+    assert set(MASK_PRESETS) == set(PRESETS)  # pretrain picks both halves with one name
+    features, lengths = make_batch([90] * 32, dims=20)
+    # TERA alters frequency bands; the paper's masking does not
+    tera = mask_batch(features, lengths, MASK_PRESETS["tera-base"], generator=seeded(3))
+    paper = mask_batch(features, lengths, MASK_PRESETS["paper-base"], generator=seeded(3))
+    assert tera.freq_mask.any() and not paper.freq_mask.any()
+    assert all(size % 7 == 0 for row in paper.time_mask for _, size in runs(row))
+    # paper-large: spans of C = 3 steps of R = 3 frames, so masked runs come in 9 frames
+    large = mask_batch(features, lengths, MASK_PRESETS["paper-large"], downsample_rate=3, generator=seeded(4))
+    sizes = [size for row in large.time_mask for _, size in runs(row)]
+    assert sizes and all(size % 9 == 0 for size in sizes) and 9 in sizes
     assert mask_preset_config("paper-base", span_length=3).span_length == 3
     with pytest.raises(ValueError, match="valid presets"):
         mask_preset_config("bert")
