@@ -31,6 +31,7 @@ from tqdm import tqdm
 from mockingjay.batching import FeatureDataset, LengthBucketBatchSampler, make_loader
 from mockingjay.checkpoint import (capture_rng_state, latest_checkpoint, load_trainer_state,
                                    load_weights, restore_rng_state, save_checkpoint, save_model_dir)
+from mockingjay.device import resolve_device  # noqa: F401  (also importable as trainer.resolve_device)
 from mockingjay.masking import MaskConfig, mam_l1_loss, mask_batch
 from mockingjay.model import MockingjayForMAM, ModelConfig
 from mockingjay.schedule import warmup_linear_decay
@@ -124,17 +125,6 @@ def setup_distributed(use_cuda: bool) -> DistributedContext:
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, owns_group=True)
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """"auto" -> CUDA when present (this rank's GPU), else CPU; a CUDA request without CUDA is a ValueError."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available on this machine")
-    if name == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
 
 
 class Trainer:

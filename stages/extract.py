@@ -24,7 +24,8 @@ from mockingjay.feature_config import frames_per_second
 from mockingjay.manifest import SPLITS
 
 from . import tracking
-from .common import PARAMS_OPTION, StageError, atomic_output_dir, check_model_features, cli_errors, section, write_json
+from .common import PARAMS_OPTION, StageError, atomic_output_dir, cli_errors, section, write_json
+from .runtime import check_model_features, resolve_device
 
 
 @dataclass(frozen=True)
@@ -51,15 +52,6 @@ def totals(summaries: dict[str, dict], layers: list[int], frame_rate: float) -> 
     }
     total["audio_seconds_per_second"] = round(total["frames"] / frame_rate / max(total["seconds"], 1e-9), 1)
     return total
-
-
-def resolve_device(name: str):
-    from mockingjay.trainer import resolve_device as resolve
-
-    try:
-        return resolve(name)
-    except ValueError as err:
-        raise StageError(str(err)) from err
 
 
 @cli_errors

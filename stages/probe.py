@@ -28,8 +28,8 @@ from mockingjay.featstore import RaggedArray
 from mockingjay.manifest import SPLITS
 
 from . import tracking
-from .common import PARAMS_OPTION, StageError, atomic_output_dir, check_model_features, cli_errors, section, write_json
-from .extract import resolve_device
+from .common import PARAMS_OPTION, StageError, atomic_output_dir, cli_errors, section, write_json
+from .runtime import check_model_features, resolve_device
 
 TASKS = ("phone", "speaker", "keyword")
 KINDS = ("linear", "mlp", "weighted_sum")  # = mockingjay.probe_heads.KINDS (not imported: it loads torch)
