@@ -9,7 +9,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast venv lock system-deps bench clean-venv
+.PHONY: demo study test test-fast venv lock system-deps bench clean-venv
 
 # tests/test_mlflow_ui.py drives headless Chromium through chromedriver (Debian chromium, chromium-driver).
 SYSTEM_BINS := /usr/bin/chromium /usr/bin/chromedriver
@@ -18,6 +18,10 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 demo: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+# the multi-speaker study (README): needs the corpora in data/external/; about 1.5 h on 2 CPU cores
+study: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro studies/multispeaker/dvc.yaml
 
 test: venv system-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n 2 --dist loadfile

@@ -75,17 +75,61 @@ def plot_loss_curve(steps: Sequence[int], losses: Sequence[float], path: Path, h
     return path
 
 
-def plot_probe_accuracy(rows: list[dict], path: Path) -> Path:
-    """rows: {"task", "layer" (int or "input"), "accuracy"}; the input baseline is a dashed line."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for task in sorted({r["task"] for r in rows}):
+def plot_probe_accuracy(rows: list[dict], path: Path, extra: dict[str, dict[str, float]] | None = None) -> Path:
+    """One panel per task with its own axis: accuracy per layer (integer ticks), the log-mel input
+    and the majority class as labelled lines. rows: {"task", "layer" (int or "input"), "accuracy",
+    "majority_rate"}; extra: task -> {label: accuracy} drawn as dotted lines (weighted sum, MLP)."""
+    tasks = sorted({r["task"] for r in rows}, key=lambda t: ("phone", "speaker", "keyword").index(t)
+                   if t in ("phone", "speaker", "keyword") else 9)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
         layers = sorted((r for r in rows if r["task"] == task and r["layer"] != "input"), key=lambda r: r["layer"])
-        line = ax.plot([r["layer"] for r in layers], [r["accuracy"] for r in layers], marker="o", label=f"{task}")[0]
+        ax.plot([r["layer"] for r in layers], [r["accuracy"] * 100 for r in layers], marker="o", color="C0",
+                label="hidden state")
         baseline = [r for r in rows if r["task"] == task and r["layer"] == "input"]
         if baseline:
-            ax.axhline(baseline[0]["accuracy"], linestyle="--", color=line.get_color(), label=f"{task}: log-mel input")
-    ax.set_xlabel("layer (0 = input representation)")
-    ax.set_ylabel("test accuracy")
+            ax.axhline(baseline[0]["accuracy"] * 100, linestyle="--", color="C3", label="log-mel input")
+        ax.axhline(rows[[r["task"] for r in rows].index(task)]["majority_rate"] * 100, linestyle=":", color="grey",
+                   label="majority class")
+        for i, (label, value) in enumerate(((extra or {}).get(task) or {}).items()):
+            ax.axhline(value * 100, linestyle="-.", color=f"C{i + 4}", label=label)
+        ax.set_xticks([r["layer"] for r in layers])
+        ax.set_title(task)
+        ax.set_xlabel("hidden state (0 = input representation)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_layer_weights(weights: dict[str, dict[str, float]], path: Path) -> Path:
+    """The learnt softmax weights of each task's weighted-sum head, as bars per hidden state."""
+    fig, axes = plt.subplots(1, len(weights), figsize=(3.6 * len(weights), 3.2), squeeze=False)
+    for ax, (task, layer_weights) in zip(axes[0], weights.items()):
+        names = list(layer_weights)
+        ax.bar(range(len(names)), [layer_weights[n] for n in names], color="C2")
+        ax.set_xticks(range(len(names)), [n.replace("layer_", "") for n in names])
+        ax.set_title(f"{task}: weighted-sum layer weights")
+        ax.set_xlabel("hidden state")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_curve(points: list[dict], tasks: Sequence[str], path: Path) -> Path:
+    """Last-layer accuracy against pretraining audio seen (hours), one line per task."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for task in tasks:
+        xs = [p["audio_hours_seen"] for p in points if task in p]
+        ax.plot(xs, [p[task] * 100 for p in points if task in p], marker="o", label=task)
+    ax.set_xlabel("pretraining audio seen (hours)")
+    ax.set_ylabel("test accuracy, last layer (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -214,10 +214,16 @@ def main(
         if report:
             with atomic_output_dir(report) as tmp:
                 write_json(tmp / "results.json", results)
-                from mockingjay.figures import plot_probe_accuracy
+                from mockingjay.figures import plot_layer_weights, plot_probe_accuracy
 
-                plot_probe_accuracy(rows, tmp / "probe_accuracy.png")
-            mlflow.log_artifact(str(report / "probe_accuracy.png"))
+                plot_probe_accuracy(rows, tmp / "probe_accuracy.png", _figure_extras(results))
+                weights = {task: p["layer_weights"] for task, r in results.items() for p in _extra_probes(r)
+                           if p.get("layer_weights") and p["fraction"] == 1.0}
+                if weights:
+                    plot_layer_weights(weights, tmp / "layer_weights.png")
+            for figure in ("probe_accuracy.png", "layer_weights.png"):
+                if (report / figure).is_file():
+                    mlflow.log_artifact(str(report / figure))
             mlflow.log_artifact(str(report / "results.json"))
 
 
@@ -315,6 +321,21 @@ def format_table(rows: list[dict], results: dict) -> str:
 def _extra_probes(result: dict) -> list[dict]:
     """Every probe of a task except the linear ones on all labels (those are `result["layers"]`)."""
     return [p for p in result.get("probes", []) if not (p["kind"] == "linear" and p["fraction"] == 1.0)]
+
+
+def _figure_extras(results: dict) -> dict[str, dict[str, float]]:
+    """task -> {"weighted sum": acc, "MLP, best layer": acc} at fraction 1, for the accuracy figure."""
+    extras: dict[str, dict[str, float]] = {}
+    for task, result in results.items():
+        for probe in _extra_probes(result):
+            if probe["fraction"] != 1.0:
+                continue
+            if probe["kind"] == "weighted_sum":
+                extras.setdefault(task, {})["weighted sum"] = probe["accuracy"]
+            elif probe["kind"] == "mlp" and probe["layer"] != "input":
+                best = extras.setdefault(task, {}).get("MLP, best layer", 0.0)
+                extras[task]["MLP, best layer"] = max(best, probe["accuracy"])
+    return extras
 
 
 def probe_group(probe: dict) -> str:

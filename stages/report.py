@@ -82,7 +82,7 @@ def headline_of(results: dict, pretrain: dict, curve: dict[int, dict] | None = N
         "heldout_loss_final": pretrain.get("heldout_loss_final"),
     }
     if curve:
-        out["curve"] = [{"step": step, **{task: metrics[task] for task in TASK_ORDER if task in metrics}}
+        out["curve"] = [{"step": step, **{k: v for k, v in metrics.items() if k in TASK_ORDER or k == "audio_hours_seen"}}
                         for step, metrics in sorted(curve.items())]
     return out
 
@@ -106,18 +106,45 @@ def _curve_points(curve_dir: Path | None, steps_per_hour: float | None) -> dict[
     return points
 
 
+def _last_layer(results: dict) -> dict:
+    """task -> accuracy of the last hidden state's linear head at fraction 1."""
+    point = {}
+    for task, result in results.items():
+        if not isinstance(result, dict) or "layers" not in result:
+            continue
+        hidden = sorted(n for n in result["layers"] if n.startswith("layer_"))
+        if hidden:
+            point[task] = result["layers"][hidden[-1]]["accuracy"]
+    return point
+
+
 @cli_errors
 def headline_main(
     results: Path = typer.Option(Path("reports/probe/results.json"), help="probe stage --report results.json"),
     pretrain_metrics: Path = typer.Option(Path("metrics/pretrain.json"), help="pretrain stage metrics"),
     curve: Path = typer.Option(None, help="folder of step-NNNNNN.json probe metrics of checkpoints"),
     out: Path = typer.Option(Path("metrics/headline.json"), help="where to write the headline"),
+    figures: Path = typer.Option(None, help="also write the README's figures here (accuracy, layer weights, curve)"),
 ) -> None:
     """Write the compact headline metrics of a study (test accuracies as fractions)."""
     probe_results, pretrain = _read_json(results), _read_json(pretrain_metrics)
     per_hour = (pretrain["steps"] / pretrain["audio_hours_seen"]) if pretrain.get("audio_hours_seen") else None
-    payload = headline_of(probe_results, pretrain, _curve_points(curve, per_hour))
+    points = _curve_points(curve, per_hour)
+    if points and pretrain.get("steps") not in points:  # the final model: its last-layer probe row
+        points[pretrain["steps"]] = {**_last_layer(probe_results), "audio_hours_seen": round(pretrain["audio_hours_seen"], 3)}
+    payload = headline_of(probe_results, pretrain, points)
     write_json(out, payload)
+    if figures:
+        import shutil
+
+        from mockingjay.figures import plot_curve
+
+        figures.mkdir(parents=True, exist_ok=True)
+        for name in ("probe_accuracy.png", "layer_weights.png"):
+            if (results.parent / name).is_file():
+                shutil.copy(results.parent / name, figures / name)
+        if payload.get("curve"):
+            plot_curve(payload["curve"], [t for t in TASK_ORDER if t in probe_results], figures / "curve.png")
     print(json.dumps({k: v for k, v in payload.items() if k != "curve"}, indent=1)[:2000], file=sys.stderr)
 
 
@@ -190,15 +217,22 @@ def curve_table(headline: dict) -> str:
 
 
 def demo_table(probe_metrics: dict) -> str:
+    """Markdown: accuracy and macro-F1 per layer and task (metrics/probe.json), in %."""
     tasks = [t for t in TASK_ORDER if t in probe_metrics]
     names = [n for n in probe_metrics[tasks[0]] if n == "input" or n.startswith("layer_")]
-    lines = ["| layer | " + " | ".join(f"{t} acc" for t in tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
+    if any("weighted_sum" in probe_metrics[t] for t in tasks):
+        names.append("weighted_sum")
+    lines = ["| layer | " + " | ".join(f"{t} acc | {t} macro-F1" for t in tasks) + " |",
+             "|" + "---|" * (2 * len(tasks) + 1)]
+    labels = {"input": "log-mel input (baseline)", "weighted_sum": "weighted sum of hidden states"}
     for name in names:
-        label = "log-mel (input)" if name == "input" else name.replace("layer_", "")
-        lines.append(f"| {label} | " + " | ".join(_percent(probe_metrics[t].get(name, {}).get("accuracy"))
-                                                 for t in tasks) + " |")
-    lines.append("| majority class | " + " | ".join(_percent(next(iter(probe_metrics[t].values()))["majority_rate"])
-                                                  for t in tasks) + " |")
+        label = labels.get(name) or (f"{int(name[6:])} (input representation)" if name == "layer_00"
+                                     else str(int(name[6:])))
+        cells = [probe_metrics[t].get(name, {}) for t in tasks]
+        lines.append(f"| {label} | " + " | ".join(f"{_percent(c.get('accuracy'))} | {_percent(c.get('macro_f1'))}"
+                                                  for c in cells) + " |")
+    lines.append("| majority class | " + " | ".join(
+        f"{_percent(next(iter(probe_metrics[t].values()))['majority_rate'])} | " for t in tasks) + " |")
     return "\n".join(lines)
 
 
