@@ -9,6 +9,7 @@ name files after them.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ class CorpusSpec:
     split_by: Literal["utterance", "speaker"] = "utterance"  # speaker: hold out whole speakers (see manifest)
     root: str | None = None  # kaldi: folder that wav.scp paths are relative to (default: the data dir's parent)
     lexicon: str | None = None  # CMUdict-format lexicon for words CMUdict lacks (align)
+    test_only: bool = False  # every utterance in test: never pretrained on nor probe-trained (probe.test_corpora)
 
     def validate(self) -> None:
         if not _SAFE_ID.match(self.name):
@@ -78,6 +80,8 @@ def read_corpus(spec: CorpusSpec, base_dir: Path = Path(".")) -> list[UtteranceS
         "speech_commands": read_speech_commands,
     }[spec.format]
     utterances = reader(root, spec)
+    if spec.test_only:
+        utterances = [dataclasses.replace(u, fixed_split="test") for u in utterances]
     if not utterances:
         found = sorted({p.suffix.lower() or "(none)" for p in root.rglob("*") if p.is_file()}) if root.is_dir() else []
         raise CorpusError(

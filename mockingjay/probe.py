@@ -165,6 +165,17 @@ def _report_all(heads, described, config, mlp, truth, predicted, majority, class
     return layers, probes
 
 
+def _extra_report(heads, described, truth, predicted, majority) -> dict:
+    """{"examples": n, "heads": [{kind, layer, fraction, accuracy, majority_rate}]} of one extra test set."""
+    reports = []
+    for key in heads:
+        kind, layer, fraction = described[key]
+        accuracy = float(np.mean(predicted[key] == truth)) if len(truth) else float("nan")
+        reports.append({"kind": kind, "layer": layer, "fraction": fraction, "accuracy": accuracy,
+                        "majority_rate": float(np.mean(truth == majority)) if len(truth) else float("nan")})
+    return {"examples": int(len(truth)), "heads": reports}
+
+
 def probe_phones(
     representations: Representations,
     labels: Mapping[str, RaggedArray],
@@ -177,13 +188,15 @@ def probe_phones(
     kinds: Sequence[str] = ("linear",),
     fractions: Sequence[float] = (1.0,),
     mlp: MLPSettings = MLPSettings(),
+    extra_tests: Mapping[str, set[str]] | None = None,
 ) -> dict:
     """Frame-level phone probe of every store in `representations` ({split: {name: store}}).
 
     Trains on the labelled train frames, picks each head by dev accuracy, reports on test.
     `labels` holds the int16 frame-label stores per split (-1 = unlabelled frame). `include`
     (split -> utterance ids, see `probe_plan.select_utterances`) restricts each split; `kinds`
-    and `fractions` say which heads to train (`probe_plan.build_heads`).
+    and `fractions` say which heads to train (`probe_plan.build_heads`). `extra_tests` (name ->
+    test utterance ids, e.g. a corpus pretraining never saw) are scored beside the test split.
     """
     started = time.perf_counter()
     device = torch.device(device)
@@ -191,23 +204,29 @@ def probe_phones(
     frames: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     items: dict[str, np.ndarray] = {}
     references = {}
-    for split in SPLITS:
-        reference = references[split] = check_same_items(representations[split], split, names)
+    # evaluation sets: the three splits, then each extra test set (frames of the test stores)
+    sets = {split: (split, include[split] if include is not None else None) for split in SPLITS}
+    sets.update({f"test:{name}": ("test", chosen) for name, chosen in (extra_tests or {}).items()})
+    for key, (split, wanted_ids) in sets.items():
+        if split not in references:
+            references[split] = check_same_items(representations[split], split, names)
+        reference = references[split]
         rows, values = labelled_frames(reference, labels[split], split, len(class_names))
         item = _item_of(reference, rows)
-        if include is not None:
-            wanted = np.fromiter((utt in include[split] for utt in reference.ids), dtype=bool, count=len(reference))
+        if wanted_ids is not None:
+            wanted = np.fromiter((utt in wanted_ids for utt in reference.ids), dtype=bool, count=len(reference))
             keep = wanted[item]
             rows, values, item = rows[keep], values[keep], item[keep]
-        frames[split], items[split] = (rows, values), item
+        frames[key], items[key] = (rows, values), item
         if len(rows) == 0:
-            raise ProbeError(f"{split}: no labelled frames (every label is -1); the phone probe needs labels "
+            raise ProbeError(f"{key}: no labelled frames (every label is -1); the phone probe needs labels "
                              f"in train, dev and test")
-    rows = {split: frames[split][0] for split in SPLITS}
-    targets = {split: torch.from_numpy(frames[split][1].astype(np.int64)) for split in SPLITS}
-    ram_bytes = sum(len(rows[s]) * representations[s][n].dim * 2 for s in SPLITS for n in names)
+    rows = {key: frames[key][0] for key in sets}
+    targets = {key: torch.from_numpy(frames[key][1].astype(np.int64)) for key in sets}
+    ram_bytes = sum(len(rows[k]) * representations[s][n].dim * 2 for k, (s, _) in sets.items() for n in names)
     in_ram = ram_bytes <= max_ram_bytes
-    sources = {name: FrameSource({s: representations[s][name] for s in SPLITS}, rows, in_ram) for name in names}
+    sources = {name: FrameSource({k: representations[s][name] for k, (s, _) in sets.items()}, rows, in_ram)
+               for name in names}
     train_ids = references["train"].ids
     labelled_train = sorted({train_ids[i] for i in np.unique(items["train"])})
     members = fraction_members(labelled_train, fractions, config.seed)
@@ -246,7 +265,13 @@ def probe_phones(
     truth, predicted = predict(heads, batches("test", _chunks(len(rows["test"]), config.eval_batch)))
     majority = int(np.bincount(frames["train"][1], minlength=len(class_names)).argmax())
     layers, probes = _report_all(heads, described, config, mlp, truth, predicted, majority, class_names)
+    extra = {}
+    for name in extra_tests or {}:
+        key = f"test:{name}"
+        extra_truth, extra_predicted = predict(heads, batches(key, _chunks(len(rows[key]), config.eval_batch)))
+        extra[name] = _extra_report(heads, described, extra_truth, extra_predicted, majority)
     return {
+        **({"extra_tests": extra} if extra else {}),
         "task": "phone",
         "classes": list(class_names),
         "examples": {split: int(len(rows[split])) for split in SPLITS},
@@ -316,6 +341,7 @@ def probe_utterances(
     kinds: Sequence[str] = ("linear",),
     fractions: Sequence[float] = (1.0,),
     mlp: MLPSettings = MLPSettings(),
+    extra_tests: Mapping[str, set[str]] | None = None,
 ) -> dict:
     """Utterance-level probe on utterance vectors ({split: {name: [N, D]}}, rows in `ids[split]` order);
     `speakers` maps each utterance to its class (the speaker, or the keyword for task "keyword").
@@ -335,18 +361,22 @@ def probe_utterances(
     if len(classes) < 2:
         raise ProbeError(f"train: {len(classes)} {task} class(es); a {task} probe needs at least 2")
     class_of = {label: i for i, label in enumerate(classes)}
+    sets = {split: split for split in SPLITS}
+    for name, wanted in (extra_tests or {}).items():
+        sets[f"test:{name}"] = "test"
+        chosen_ids[f"test:{name}"] = [i for i, utt in enumerate(ids["test"]) if utt in wanted and utt in speakers]
     keep, targets, ignored = {}, {}, {}
-    for split in SPLITS:
-        known = [i for i in chosen_ids[split] if speakers[ids[split][i]] in class_of]
-        unknown = sorted({speakers[ids[split][i]] for i in chosen_ids[split]} - set(class_of))
-        ignored[split] = {"utterances": len(chosen_ids[split]) - len(known), "classes": unknown}
-        if not known:
-            raise ProbeError(f"{split}: no utterance of a {task} class seen in train")
-        keep[split] = np.asarray(known)
-        targets[split] = torch.tensor([class_of[speakers[ids[split][i]]] for i in known], device=device)
+    for key, split in sets.items():
+        known = [i for i in chosen_ids[key] if speakers[ids[split][i]] in class_of]
+        unknown = sorted({speakers[ids[split][i]] for i in chosen_ids[key]} - set(class_of))
+        ignored[key] = {"utterances": len(chosen_ids[key]) - len(known), "classes": unknown}
+        if not known and key in SPLITS:
+            raise ProbeError(f"{key}: no utterance of a {task} class seen in train")
+        keep[key] = np.asarray(known, dtype=np.int64)
+        targets[key] = torch.tensor([class_of[speakers[ids[split][i]]] for i in known], device=device)
     names = list(vectors["train"])
-    inputs = {split: {name: torch.from_numpy(vectors[split][name][keep[split]]).to(device) for name in names}
-              for split in SPLITS}
+    inputs = {key: {name: torch.from_numpy(vectors[split][name][keep[key]]).to(device) for name in names}
+              for key, split in sets.items()}
     moments = {}
     for name in names:
         running = RunningMoments(inputs["train"][name].shape[1])
@@ -379,7 +409,16 @@ def probe_utterances(
     truth, predicted = predict(heads, batches("test", _chunks(len(keep["test"]), config.eval_batch)))
     majority = int(np.bincount(targets["train"].cpu().numpy(), minlength=len(classes)).argmax())
     layers, probes = _report_all(heads, described, config, mlp, truth, predicted, majority, classes)
+    extra = {}
+    for name in extra_tests or {}:
+        key = f"test:{name}"
+        if not len(keep[key]):  # e.g. a closed-set speaker probe on a corpus of unseen speakers
+            extra[name] = {"examples": 0, "heads": [], "note": f"no test utterance of a {task} class seen in train"}
+            continue
+        extra_truth, extra_predicted = predict(heads, batches(key, _chunks(len(keep[key]), config.eval_batch)))
+        extra[name] = _extra_report(heads, described, extra_truth, extra_predicted, majority)
     return {
+        **({"extra_tests": extra} if extra else {}),
         "task": task,
         "classes": classes,
         "examples": {split: int(len(keep[split])) for split in SPLITS},

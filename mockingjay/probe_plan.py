@@ -54,16 +54,30 @@ def read_utterances(utterances_tsv: str | Path) -> dict[str, Utterance]:
                 for row in csv.DictReader(f, delimiter="\t")}
 
 
+def test_corpora_sets(utterances: Mapping[str, Utterance], test_corpora: Sequence[str],
+                      need_keyword: bool = False) -> dict[str, set[str]]:
+    """corpus -> its test utterances, for the corpora prepared only for testing (`test_only`)."""
+    sets = {c: {u for u, i in utterances.items() if i.corpus == c and i.split == "test"
+                and (i.keyword or not need_keyword)} for c in test_corpora}
+    for corpus, chosen in sets.items():
+        if not chosen:
+            raise ProbeError(f"test_corpora: corpus {corpus!r} has no test utterances for this task "
+                             f"(prepare it with test_only: true)")
+    return sets
+
+
 def select_utterances(utterances: Mapping[str, Utterance], corpora: Sequence[str] = (),
-                      speaker_independent: bool = False, need_keyword: bool = False) -> dict[str, set[str]]:
-    """split -> the utterance ids that take part in a task (see the module docstring)."""
-    unknown = sorted(set(corpora) - {u.corpus for u in utterances.values()})
+                      speaker_independent: bool = False, need_keyword: bool = False,
+                      exclude_corpora: Sequence[str] = ()) -> dict[str, set[str]]:
+    """split -> the utterance ids that take part in a task (see the module docstring); the
+    `exclude_corpora` (test-only corpora, scored on their own) take no part."""
+    unknown = sorted((set(corpora) | set(exclude_corpora)) - {u.corpus for u in utterances.values()})
     if unknown:
         have = sorted({u.corpus for u in utterances.values()})
         raise ProbeError(f"corpora {unknown} are not in the features (have {have})")
     chosen = {split: set() for split in SPLITS}
     for utt, info in utterances.items():
-        if corpora and info.corpus not in corpora:
+        if (corpora and info.corpus not in corpora) or info.corpus in exclude_corpora:
             continue
         if need_keyword and not info.keyword:
             continue

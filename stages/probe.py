@@ -14,7 +14,6 @@ and layer.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import re
 from dataclasses import dataclass, field
@@ -29,6 +28,8 @@ from mockingjay.manifest import SPLITS
 
 from . import tracking
 from .common import PARAMS_OPTION, StageError, atomic_output_dir, cli_errors, section, write_json
+from .probe_report import (compact_metrics, extra_probes, figure_extras, format_extra, format_table, log_runs,
+                           result_rows, write_plot_table)
 from .runtime import check_model_features, resolve_device
 
 TASKS = ("phone", "speaker", "keyword")
@@ -123,6 +124,7 @@ class ProbeStageConfig:
     phone: ProbeTaskConfig = field(default_factory=ProbeTaskConfig)
     speaker: ProbeTaskConfig = field(default_factory=_utterance_task)
     keyword: ProbeTaskConfig = field(default_factory=_utterance_task)
+    test_corpora: list[str] = field(default_factory=list)  # corpora prepared test_only: scored on their own
 
     def validate(self) -> None:
         unknown = sorted(set(self.tasks) - set(TASKS))
@@ -204,9 +206,9 @@ def main(
             raise StageError(str(err)) from err
         rows = result_rows(results)
         print(format_table(rows, results))
-        if any(_extra_probes(r) for r in results.values()):
+        if any(extra_probes(r) or r.get("extra_tests") for r in results.values()):
             print(format_extra(results))
-        _log_runs(mlflow, results, rows)
+        log_runs(mlflow, results, rows)
         if metrics:
             write_json(metrics, compact_metrics(results))
         if plot:
@@ -216,8 +218,8 @@ def main(
                 write_json(tmp / "results.json", results)
                 from mockingjay.figures import plot_layer_weights, plot_probe_accuracy
 
-                plot_probe_accuracy(rows, tmp / "probe_accuracy.png", _figure_extras(results))
-                weights = {task: p["layer_weights"] for task, r in results.items() for p in _extra_probes(r)
+                plot_probe_accuracy(rows, tmp / "probe_accuracy.png", figure_extras(results))
+                weights = {task: p["layer_weights"] for task, r in results.items() for p in extra_probes(r)
                            if p.get("layer_weights") and p["fraction"] == 1.0}
                 if weights:
                     plot_layer_weights(weights, tmp / "layer_weights.png")
@@ -245,13 +247,15 @@ def _is_plain(task: ProbeTaskConfig) -> bool:
 
 
 def _run_probes(config, mode, model_dir, features, representations, layers, include_input, labels) -> dict:
-    from mockingjay.probe_plan import read_utterances, select_utterances
+    from mockingjay.probe_plan import read_utterances, select_utterances, test_corpora_sets
 
     device = resolve_device(config.device)
     utterances = read_utterances(features / "utterances.tsv")
     speakers = {utt: info.speaker for utt, info in utterances.items()}
     if mode == "online":
         unsupported = [t for t in config.tasks if t == "keyword" or not _is_plain(getattr(config, t))]
+        if config.test_corpora:
+            unsupported.append("test_corpora")
         if unsupported:
             raise ParamError(f"probe.mode: online probes the phone and speaker tasks with linear heads on all "
                              f"labels only; {unsupported} ask for more (kinds, label_fractions, corpora, "
@@ -274,166 +278,15 @@ def _run_probes(config, mode, model_dir, features, representations, layers, incl
     for task in config.tasks:
         settings: ProbeTaskConfig = getattr(config, task)
         include = select_utterances(utterances, settings.corpora, settings.speaker_independent,
-                                    need_keyword=task == "keyword")
+                                    need_keyword=task == "keyword", exclude_corpora=config.test_corpora)
+        extra = test_corpora_sets(utterances, config.test_corpora, need_keyword=task == "keyword")
         if task == "phone":
             results[task] = probe_phones(reps, labels, settings.to_probe_config(), device=device, include=include,
-                                         **settings.options())
+                                         extra_tests=extra, **settings.options())
         else:
             classes = speakers if task == "speaker" else {u: i.keyword for u, i in utterances.items()}
             results[task] = probe_labels(reps, classes, task, settings.to_probe_config(), device=device,
-                                         include=include, **settings.options())
+                                         include=include, extra_tests=extra, **settings.options())
         results[task]["selection"] = {"corpora": settings.corpora or "all",
                                       "speaker_independent": settings.speaker_independent}
     return results
-
-
-def result_rows(results: dict) -> list[dict]:
-    rows = []
-    for task, result in results.items():
-        for name, layer in result["layers"].items():
-            rows.append({"task": task, "layer": "input" if name == "input" else int(name.split("_")[1]),
-                         "accuracy": layer["accuracy"], "macro_f1": layer["macro_f1"],
-                         "majority_rate": layer["majority_rate"]})
-    return rows
-
-
-def format_table(rows: list[dict], results: dict) -> str:
-    layers = sorted({r["layer"] for r in rows}, key=lambda v: (v != "input", v if v != "input" else -1))
-    tasks = list(results)
-    cell = {(r["task"], r["layer"]): r for r in rows}
-    header = f"{'layer':<10}" + "".join(f"{t + ' acc':>13}{t + ' F1':>12}" for t in tasks)
-    lines = [header, "-" * len(header)]
-    for layer in layers:
-        name = "log-mel" if layer == "input" else f"{layer}"
-        line = f"{name:<10}"
-        for task in tasks:
-            r = cell.get((task, layer))
-            line += f"{r['accuracy'] * 100:>12.1f}%{r['macro_f1'] * 100:>11.1f}%" if r else f"{'':>25}"
-        lines.append(line)
-    majority = f"{'majority':<10}" + "".join(
-        f"{next(r['majority_rate'] for r in rows if r['task'] == t) * 100:>12.1f}%{'':>12}" for t in tasks)
-    lines.append(majority)
-    counts = ", ".join(f"{t}: {results[t]['examples']['test']} test examples" for t in tasks)
-    lines.append(f"({counts}; layer 0 = input representation)")
-    return "\n".join(lines)
-
-
-def _extra_probes(result: dict) -> list[dict]:
-    """Every probe of a task except the linear ones on all labels (those are `result["layers"]`)."""
-    return [p for p in result.get("probes", []) if not (p["kind"] == "linear" and p["fraction"] == 1.0)]
-
-
-def _figure_extras(results: dict) -> dict[str, dict[str, float]]:
-    """task -> {"weighted sum": acc, "MLP, best layer": acc} at fraction 1, for the accuracy figure."""
-    extras: dict[str, dict[str, float]] = {}
-    for task, result in results.items():
-        for probe in _extra_probes(result):
-            if probe["fraction"] != 1.0:
-                continue
-            if probe["kind"] == "weighted_sum":
-                extras.setdefault(task, {})["weighted sum"] = probe["accuracy"]
-            elif probe["kind"] == "mlp" and probe["layer"] != "input":
-                best = extras.setdefault(task, {}).get("MLP, best layer", 0.0)
-                extras[task]["MLP, best layer"] = max(best, probe["accuracy"])
-    return extras
-
-
-def probe_group(probe: dict) -> str:
-    """Where a probe is filed beside the layers: mlp, weighted_sum, fraction_0.1, fraction_0.1.weighted_sum."""
-    if probe["kind"] == "mlp":
-        return "mlp"
-    base = "" if probe["fraction"] == 1.0 else f"fraction_{probe['fraction']:g}"
-    if probe["kind"] == "weighted_sum":
-        return f"{base}.weighted_sum" if base else "weighted_sum"
-    return base
-
-
-def compact_metrics(results: dict) -> dict:
-    """{task: {layer: metrics, "weighted_sum": metrics, "mlp": {layer: metrics},
-    "fraction_0.1": {layer: metrics, "weighted_sum": metrics}}} (4 decimals)."""
-    keys = ("accuracy", "macro_f1", "majority_rate")
-    out = {}
-    for task, result in results.items():
-        out[task] = {name: {k: round(v, 4) for k, v in layer.items() if k in keys}
-                     for name, layer in result["layers"].items()}
-        for probe in _extra_probes(result):
-            values = {k: round(probe[k], 4) for k in keys}
-            group = probe_group(probe)
-            if group == "weighted_sum":
-                out[task]["weighted_sum"] = values
-            elif group.endswith(".weighted_sum"):
-                out[task].setdefault(group.split(".")[0], {})["weighted_sum"] = values
-            else:
-                out[task].setdefault(group, {})[probe["layer"]] = values
-    return out
-
-
-def format_extra(results: dict) -> str:
-    """One line per probe beyond the linear table: kind, layer, fraction, accuracy, macro-F1."""
-    lines = []
-    for task, result in results.items():
-        for probe in _extra_probes(result):
-            layer = "log-mel" if probe["layer"] == "input" else probe["layer"]
-            weights = ""
-            if probe.get("layer_weights"):
-                weights = "  weights " + " ".join(f"{w:.2f}" for w in probe["layer_weights"].values())
-            lines.append(f"{task:<8} {probe['kind']:<13} {layer:<13} labels {probe['fraction']:>5g}  "
-                         f"{probe['accuracy'] * 100:5.1f}%  F1 {probe['macro_f1'] * 100:5.1f}%{weights}")
-    return "\n".join(lines)
-
-
-def write_plot_table(path: Path, rows: list[dict]) -> None:
-    """layer, phone, phone_logmel, speaker, speaker_logmel: one line per layer, baseline repeated."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tasks = sorted({r["task"] for r in rows})
-    baseline = {r["task"]: r["accuracy"] for r in rows if r["layer"] == "input"}
-    layers = sorted({r["layer"] for r in rows if r["layer"] != "input"})
-    cell = {(r["task"], r["layer"]): r["accuracy"] for r in rows}
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-        writer.writerow(["layer"] + [c for t in tasks for c in (t, f"{t}_logmel")])
-        for layer in layers:
-            writer.writerow([layer] + [f"{v:.4f}" if v is not None else "" for t in tasks
-                                       for v in (cell.get((t, layer)), baseline.get(t))])
-
-
-def _log_runs(mlflow, results: dict, rows: list[dict]) -> None:
-    summary = {}
-    for r in rows:
-        name = "input" if r["layer"] == "input" else f"layer_{r['layer']:02d}"
-        summary[f"{r['task']}_accuracy.{name}"] = r["accuracy"]
-    best = {}
-    for task in results:
-        layer_rows = [r for r in rows if r["task"] == task and r["layer"] != "input"]
-        if layer_rows:
-            top = max(layer_rows, key=lambda r: r["accuracy"])
-            best[f"{task}_accuracy.best_layer"] = top["accuracy"]
-    extra = {}
-    for task, result in results.items():
-        for probe in _extra_probes(result):
-            group = probe_group(probe)
-            key = group if group.endswith("weighted_sum") else f"{group}.{probe['layer']}"
-            extra[f"{task}_accuracy.{key}"] = probe["accuracy"]
-    mlflow.log_metrics({**summary, **best, **extra})
-    for task, result in results.items():
-        for probe in _extra_probes(result):
-            name = f"{probe['kind']}/{probe['layer']}@{probe['fraction']:g}"
-            with mlflow.start_run(run_name=f"{task}/{name}", nested=True,
-                                  tags={"mockingjay.stage": "probe", "probe.task": task, "probe.layer": probe["layer"],
-                                        "probe.kind": probe["kind"], "probe.fraction": f"{probe['fraction']:g}"}):
-                mlflow.log_params({"task": task, "layer": probe["layer"], "kind": probe["kind"],
-                                   "label_fraction": probe["fraction"], "learning_rate": probe["learning_rate"],
-                                   "weight_decay": probe["weight_decay"], "best_epoch": probe["best_epoch"]})
-                mlflow.log_metrics({k: float(probe[k]) for k in ("accuracy", "macro_f1", "majority_rate",
-                                                                 "dev_accuracy")})
-                if probe.get("layer_weights"):
-                    mlflow.log_metrics({f"layer_weight.{k}": v for k, v in probe["layer_weights"].items()})
-                mlflow.log_dict(probe["confusion"], "confusion.json")
-        for name, layer in result["layers"].items():
-            with mlflow.start_run(run_name=f"{task}/{name}", nested=True,
-                                  tags={"mockingjay.stage": "probe", "probe.task": task, "probe.layer": name}):
-                mlflow.log_params({"task": task, "layer": name, "learning_rate": layer["learning_rate"],
-                                   "weight_decay": layer["weight_decay"], "best_epoch": layer["best_epoch"]})
-                mlflow.log_metrics({k: float(layer[k]) for k in ("accuracy", "macro_f1", "majority_rate",
-                                                                 "dev_accuracy")})
-                mlflow.log_dict(layer["confusion"], "confusion.json")

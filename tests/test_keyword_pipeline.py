@@ -19,11 +19,13 @@ pytestmark = pytest.mark.slow
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
-def speech_commands_from_fsdd(root: Path) -> dict[str, str]:
-    """`<word>/<speaker hash>_nohash_0.wav` for every FSDD fixture file; returns hash -> speaker."""
+def speech_commands_from_fsdd(root: Path, exclude: str = "", only: str = "") -> dict[str, str]:
+    """`<word>/<speaker hash>_nohash_0.wav` for FSDD fixture files; returns hash -> speaker."""
     speakers = {}
     for path in sorted(FSDD_DIR.glob("*.wav")):
         digit, speaker, take = path.stem.split("_")
+        if speaker == exclude or (only and speaker != only):
+            continue
         hashed = hashlib.sha1(speaker.encode()).hexdigest()[:8]
         speakers[hashed] = speaker
         folder = root / DIGITS[int(digit)]
@@ -33,15 +35,17 @@ def speech_commands_from_fsdd(root: Path) -> dict[str, str]:
 
 
 def test_keyword_probe_through_the_cli(tmp_path):
-    speakers = speech_commands_from_fsdd(tmp_path / "corpora" / "sc")
+    speakers = speech_commands_from_fsdd(tmp_path / "corpora" / "sc", exclude="yweweler")
+    speech_commands_from_fsdd(tmp_path / "corpora" / "sc_unseen", only="yweweler")  # a test-only corpus
     shutil.copytree(FIXTURES / "corpora" / "kaldi", tmp_path / "corpora" / "kaldi")
     params = {
         "prepare": {"seed": 0, "dev_fraction": 0.2, "test_fraction": 0.2, "workers": 1, "corpora": [
             {"name": "sc", "format": "speech_commands", "path": "corpora/sc", "split_by": "speaker"},
+            {"name": "sc_unseen", "format": "speech_commands", "path": "corpora/sc_unseen", "test_only": True},
             {"name": "so", "format": "kaldi", "path": "corpora/kaldi/train"}]},
         "featurize": {"preset": "tera", "workers": 1},
         **{k: v for k, v in TINY_PIPELINE.items() if k != "probe"},
-        "probe": {"tasks": ["keyword", "speaker"], "layers": "all", "device": "cpu",
+        "probe": {"tasks": ["keyword", "speaker"], "layers": "all", "device": "cpu", "test_corpora": ["sc_unseen"],
                   "keyword": {"epochs": 60, "batch_size": 0, "learning_rates": [0.01], "weight_decays": [0.0],
                               "kinds": ["linear", "weighted_sum"], "label_fractions": [0.5, 1.0],
                               "speaker_independent": True, "corpora": ["sc"]},
@@ -66,10 +70,11 @@ def test_keyword_probe_through_the_cli(tmp_path):
 
     held = list(csv.DictReader(open(tmp_path / "data/prepared/heldout_speakers.tsv"), delimiter="\t"))
     test_speakers = {row["speaker"] for row in held if row["split"] == "test"}
-    assert len(test_speakers) == 1  # round(6 speakers * 0.2)
+    assert len(test_speakers) == 1  # round(5 speakers * 0.2)
     rows = list(csv.DictReader(open(tmp_path / "data/prepared/manifest.tsv"), delimiter="\t"))
     assert {r["split"] for r in rows if r["speaker"] in test_speakers} == {"test"}
     assert {r["keyword"] for r in rows if r["corpus"] == "sc"} == set(DIGITS)
+    assert {r["split"] for r in rows if r["corpus"] == "sc_unseen"} == {"test"}  # never pretrained on
 
     metrics = json.loads((tmp_path / "metrics/probe.json").read_text())
     keyword = metrics["keyword"]
@@ -80,7 +85,10 @@ def test_keyword_probe_through_the_cli(tmp_path):
     assert results["examples"]["test"] >= 8
     assert results["classes"] == sorted(DIGITS) and results["fraction_utterances"]["0.5"] * 2 >= \
         results["fraction_utterances"]["1"]
-    assert "weighted_sum" in probe_out and "keyword acc" in probe_out
+    assert "weighted_sum" in probe_out and "keyword acc" in probe_out and "unseen corpus" in probe_out
+    unseen = keyword["test_corpus_sc_unseen"]  # scored on its own, beside the test split
+    assert set(unseen) == {"input", "layer_00", "layer_01", "layer_02"}
+    assert results["extra_tests"]["sc_unseen"]["examples"] == 10
     speaker = json.loads((tmp_path / "reports/probe/results.json").read_text())["speaker"]
     held_name = f"sc_{next(iter(test_speakers)).split('_', 1)[1]}"
     assert held_name in speaker["ignored"]["test"]["classes"]  # unheard speakers cannot be identified
