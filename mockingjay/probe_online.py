@@ -46,8 +46,13 @@ from mockingjay.probe_heads import (PHONE_PROBE, SPEAKER_PROBE, Batch, LayerHead
 class _FrameLabels:
     """Labelled frames of one split, sliceable per utterance: (frame positions, labels)."""
 
-    def __init__(self, features: RaggedArray, labels: RaggedArray, split: str, num_classes: int):
+    def __init__(self, features: RaggedArray, labels: RaggedArray, split: str, num_classes: int,
+                 include: set[str] | None = None):
         rows, self.values = labelled_frames(features, labels, split, num_classes)
+        if include is not None:  # only the selected utterances' frames (probe_plan.select_utterances)
+            wanted = np.fromiter((utt in include for utt in features.ids), dtype=bool, count=len(features))
+            keep = wanted[np.searchsorted(features.offsets, rows, side="right") - 1]
+            rows, self.values = rows[keep], self.values[keep]
         total_rows = int(features.lengths.sum())
         # bounds[i]:bounds[i + 1] are item i's labelled frames (rows ascend, items are contiguous)
         self.bounds = np.searchsorted(rows, np.append(features.offsets, total_rows))
@@ -197,8 +202,14 @@ def probe_online(
     shuffle_frames: int = 65_536,
     class_names: Sequence[str] = PHONES,
     progress: bool = True,
+    phone_include: Mapping[str, set[str]] | None = None,
+    utterance_tasks: Mapping[str, tuple[Mapping[str, str], ProbeConfig, dict]] | None = None,
 ) -> dict:
     """Phone and/or speaker probes of every selected layer, running `model` on the fly.
+
+    phone_include: split -> utterance ids the phone probe uses (None: all). utterance_tasks: task ->
+    (utt_id -> class, config, keyword options of `probe_utterances`: include, kinds, fractions, ...),
+    probed on the pooled statistics of the one statistics pass (given, `speakers` is not used).
 
     features: split -> feature store; labels: split -> frame-label store (None: no phone probe);
     speakers: utt_id -> speaker (None: no speaker probe); layers: hidden-state indices (None = all
@@ -216,25 +227,28 @@ def probe_online(
     names = ([INPUT_STORE] if include_input else []) + [layer_store_name(i) for i in layer_ids]
     if not names:
         raise ProbeError("nothing to probe: no layers selected and include_input is False")
-    if labels is None and speakers is None:
+    if speakers is not None and utterance_tasks is None:
+        utterance_tasks = {"speaker": (speakers, speaker_config, {})}
+    if labels is None and not utterance_tasks:
         raise ProbeError("nothing to probe: give frame labels (phone probe) and/or speakers (speaker probe)")
     frame_labels = None
     if labels is not None:
-        frame_labels = {split: _FrameLabels(features[split], labels[split], split, len(class_names))
+        frame_labels = {split: _FrameLabels(features[split], labels[split], split, len(class_names),
+                                            phone_include[split] if phone_include is not None else None)
                         for split in SPLITS}
         for split in SPLITS:
             if len(frame_labels[split].values) == 0:
                 raise ProbeError(f"{split}: no labelled frames (every label is -1); the phone probe needs labels "
                                  f"in train, dev and test")
     passes = _Passes(model, features, layer_ids, device, include_input, batch_frames)
-    means, moments = _statistics_pass(passes, names, frame_labels, speakers is not None)
+    means, moments = _statistics_pass(passes, names, frame_labels, bool(utterance_tasks))
     result: dict = {"mode": "online"}
     if frame_labels is not None:
         result["phone"] = _phone_probe(passes, names, frame_labels, moments, phone_config, class_names,
                                        shuffle_frames, progress)
-    if speakers is not None:
-        ids = {split: features[split].ids for split in SPLITS}
-        result["speaker"] = probe_utterances(means, ids, speakers, speaker_config, device, progress)
+    ids = {split: features[split].ids for split in SPLITS}
+    for task, (classes, config, options) in (utterance_tasks or {}).items():
+        result[task] = probe_utterances(means, ids, classes, config, device, progress, task=task, **options)
     result["forward_passes"] = passes.count
     result["seconds"] = round(time.perf_counter() - started, 3)
     return result

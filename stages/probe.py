@@ -240,52 +240,52 @@ def _pretrain_params(model_dir: Path) -> dict:
     return {f"pretrain.{k}": v for k, v in to_flat_dict(wanted).items()}
 
 
-def _is_plain(task: ProbeTaskConfig) -> bool:
-    """Only what online mode implements: linear heads on all labels and utterances."""
-    return (task.kinds == ["linear"] and task.label_fractions == [1.0] and not task.speaker_independent
-            and not task.corpora)
-
-
 def _run_probes(config, mode, model_dir, features, representations, layers, include_input, labels) -> dict:
     from mockingjay.probe_plan import read_utterances, select_utterances, test_corpora_sets
 
     device = resolve_device(config.device)
     utterances = read_utterances(features / "utterances.tsv")
     speakers = {utt: info.speaker for utt, info in utterances.items()}
+    selections = {}
+    for task in config.tasks:
+        settings: ProbeTaskConfig = getattr(config, task)
+        selections[task] = (select_utterances(utterances, settings.corpora, settings.speaker_independent,
+                                              need_keyword=task == "keyword", exclude_corpora=config.test_corpora),
+                            test_corpora_sets(utterances, config.test_corpora, need_keyword=task == "keyword"))
+    classes_of = {"speaker": speakers, "keyword": {u: i.keyword for u, i in utterances.items()}}
     if mode == "online":
-        unsupported = [t for t in config.tasks if t == "keyword" or not _is_plain(getattr(config, t))]
-        if config.test_corpora:
-            unsupported.append("test_corpora")
-        if unsupported:
-            raise ParamError(f"probe.mode: online probes the phone and speaker tasks with linear heads on all "
-                             f"labels only; {unsupported} ask for more (kinds, label_fractions, corpora, "
-                             f"speaker_independent or the keyword task): extract the representations instead")
+        phone = config.phone
+        if "phone" in config.tasks and (phone.kinds != ["linear"] or phone.label_fractions != [1.0]
+                                        or config.test_corpora):
+            raise ParamError("probe.mode: online probes phones with linear heads on all labels only (no kinds, "
+                             "label_fractions or test_corpora): extract the representations for those")
         from mockingjay.checkpoint import load_model_dir
         from mockingjay.probe import probe_online
 
         network, _ = load_model_dir(model_dir, device=device)
         stores = {split: RaggedArray(features / split) for split in SPLITS}
-        online = probe_online(network, stores, labels if "phone" in config.tasks else None,
-                              speakers if "speaker" in config.tasks else None, layers=layers or [],
-                              include_input=include_input, device=device,
-                              phone_config=config.phone.to_probe_config(),
-                              speaker_config=config.speaker.to_probe_config())
+        utterance_tasks = {task: (classes_of[task], getattr(config, task).to_probe_config(),
+                                  {"include": selections[task][0], "extra_tests": selections[task][1],
+                                   **getattr(config, task).options()})
+                           for task in config.tasks if task != "phone"}
+        online = probe_online(network, stores, labels if "phone" in config.tasks else None, None,
+                              layers=layers or [], include_input=include_input, device=device,
+                              phone_config=phone.to_probe_config(),
+                              phone_include=selections["phone"][0] if "phone" in config.tasks else None,
+                              utterance_tasks=utterance_tasks)
         return {task: online[task] for task in config.tasks}
     from mockingjay.probe import open_representations, probe_labels, probe_phones
 
     reps = open_representations(representations, layers=layers, include_input=include_input)
     results = {}
     for task in config.tasks:
-        settings: ProbeTaskConfig = getattr(config, task)
-        include = select_utterances(utterances, settings.corpora, settings.speaker_independent,
-                                    need_keyword=task == "keyword", exclude_corpora=config.test_corpora)
-        extra = test_corpora_sets(utterances, config.test_corpora, need_keyword=task == "keyword")
+        settings = getattr(config, task)
+        include, extra = selections[task]
         if task == "phone":
             results[task] = probe_phones(reps, labels, settings.to_probe_config(), device=device, include=include,
                                          extra_tests=extra, **settings.options())
         else:
-            classes = speakers if task == "speaker" else {u: i.keyword for u, i in utterances.items()}
-            results[task] = probe_labels(reps, classes, task, settings.to_probe_config(), device=device,
+            results[task] = probe_labels(reps, classes_of[task], task, settings.to_probe_config(), device=device,
                                          include=include, extra_tests=extra, **settings.options())
         results[task]["selection"] = {"corpora": settings.corpora or "all",
                                       "speaker_independent": settings.speaker_independent}

@@ -232,3 +232,34 @@ def test_online_mode_agrees_with_extracted_mode(tmp_path, corpus):
     assert alone["phone"]["layers"]["layer_02"] == online["phone"]["layers"]["layer_02"]
     with pytest.raises(ProbeError, match=r"valid layers are 0\.\.2"):
         probe_online(model, features, labels_of(root), layers=[3], progress=False)
+
+
+def test_online_mode_honours_selections_and_utterance_tasks(tmp_path, corpus):
+    """Online: the phone probe on selected utterances only; speaker and a second label task with
+    weighted-sum heads on the pooled statistics, equal to extracted mode's (same vectors)."""
+    from mockingjay.extract import extract_representations
+
+    root, speakers = corpus
+    torch.manual_seed(0)
+    model = MockingjayForMAM(ModelConfig(input_dim=DIM, target_dim=DIM, hidden_size=32, num_layers=2, num_heads=4,
+                                         intermediate_size=64))
+    features = {split: RaggedArray(root / "reps" / split / "layer_00") for split in SPLIT_SIZES}
+    half = {split: set(store.ids[: len(store) // 2]) for split, store in features.items()}
+    groups = {utt: "low" if speaker in ("ann", "bob") else "high" for utt, speaker in speakers.items()}
+    options = {"kinds": ("linear", "weighted_sum")}
+    online = probe_online(model, features, labels_of(root), None, layers=[1, 2], phone_config=PHONE,
+                          batch_frames=400, shuffle_frames=500, class_names=NAMES, progress=False,
+                          phone_include=half, utterance_tasks={"speaker": (speakers, SPEAKER, options),
+                                                               "group": (groups, SPEAKER, options)})
+    full = probe_online(model, features, labels_of(root), None, layers=[1, 2], phone_config=PHONE,
+                        batch_frames=400, shuffle_frames=500, class_names=NAMES, progress=False)
+    assert 0 < online["phone"]["examples"]["test"] < full["phone"]["examples"]["test"]
+    assert online["group"]["classes"] == ["high", "low"]
+    assert {p["kind"] for p in online["speaker"]["probes"]} == {"linear", "weighted_sum"}
+    for split in SPLIT_SIZES:
+        extract_representations(model, features[split], tmp_path / split, layers=[1, 2], batch_frames=400,
+                                progress=False)
+    extracted = probe_speakers(open_representations(tmp_path), speakers, SPEAKER, progress=False, **options)
+    for name in ("input", "layer_01", "layer_02"):
+        assert online["speaker"]["layers"][name]["accuracy"] == pytest.approx(
+            extracted["layers"][name]["accuracy"], abs=0.07), name
