@@ -212,7 +212,7 @@ def main(
         if metrics:
             write_json(metrics, compact_metrics(results))
         if plot:
-            write_plot_table(plot, rows)
+            write_plot_table(plot, rows, results)
         if report:
             with atomic_output_dir(report) as tmp:
                 write_json(tmp / "results.json", results)

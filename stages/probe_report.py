@@ -111,19 +111,29 @@ def format_extra(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_plot_table(path: Path, rows: list[dict]) -> None:
-    """layer, phone, phone_logmel, speaker, speaker_logmel: one line per layer, baseline repeated."""
+def write_plot_table(path: Path, rows: list[dict], results: dict | None = None) -> None:
+    """layer, phone, phone_logmel, [phone_weighted_sum,] speaker, ...: one line per layer, the
+    baseline (and the weighted sum, one value per task) repeated so each draws as a flat line."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tasks = sorted({r["task"] for r in rows})
     baseline = {r["task"]: r["accuracy"] for r in rows if r["layer"] == "input"}
+    weighted = {task: p["accuracy"] for task, result in (results or {}).items() for p in extra_probes(result)
+                if p["kind"] == "weighted_sum" and p["fraction"] == 1.0}
     layers = sorted({r["layer"] for r in rows if r["layer"] != "input"})
     cell = {(r["task"], r["layer"]): r["accuracy"] for r in rows}
+    header, getters = ["layer"], []
+    for t in tasks:
+        header += [t, f"{t}_logmel"]
+        getters += [lambda layer, t=t: cell.get((t, layer)), lambda layer, t=t: baseline.get(t)]
+        if t in weighted:
+            header.append(f"{t}_weighted_sum")
+            getters.append(lambda layer, t=t: weighted[t])
     with open(path, "w", newline="") as f:
         writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-        writer.writerow(["layer"] + [c for t in tasks for c in (t, f"{t}_logmel")])
+        writer.writerow(header)
         for layer in layers:
-            writer.writerow([layer] + [f"{v:.4f}" if v is not None else "" for t in tasks
-                                       for v in (cell.get((t, layer)), baseline.get(t))])
+            values = [get(layer) for get in getters]
+            writer.writerow([layer] + [f"{v:.4f}" if v is not None else "" for v in values])
 
 
 def log_runs(mlflow, results: dict, rows: list[dict]) -> None:
