@@ -49,6 +49,7 @@ class PretrainConfig:
     model: dict = field(default_factory=dict)  # ModelConfig fields (hidden_size, num_layers, ...)
     mask: dict = field(default_factory=dict)  # MaskConfig fields (mask_proportion, span_length, ...)
     train: dict = field(default_factory=dict)  # TrainConfig fields (total_steps, learning_rate, ...)
+    snapshots: list[int] = field(default_factory=list)  # checkpoint steps also kept as models in out/snapshots
 
 
 def resolve_configs(section_values: dict, feature_dim: int, target_dim: int):
@@ -85,7 +86,40 @@ def resolve_configs(section_values: dict, feature_dim: int, target_dim: int):
         train = from_section(TrainConfig, config.train, "pretrain.train")
     except ParamError as err:  # "pretrain.train: TrainConfig.x must be ..." -> "pretrain.train.x must be ..."
         raise ParamError(str(err).replace("pretrain.train: TrainConfig.", "pretrain.train.")) from err
+    _check_snapshots(config.snapshots, train)
     return model, mask, train
+
+
+def _check_snapshots(snapshots: list[int], train) -> None:
+    """Snapshot steps must be checkpoint steps that are still kept when training ends."""
+    for step in snapshots:
+        if not 0 < step <= train.total_steps or step % train.checkpoint_every:
+            raise ParamError(f"pretrain.snapshots: {step} is not a checkpoint step (multiples of "
+                             f"pretrain.train.checkpoint_every = {train.checkpoint_every} up to total_steps "
+                             f"{train.total_steps})")
+    if snapshots:
+        needed = (train.total_steps - min(snapshots)) // train.checkpoint_every + 1
+        if train.keep_checkpoints < needed:
+            raise ParamError(f"pretrain.train.keep_checkpoints: {train.keep_checkpoints} would delete the "
+                             f"step-{min(snapshots)} checkpoint before the end; pretrain.snapshots needs >= {needed}")
+
+
+def write_snapshots(checkpoints: Path, steps: list[int], out: Path) -> list[Path]:
+    """Copy the weights and config of the checkpoints at `steps` to `out/step-NNNNNN/`: models of
+    the run along the way (a DVC output, unlike the resume state), e.g. for a probe curve."""
+    from mockingjay.checkpoint import CONFIG_FILE, MODEL_FILE, checkpoint_name, list_checkpoints
+
+    found = dict(list_checkpoints(checkpoints))
+    written = []
+    for step in steps:
+        if step not in found:
+            raise StageError(f"pretrain.snapshots: no checkpoint of step {step} in {checkpoints}")
+        target = out / checkpoint_name(step)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in (MODEL_FILE, CONFIG_FILE):
+            shutil.copyfile(found[step] / name, target / name)
+        written.append(target)
+    return written
 
 
 def _check_keys(values: dict, cls, name: str) -> None:
@@ -223,6 +257,10 @@ def main(
                         checkpoints, out / "model", logger, provenance)
         if rank != 0:
             return
+        config = from_section(PretrainConfig, pretrain_section, "pretrain")
+        if config.snapshots:
+            shutil.rmtree(out / "snapshots", ignore_errors=True)
+            write_snapshots(checkpoints, config.snapshots, out / "snapshots")
         metrics = {k: result[k] for k in ("steps", "heldout_loss_initial", "heldout_loss_final", "train_loss_final",
                                           "skipped_batches", "audio_seconds_per_second", "train_seconds", "num_parameters")}
         metrics["audio_hours_seen"] = result["audio_seconds_seen"] / 3600  # in this run
