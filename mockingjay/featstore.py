@@ -147,9 +147,6 @@ class RaggedArray:
     def __contains__(self, item_id: str) -> bool:
         return item_id in self._position
 
-    def index_of(self, item_id: str) -> int:
-        return self._position[item_id]
-
     def get(self, item_id: str) -> np.ndarray:
         return self[self._position[item_id]]
 

@@ -80,10 +80,6 @@ def normalize_phone(phone: str) -> str:
     return token
 
 
-def phone_id(phone: str) -> int:
-    return PHONE_TO_ID[normalize_phone(phone)]
-
-
 # ----------------------------------------------------------------------------------------
 # label files
 

@@ -83,12 +83,14 @@ def test_keyword_probe_through_the_cli(tmp_path):
     # the held-out speaker's ten digits, nobody else's (a digit that no train utterance has is left out)
     assert results["examples"]["test"] + results["ignored"]["test"]["utterances"] == 10
     assert results["examples"]["test"] >= 8
-    assert results["classes"] == sorted(DIGITS) and results["fraction_utterances"]["0.5"] * 2 >= \
-        results["fraction_utterances"]["1"]
+    # classes are the train split's keywords: with 28 train clips one digit may have none
+    assert set(results["classes"]) <= set(DIGITS) and len(results["classes"]) >= 8
+    assert results["ignored"]["test"]["classes"] == sorted(set(DIGITS) - set(results["classes"]))
+    assert results["fraction_utterances"]["0.5"] * 2 >= results["fraction_utterances"]["1"]
     assert "weighted_sum" in probe_out and "keyword acc" in probe_out and "unseen corpus" in probe_out
     unseen = keyword["test_corpus_sc_unseen"]  # scored on its own, beside the test split
     assert set(unseen) == {"input", "layer_00", "layer_01", "layer_02"}
-    assert results["extra_tests"]["sc_unseen"]["examples"] == 10
+    assert results["extra_tests"]["sc_unseen"]["examples"] == len(results["classes"])  # one clip a known digit
     speaker = json.loads((tmp_path / "reports/probe/results.json").read_text())["speaker"]
     held_name = f"sc_{next(iter(test_speakers)).split('_', 1)[1]}"
     assert held_name in speaker["ignored"]["test"]["classes"]  # unheard speakers cannot be identified

@@ -222,19 +222,6 @@ def test_position_table_grows_for_long_inputs_and_is_not_saved():
 
 # ------------------------------------------------------------------ checkpoints, precision, compile
 
-def test_checkpoint_is_a_plain_dict_that_round_trips(tmp_path):
-    model = MockingjayForMAM(small_config(downsample_rate=2)).eval()
-    path = tmp_path / "model.pt"
-    torch.save(model.to_checkpoint(), path)
-    checkpoint = torch.load(path, weights_only=True)
-    restored = MockingjayForMAM.from_checkpoint(checkpoint).eval()
-    x, lengths = torch.randn(2, 9, 12), torch.tensor([9, 3])
-    torch.testing.assert_close(restored(x, lengths), model(x, lengths))
-    encoder = MockingjayEncoder.from_checkpoint(checkpoint).eval()
-    torch.testing.assert_close(encoder(x, lengths).hidden_states[-1],
-                               model.encoder(x, lengths).hidden_states[-1])
-
-
 def test_bf16_autocast_forward_backward():
     model = MockingjayForMAM(small_config())
     x, lengths = torch.randn(2, 8, 12), torch.tensor([8, 5])
