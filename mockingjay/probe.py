@@ -49,8 +49,11 @@ _LAYER_DIR = re.compile(r"^layer_(\d+)$")
 
 
 def open_representations(root: str | Path, layers: Sequence[int] | None = None, include_input: bool = True,
-                         splits: Sequence[str] = SPLITS) -> dict[str, dict[str, RaggedArray]]:
-    """Open `root/{split}/{input,layer_XX}`; layers None = every extracted layer.
+                         splits: Sequence[str] = SPLITS, input_root: str | Path | None = None
+                         ) -> dict[str, dict[str, RaggedArray]]:
+    """Open `root/{split}/{input,layer_XX}`; layers None = every extracted layer. `input_root`:
+    take the input baseline from `input_root/{split}` instead (features made another way, e.g.
+    with global CMVN; the probes check that ids and lengths match the layers').
 
     Raises ProbeError naming the valid range when a requested layer was not extracted.
     """
@@ -69,7 +72,11 @@ def open_representations(root: str | Path, layers: Sequence[int] | None = None, 
             raise ProbeError(f"layer {index} out of range: {root / splits[0]} holds layers {valid} "
                              f"(0 = input representation, i = output of encoder layer i)")
     names = ([INPUT_STORE] if include_input else []) + [layer_store_name(i) for i in sorted(set(layers))]
-    return {split: {name: RaggedArray(root / split / name) for name in names} for split in splits}
+
+    def path(split: str, name: str) -> Path:
+        return Path(input_root) / split if name == INPUT_STORE and input_root is not None else root / split / name
+
+    return {split: {name: RaggedArray(path(split, name)) for name in names} for split in splits}
 
 
 def read_speakers(utterances_tsv: str | Path) -> dict[str, str]:

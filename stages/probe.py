@@ -178,6 +178,8 @@ def main(
     metrics: Path = typer.Option(None, help="write compact metrics JSON here (DVC metrics)"),
     plot: Path = typer.Option(None, help="write the accuracy-per-layer table here (DVC plots)"),
     report: Path = typer.Option(None, help="write full results and a PNG figure into this folder"),
+    baseline_features: Path = typer.Option(None, help="take the log-mel baseline from these features (a "
+                                                    "featurize output, e.g. made with cmvn: global) instead of the extracted input"),
 ) -> None:
     """Linear phone (frame) and speaker (utterance) probes per layer; prints a result table."""
     config = from_section(ProbeStageConfig, section(params, "probe"), "probe")
@@ -196,12 +198,13 @@ def main(
     labels = {split: RaggedArray(features / "labels" / split) for split in SPLITS}
     from mockingjay.probe import ProbeError
 
-    run_params = {**to_flat_dict(config), "mode": mode, "layer": layer or config.layers, "model": str(model_dir)}
+    run_params = {**to_flat_dict(config), "mode": mode, "layer": layer or config.layers, "model": str(model_dir),
+                  "baseline_features": str(baseline_features) if baseline_features else "extracted input"}
     run_params.update(_pretrain_params(model_dir))
     with tracking.stage_run("probe", run_params) as mlflow:
         try:
             results = _run_probes(config, mode, model_dir, features, representations, layers, include_input,
-                                  labels)
+                                  labels, baseline_features)
         except ProbeError as err:
             raise StageError(str(err)) from err
         rows = result_rows(results)
@@ -240,7 +243,8 @@ def _pretrain_params(model_dir: Path) -> dict:
     return {f"pretrain.{k}": v for k, v in to_flat_dict(wanted).items()}
 
 
-def _run_probes(config, mode, model_dir, features, representations, layers, include_input, labels) -> dict:
+def _run_probes(config, mode, model_dir, features, representations, layers, include_input, labels,
+                baseline_features: Path | None = None) -> dict:
     from mockingjay.probe_plan import read_utterances, select_utterances, test_corpora_sets
 
     device = resolve_device(config.device)
@@ -254,6 +258,8 @@ def _run_probes(config, mode, model_dir, features, representations, layers, incl
                             test_corpora_sets(utterances, config.test_corpora, need_keyword=task == "keyword"))
     classes_of = {"speaker": speakers, "keyword": {u: i.keyword for u, i in utterances.items()}}
     if mode == "online":
+        if baseline_features is not None:
+            raise ParamError("--baseline-features: extracted mode only (online probes the model's own input)")
         phone = config.phone
         if "phone" in config.tasks and (phone.kinds != ["linear"] or phone.label_fractions != [1.0]
                                         or config.test_corpora):
@@ -276,7 +282,8 @@ def _run_probes(config, mode, model_dir, features, representations, layers, incl
         return {task: online[task] for task in config.tasks}
     from mockingjay.probe import open_representations, probe_labels, probe_phones
 
-    reps = open_representations(representations, layers=layers, include_input=include_input)
+    reps = open_representations(representations, layers=layers, include_input=include_input,
+                                input_root=baseline_features)
     results = {}
     for task in config.tasks:
         settings = getattr(config, task)

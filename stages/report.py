@@ -32,7 +32,8 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def headline_of(results: dict, pretrain: dict, curve: dict[int, dict] | None = None) -> dict:
+def headline_of(results: dict, pretrain: dict, curve: dict[int, dict] | None = None,
+                baseline: dict | None = None) -> dict:
     """The compact record: {task: {logmel, majority, layers, weighted_sum, mlp_best}, pretrain: {...}}."""
     out: dict = {}
     for task in TASK_ORDER:
@@ -52,6 +53,8 @@ def headline_of(results: dict, pretrain: dict, curve: dict[int, dict] | None = N
             "mlp_best": max(mlp) if mlp else None,
             "test_examples": result["examples"]["test"],
         }
+        if baseline and task in baseline and "input" in baseline[task]:  # log-mel with global CMVN
+            entry["logmel_global_cmvn"] = baseline[task]["input"]["accuracy"]
         mlp_input = [p["accuracy"] for p in probes if p["kind"] == "mlp" and p["layer"] == "input"]
         if mlp_input:
             entry["mlp_logmel"] = mlp_input[0]
@@ -123,6 +126,7 @@ def headline_main(
     results: Path = typer.Option(Path("reports/probe/results.json"), help="probe stage --report results.json"),
     pretrain_metrics: Path = typer.Option(Path("metrics/pretrain.json"), help="pretrain stage metrics"),
     curve: Path = typer.Option(None, help="folder of step-NNNNNN.json probe metrics of checkpoints"),
+    baseline: Path = typer.Option(None, help="probe metrics of the log-mel input made another way (global CMVN)"),
     out: Path = typer.Option(Path("metrics/headline.json"), help="where to write the headline"),
     figures: Path = typer.Option(None, help="also write the README's figures here (accuracy, layer weights, curve)"),
 ) -> None:
@@ -132,7 +136,7 @@ def headline_main(
     points = _curve_points(curve, per_hour)
     if points and pretrain.get("steps") not in points:  # the final model: its last-layer probe row
         points[pretrain["steps"]] = {**_last_layer(probe_results), "audio_hours_seen": round(pretrain["audio_hours_seen"], 3)}
-    payload = headline_of(probe_results, pretrain, points)
+    payload = headline_of(probe_results, pretrain, points, _read_json(baseline) if baseline else None)
     write_json(out, payload)
     if figures:
         import shutil
@@ -178,8 +182,10 @@ def study_table(headline: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(_percent(v) for v in values) + f" | {paper[0]} | {paper[1]} |")
 
     row("majority class", [headline[t]["majority"] for t in tasks])
-    row("log-mel (input)", [headline[t]["logmel"] for t in tasks],
+    row("log-mel (input, per-utterance CMVN as the model sees it)", [headline[t]["logmel"] for t in tasks],
         (_percent(PAPER["phone"]["logmel"]), _percent(PAPER["speaker"]["logmel"])))
+    if any(headline[t].get("logmel_global_cmvn") is not None for t in tasks):
+        row("log-mel, global CMVN", [headline[t].get("logmel_global_cmvn") for t in tasks])
     for i in range(depth):
         name = "hidden state 0 (projection + position)" if i == 0 else f"layer {i}"
         row(name, [headline[t]["layers"][i] if i < len(headline[t]["layers"]) else None for t in tasks])

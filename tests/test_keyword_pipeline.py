@@ -95,3 +95,20 @@ def test_keyword_probe_through_the_cli(tmp_path):
     held_name = f"sc_{next(iter(test_speakers)).split('_', 1)[1]}"
     assert held_name in speaker["ignored"]["test"]["classes"]  # unheard speakers cannot be identified
     assert speakers  # the layout was made from real recordings
+
+    # The log-mel baseline from features made with global CMVN: per-utterance mean-and-variance
+    # CMVN leaves statistics pooling nothing of the speaker; global CMVN keeps it.
+    global_params = {**params, "featurize": {"preset": "tera", "workers": 1, "cmvn": "global"},
+                     "probe": {**params["probe"], "test_corpora": [], "tasks": ["speaker"]}}
+    (tmp_path / "global.yaml").write_text(yaml.safe_dump(global_params, sort_keys=False))
+    for step in (["mockingjay", "featurize", "--params", "global.yaml", "--manifest", "data/prepared/manifest.tsv",
+                  "--no-labels", "--out", "data/features_global"],
+                 ["mockingjay", "probe", "--params", "global.yaml", "--layer", "input", "--representations",
+                  "data/representations", "--features", "data/features", "--baseline-features", "data/features_global",
+                  "--model", "models/pretrain/model", "--metrics", "metrics/global.json"]):
+        result = run(step, tmp_path, env)
+        assert result.returncode == 0, f"{step[1]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    per_utterance = metrics["speaker"]["input"]["accuracy"]
+    global_cmvn = json.loads((tmp_path / "metrics/global.json").read_text())["speaker"]["input"]["accuracy"]
+    assert set(json.loads((tmp_path / "metrics/global.json").read_text())["speaker"]) == {"input"}
+    assert global_cmvn > per_utterance + 0.2, (global_cmvn, per_utterance)

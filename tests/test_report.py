@@ -48,7 +48,7 @@ def test_headline_is_compact_and_complete():
     assert headline["curve"] == [{"step": 800, "phone": 0.44, "audio_hours_seen": 10.2}]
     json.dumps(headline)
     table = study_table(headline)
-    assert "| log-mel (input) | 40.0 | 60.0 | 49.1 | 70.1 |" in table
+    assert "| log-mel (input, per-utterance CMVN as the model sees it) | 40.0 | 60.0 | 49.1 | 70.1 |" in table
     assert "| layer 1 | 47.0 | 90.0 |" in table and "| MLP probe, best layer | 52.0 |" in table
 
 
