@@ -26,7 +26,8 @@ from mockingjay.featstore import RaggedArray
 from mockingjay.manifest import SPLITS
 
 from . import tracking
-from .common import PARAMS_OPTION, StageError, atomic_output_dir, check_model_features, cli_errors, section, write_json
+from .common import (PARAMS_OPTION, StageError, atomic_output_dir, check_model_features, check_output_dir, check_output_file,
+                     cli_errors, section, write_json)
 from .extract import resolve_device
 
 TASKS = ("phone", "speaker")
@@ -114,10 +115,15 @@ def main(
     metrics: Path = typer.Option(None, help="write compact metrics JSON here (DVC metrics)"),
     plot: Path = typer.Option(None, help="write the accuracy-per-layer table here (DVC plots)"),
     report: Path = typer.Option(None, help="write full results and a PNG figure into this folder"),
+    force: bool = typer.Option(False, "--force", help="replace --report even if this stage did not make it"),
 ) -> None:
     """Linear phone (frame) and speaker (utterance) probes per layer; prints a result table."""
     config = from_section(ProbeStageConfig, section(params, "probe"), "probe")
     model_dir = checkpoint or model
+    if report:
+        check_output_dir(report, "probe", force, inputs=[params, representations, features, model_dir], option="--report")
+    check_output_file(metrics, "--metrics")
+    check_output_file(plot, "--plot")
     mode = mode or ("online" if checkpoint else config.mode)
     if mode not in ("extracted", "online"):
         raise ParamError(f"--mode: expected extracted or online, got {mode!r}")
@@ -149,7 +155,7 @@ def main(
         if plot:
             write_plot_table(plot, rows)
         if report:
-            with atomic_output_dir(report) as tmp:
+            with atomic_output_dir(report, "probe", force) as tmp:
                 write_json(tmp / "results.json", results)
                 from mockingjay.figures import plot_probe_accuracy
 
