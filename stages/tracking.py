@@ -99,6 +99,10 @@ def _configure():
     return mlflow
 
 
+class TrackingError(RuntimeError):
+    pass
+
+
 def _local_store(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
