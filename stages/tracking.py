@@ -190,13 +190,18 @@ def stage_run(
     except BaseException as err:
         # KILLED for a stop signal, so a preempted job is not left RUNNING or taken for a crash;
         # every run still open (a probe's child run, then the stage's) is ended.
-        status = "KILLED" if isinstance(err, (StageInterrupted, KeyboardInterrupt)) else "FAILED"
-        while mlflow.active_run() is not None:
-            mlflow.end_run(status)
+        _end_runs_down_to(mlflow, run, "KILLED" if isinstance(err, (StageInterrupted, KeyboardInterrupt)) else "FAILED")
         raise
-    while mlflow.active_run() is not None:
-        mlflow.end_run("FINISHED")
+    _end_runs_down_to(mlflow, run, "FINISHED")
     print(f"mlflow: logged run {run.info.run_id} ({name}) to {tracking_uri()}", file=sys.stderr)
+
+
+def _end_runs_down_to(mlflow, run, status: str) -> None:
+    """End the active runs opened inside `run` (a probe's child run), then `run` itself."""
+    while (active := mlflow.active_run()) is not None:
+        mlflow.end_run(status)
+        if active.info.run_id == run.info.run_id:
+            return
 
 
 def log_params(mlflow, params: dict[str, Any]) -> None:
