@@ -45,6 +45,14 @@ class NonFiniteLossError(RuntimeError):
     """The training loss or gradient norm became inf/NaN; no checkpoint was written after it."""
 
 
+class TrainingStopped(RuntimeError):
+    """`should_stop()` asked the run to stop: it finished its step and wrote `checkpoint` there."""
+
+    def __init__(self, step: int, checkpoint: Path | None):
+        super().__init__(f"training stopped at step {step}; checkpoint {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
 @dataclass
 class TrainConfig:
     """Optimisation and data settings of a pretraining run (defaults follow s3prl)."""
@@ -135,7 +143,7 @@ class Trainer:
                  output_dir: str | Path, callback: Callback | None = None, model_dir: str | Path | None = None,
                  target_store_paths: Sequence[str | Path | None] | None = None,
                  heldout_target_path: str | Path | None = None, checkpoints_dir: str | Path | None = None,
-                 extra_config: dict[str, Any] | None = None):
+                 extra_config: dict[str, Any] | None = None, should_stop: Callable[[], bool] | None = None):
         train_config.validate()
         model_config.validate()
         mask_config.validate()
@@ -145,6 +153,9 @@ class Trainer:
         self.extra_config = dict(extra_config or {})  # more sections for config.json, e.g. "features"
         self.model_dir = Path(model_dir) if model_dir is not None else self.output_dir / "model"
         self.callback = callback
+        # Asked after every step (one process) or at every sync point (DDP, where all ranks must
+        # agree on the step): True stops the run with a checkpoint of the step reached.
+        self.should_stop = should_stop
         self.train_data = FeatureDataset(train_store_paths, target_store_paths)
         self.heldout_data = (FeatureDataset(heldout_store_path, [heldout_target_path] if heldout_target_path else None)
                              if heldout_store_path is not None else None)
@@ -352,13 +363,17 @@ class Trainer:
             is_log = self.step % cfg.log_every == 0 or self.step == cfg.total_steps
             is_eval = cfg.eval_every > 0 and self.step % cfg.eval_every == 0 and self.step < cfg.total_steps
             is_checkpoint = self.step % cfg.checkpoint_every == 0 or self.step == cfg.total_steps
-            if not (is_log or is_eval or is_checkpoint):
+            stop = self.should_stop is not None and not self.dist.enabled and self.should_stop()
+            if not (is_log or is_eval or is_checkpoint or stop):
                 continue
             # A sync point, identical on every rank: read the interval's numbers once.
-            loss_sum, micro_batches, frames_sum, skipped_sum, bad, norm = self._sum_over_ranks(
-                [interval_loss, float(interval_micro_batches), float(interval_frames), skipped, nonfinite, grad_norm])
+            wants_stop = float(self.should_stop is not None and self.should_stop())
+            loss_sum, micro_batches, frames_sum, skipped_sum, bad, norm, stops = self._sum_over_ranks(
+                [interval_loss, float(interval_micro_batches), float(interval_frames), skipped, nonfinite, grad_norm,
+                 wants_stop])
             if bad:
                 self._raise_nonfinite(self.step, last_good)
+            stop = stop or stops > 0
             skipped_total = self.skipped_before + int(skipped_sum)
             if is_log:
                 now = time.perf_counter()
@@ -375,8 +390,11 @@ class Trainer:
             pause_start = time.perf_counter()
             if is_eval:
                 self.evaluate()
-            if is_checkpoint:
+            if is_checkpoint or stop:
                 last_good = self._checkpoint(skipped_total) or last_good
+            if stop:
+                progress.close()
+                raise TrainingStopped(self.step, last_good)
             paused = time.perf_counter() - pause_start  # kept out of the throughput figures
             interval_start, paused_seconds = interval_start + paused, paused_seconds + paused
         progress.close()
@@ -417,11 +435,13 @@ def train(model_config: ModelConfig, mask_config: MaskConfig, train_config: Trai
           output_dir: str | Path, callback: Callback | None = None, model_dir: str | Path | None = None,
           target_store_paths: Sequence[str | Path | None] | None = None,
           heldout_target_path: str | Path | None = None, checkpoints_dir: str | Path | None = None,
-          extra_config: dict[str, Any] | None = None) -> dict[str, Any]:
+          extra_config: dict[str, Any] | None = None, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Pretrain (or resume pretraining) a Mockingjay model; see `Trainer`. Returns the result dict.
 
     Checkpoints go to `checkpoints_dir` (default `output_dir/checkpoints`), the final model to
     `model_dir` (default `output_dir/model`); `extra_config` sections are added to their config.json.
+    `should_stop()` returning True ends the run with TrainingStopped after a checkpoint of the step reached.
     """
     return Trainer(model_config, mask_config, train_config, train_store_paths, heldout_store_path, output_dir,
-                   callback, model_dir, target_store_paths, heldout_target_path, checkpoints_dir, extra_config).fit()
+                   callback, model_dir, target_store_paths, heldout_target_path, checkpoints_dir, extra_config,
+                   should_stop).fit()

@@ -44,7 +44,8 @@ from mockingjay.phones import (
 )
 
 from . import tracking
-from .common import PARAMS_OPTION, StageError, atomic_output_dir, cli_errors, section, worker_count, write_json
+from .common import (PARAMS_OPTION, StageError, atomic_output_dir, audio_folders, check_output_dir, check_output_file,
+                     cli_errors, section, worker_count, write_json)
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,8 @@ def main(
     params: Path = PARAMS_OPTION,
     manifest: Path = typer.Option(Path("data/prepared/manifest.tsv"), help="manifest from the prepare stage"),
     out: Path = typer.Option(Path("data/alignments"), help="output directory"),
+    metrics: Path = typer.Option(None, "--metrics", help="write the summary JSON here (DVC metrics); default: none"),
+    force: bool = typer.Option(False, "--force", help="replace --out even if this stage did not make it"),
 ) -> None:
     """Forced-align transcripts to phones (pocketsphinx) or import existing labels."""
     config = from_section(AlignConfig, section(params, "align"), "align")
@@ -154,6 +157,8 @@ def main(
     for spec in config.imports:
         if spec.corpus not in corpora:
             raise StageError(f"align.imports: corpus {spec.corpus!r} is not in the manifest (have {sorted(corpora)})")
+    check_output_dir(out, "align", force, inputs=[params, manifest, *audio_folders(rows), *(s.path for s in config.imports)])
+    check_output_file(metrics, "--metrics")
     imported = {spec.corpus: spec for spec in config.imports}
     results: dict[str, list[Segment] | np.ndarray | Problem] = {}
     for spec in config.imports:
@@ -162,7 +167,7 @@ def main(
     workers = worker_count(config.workers)
     failures: list[Problem] = []
     params_flat = {**to_flat_dict(config), "featurize.hop_length": features.hop_length, "to_align": len(to_align)}
-    with tracking.stage_run("align", params_flat) as mlflow, atomic_output_dir(out) as tmp:
+    with tracking.stage_run("align", params_flat) as mlflow, atomic_output_dir(out, "align", force) as tmp:
         results.update(align_rows(to_align, workers, corpus_lexicons(params)))
         (tmp / "lab").mkdir()
         attrs = {"hop_length": features.hop_length, "sample_rate": features.sample_rate, "phones": list(PHONES)}
@@ -197,7 +202,8 @@ def main(
         mlflow.log_metrics({k: float(v) for k, v in summary.items()})
         mlflow.log_artifact(str(tmp / "failures.tsv"))
         mlflow.log_artifact(str(tmp / "summary.json"))
-    write_json(Path("metrics") / "align.json", summary)
+    if metrics:
+        write_json(metrics, summary)
     for problem in failures:
         print(f"align: failed {problem.path}: {problem.detail}", file=sys.stderr)
     print(f"align: {labelled}/{len(rows)} utterances labelled, {len(failures)} failed -> {out}", file=sys.stderr)

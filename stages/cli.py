@@ -11,7 +11,8 @@ import typer
 if not sys.stderr.isatty():
     os.environ.setdefault("TQDM_MININTERVAL", "10")
 
-from . import align, extract, featurize, interop, prepare, pretrain, probe, report  # noqa: E402
+from . import align, checkpoints, extract, featurize, interop, prepare, pretrain, probe, report, tracking  # noqa: E402
+from .common import cli_errors  # noqa: E402
 
 app = typer.Typer(
     help="Mockingjay: masked acoustic model pretraining and probing, as a DVC + MLflow pipeline.",
@@ -30,6 +31,8 @@ app.command("export-checkpoint")(interop.export_main)
 app.command("headline")(report.headline_main)
 app.command("release")(report.release_main)
 app.command("results-table")(report.table_main)
+app.add_typer(checkpoints.app, name="checkpoints")
+app.command("relocate-artifacts")(cli_errors(tracking.relocate_artifacts_main))
 
 if __name__ == "__main__":
     app()

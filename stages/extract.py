@@ -24,7 +24,8 @@ from mockingjay.feature_config import frames_per_second
 from mockingjay.manifest import SPLITS
 
 from . import tracking
-from .common import PARAMS_OPTION, StageError, atomic_output_dir, cli_errors, section, write_json
+from .common import (PARAMS_OPTION, StageError, atomic_output_dir, check_output_dir, check_output_file, cli_errors,
+                     section, write_json)
 from .runtime import check_model_features, resolve_device
 
 
@@ -60,12 +61,16 @@ def main(
     model: Path = typer.Option(Path("models/pretrain/model"), help="model directory (model.safetensors + config.json)"),
     features: Path = typer.Option(Path("data/features"), help="featurize stage output"),
     out: Path = typer.Option(Path("data/representations"), help="output directory"),
+    metrics: Path = typer.Option(None, "--metrics", help="write the run's totals JSON here; default: none"),
+    force: bool = typer.Option(False, "--force", help="replace --out even if this stage did not make it"),
 ) -> None:
     """Run the frozen model over every split and store each layer's representations (float16)."""
+    config = from_section(ExtractConfig, section(params, "extract"), "extract")
+    check_output_dir(out, "extract", force, inputs=[params, model, features])
+    check_output_file(metrics, "--metrics")
     from mockingjay.checkpoint import load_model_dir
     from mockingjay.extract import ExtractError, extract_representations, resolve_layers
 
-    config = from_section(ExtractConfig, section(params, "extract"), "extract")
     device = resolve_device(config.device)
     frame_rate = frames_per_second(check_model_features(model, features))
     stores = {split: RaggedArray(features / split) for split in SPLITS}
@@ -75,7 +80,7 @@ def main(
     except ExtractError as err:
         raise StageError(f"extract.layers: {err}") from err
     summaries = {}
-    with tracking.stage_run("extract", {**to_flat_dict(config), "model": str(model)}) as mlflow, atomic_output_dir(out) as tmp:
+    with tracking.stage_run("extract", {**to_flat_dict(config), "model": str(model)}) as mlflow, atomic_output_dir(out, "extract", force) as tmp:
         for split in SPLITS:
             print(f"extract: {split} ({len(stores[split])} utterances)", file=sys.stderr)
             summaries[split] = extract_representations(
@@ -90,6 +95,8 @@ def main(
                                           "splits": timeless})
         mlflow.log_metrics({k: float(v) for k, v in total.items()})
         mlflow.log_artifact(str(tmp / "summary.json"))
+    if metrics:
+        write_json(metrics, total)
     print(
         f"extract: {total['utterances']} utterances, {len(layers)} layers + input, "
         f"{total['bytes_written'] / 1e6:.1f} MB written at {total['audio_seconds_per_second']:.0f} audio-s/s -> {out}",

@@ -39,7 +39,8 @@ from mockingjay.feature_config import FeatureConfig, feature_config, num_frames
 from mockingjay.manifest import SPLITS, ManifestRow, read_manifest
 
 from . import tracking
-from .common import PARAMS_OPTION, StageError, atomic_output_dir, cli_errors, section, worker_count, write_json
+from .common import (PARAMS_OPTION, StageError, atomic_output_dir, audio_folders, check_output_dir, check_output_file,
+                     cli_errors, section, worker_count, write_json)
 
 CHUNK_AUDIO_SEC = 60.0  # audio seconds per task sent to a worker (~25 ms of work); fewer, larger
 # tasks cost the main process less, and small corpora still get >= 8 tasks per worker
@@ -256,15 +257,20 @@ def main(
     alignments: Path = typer.Option(Path("data/alignments"), help="align stage output (frame labels)"),
     no_labels: bool = typer.Option(False, "--no-labels", help="featurize without phone labels"),
     out: Path = typer.Option(Path("data/features"), help="output directory"),
+    metrics: Path = typer.Option(None, "--metrics", help="write the summary JSON here (DVC metrics); default: none"),
+    force: bool = typer.Option(False, "--force", help="replace --out even if this stage did not make it"),
 ) -> None:
     """Compute log-mel (+ delta) features with CMVN into memory-mappable float16 stores."""
     config = from_section(FeatureConfig, feature_config(section(params, "featurize")), "featurize")
     rows = sort_rows(read_manifest(manifest))
+    inputs = [params, manifest, None if no_labels else alignments, *audio_folders(rows)]
+    check_output_dir(out, "featurize", force, inputs=inputs)
+    check_output_file(metrics, "--metrics")
     labels = None if no_labels else load_frame_labels(alignments, config)
     workers = worker_count(config.workers)
     total_sec = sum(r.duration for r in rows)
     import mockingjay.features  # noqa: F401  torch loads now (~2 s), not in the timed part below
-    with tracking.stage_run("featurize", to_flat_dict(config)) as mlflow, atomic_output_dir(out) as tmp:
+    with tracking.stage_run("featurize", to_flat_dict(config)) as mlflow, atomic_output_dir(out, "featurize", force) as tmp:
         started = time.time()
         _, table = write_features(rows, config, tmp, workers, labels)
         elapsed = time.time() - started
@@ -286,7 +292,8 @@ def main(
         mlflow.log_metrics({k: float(v) for k, v in summary.items()})
         mlflow.log_artifact(str(tmp / "summary.json"))
         mlflow.log_artifact(str(tmp / "feature_config.json"))
-    write_json(Path("metrics") / "featurize.json", summary)
+    if metrics:
+        write_json(metrics, summary)
     print(
         f"featurize: {summary['utterances']} utterances, {summary['audio_hours']:.3f} h of audio at "
         f"{summary['real_time_factor']:.0f}x real time on {workers} worker(s), "

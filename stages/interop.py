@@ -22,7 +22,7 @@ from pathlib import Path
 import typer
 
 from . import tracking
-from .common import StageError, cli_errors
+from .common import StageError, check_inputs_apart, cli_errors
 
 
 def _print_report(title: str, items) -> None:
@@ -45,6 +45,7 @@ def import_main(
 
     if dest.exists() and not force and (not dest.is_dir() or any(dest.iterdir())):
         raise StageError(f"{dest} exists; pass --force to replace it")
+    check_inputs_apart(dest, [src], "DEST")  # even with --force: replacing DEST would delete SRC
     imported = import_checkpoint(src)
     model, config = imported.model, imported.model.config
     print(f"import-checkpoint: {imported.layout} layout, {config.num_layers} layers, hidden {config.hidden_size}, "
@@ -76,8 +77,15 @@ def export_main(
     src: Path = typer.Argument(..., help="our model directory (model.safetensors + config.json)"),
     dest: Path = typer.Argument(..., help="checkpoint file to write (.ckpt)"),
     layout: str = typer.Option("s3prl", "--layout", help="s3prl (s3prl/upstream/mockingjay) | mockingjay (original code)"),
+    force: bool = typer.Option(False, "--force", help="replace DEST if it exists"),
 ) -> None:
     """Write our model as an s3prl (or original Mockingjay) checkpoint that their loaders read."""
+    # Checked before torch loads and the model is converted: as import-checkpoint does.
+    if dest.is_dir():
+        raise StageError(f"{dest} is a folder; export writes one checkpoint file: name it, e.g. {dest / 'model.ckpt'}")
+    if dest.exists() and not force:
+        raise StageError(f"{dest} exists; pass --force to replace it")
+    check_inputs_apart(dest, [src], "DEST")
     import torch
 
     from mockingjay.checkpoint import load_config, load_model_dir
@@ -91,7 +99,11 @@ def export_main(
     with tracking.stage_run("export-checkpoint", {"src": str(src), "dest": str(dest), "layout": layout}) as mlflow:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.partial")
-        torch.save(checkpoint, tmp)
-        tmp.replace(dest)
+        try:
+            torch.save(checkpoint, tmp)
+            tmp.replace(dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a failed or interrupted write leaves no half file behind
+            raise
         mlflow.log_metric("bytes_written", float(dest.stat().st_size))
     print(f"export-checkpoint: {src} -> {dest} ({layout} layout)", file=sys.stderr)

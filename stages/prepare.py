@@ -30,7 +30,8 @@ from mockingjay.manifest import (
 )
 
 from . import tracking
-from .common import PARAMS_OPTION, StageError, atomic_output_dir, cli_errors, section, worker_count, write_json
+from .common import (PARAMS_OPTION, StageError, atomic_output_dir, check_output_dir, check_output_file, cli_errors, section,
+                     worker_count, write_json)
 
 
 def _validate_one(item: tuple[UtteranceSource, bool], sample_rate: int, min_duration_sec: float):
@@ -69,12 +70,16 @@ def _log_problems(mlflow, problems: list[Problem]) -> None:
 def main(
     params: Path = PARAMS_OPTION,
     out: Path = typer.Option(Path("data/prepared"), help="output directory"),
+    metrics: Path = typer.Option(None, "--metrics", help="write the summary JSON here (DVC metrics); default: none"),
+    force: bool = typer.Option(False, "--force", help="replace --out even if this stage did not make it"),
 ) -> None:
     """Scan corpora into a manifest: validate every file, resample/down-mix, split by seed."""
     config = from_section(PrepareConfig, section(params, "prepare"), "prepare")
     for i, spec in enumerate(config.corpora):
         if not Path(spec.path).exists():
             raise ParamError(f"prepare.corpora[{i}].path: {spec.path} does not exist (corpus {spec.name!r})")
+    check_output_dir(out, "prepare", force, inputs=[params, *(spec.path for spec in config.corpora)])
+    check_output_file(metrics, "--metrics")
     sources: list[tuple[UtteranceSource, bool]] = []
     for spec in config.corpora:
         sources.extend((utt, spec.align) for utt in read_corpus(spec))
@@ -99,7 +104,7 @@ def main(
         rows = assign_splits(rows, config.dev_fraction, config.test_fraction, config.seed, heldout)
         summary = summarize(rows, problems, config.sample_rate)
         summary["heldout_speakers"] = {split: sum(1 for v in heldout.values() if v == split) for split in ("dev", "test")}
-        with atomic_output_dir(out) as tmp:
+        with atomic_output_dir(out, "prepare", force) as tmp:
             write_tsv(tmp / "manifest.tsv", rows, ManifestRow)
             # which speakers pretraining and probe training never hear (test) or only as dev
             (tmp / "heldout_speakers.tsv").write_text(
@@ -111,7 +116,8 @@ def main(
         mlflow.log_metrics({f"split_{k}": v for k, v in summary["splits"].items()})
         mlflow.log_artifact(str(out / "summary.json"))
         mlflow.log_artifact(str(out / "skipped.tsv"))
-    write_json(Path("metrics") / "prepare.json", {k: v for k, v in summary.items() if k != "corpora"})
+    if metrics:
+        write_json(metrics, {k: v for k, v in summary.items() if k != "corpora"})
     for p in problems:
         print(f"prepare: skipped {p.path}: {p.detail}", file=sys.stderr)
     print(

@@ -4,15 +4,18 @@ Reads `data/features/{train,dev}` (pretraining never sees the probes' test split
 as the held-out set for the reconstruction loss). Writes::
 
     models/pretrain/model/          the final model: model.safetensors + config.json (what later stages read)
-    models/checkpoints/             resumable checkpoints (git-ignored and not a DVC output, so kept between runs), and
-                                    train_log.jsonl, the loss log of the whole run across resumes
-    metrics/pretrain.json           held-out loss at initialisation and at the end, throughput, ...
-    plots/pretrain_loss.tsv         step, loss, learning_rate (a DVC plot)
+    models/checkpoints/config-<fingerprint>/
+                                    resumable checkpoints of one configuration (git-ignored and not a DVC output,
+                                    so kept between runs), and train_log.jsonl, the loss log of the whole run
+    metrics/pretrain.json           (--metrics) held-out loss at initialisation and at the end, throughput, ...
+    plots/pretrain_loss.tsv         (--plot) step, loss, learning_rate (a DVC plot)
 
-Re-running after a crash resumes from the newest complete checkpoint when the configuration, the
-feature settings and the data (a fingerprint of the stores' indexes) are unchanged; any change
-starts afresh (the old checkpoints are moved aside).
-Under torchrun every rank trains; rank 0 alone writes and logs to MLflow.
+Re-running after a crash resumes from the newest complete checkpoint of the same configuration,
+feature settings and data (a fingerprint of the stores' indexes). Another configuration starts
+afresh in its own folder; the others' state is kept (mockingjay/resume_state.py) until removed with
+`mockingjay checkpoints remove`. A lock on the checkpoints folder refuses a second run on it.
+SIGTERM/SIGINT: the current step is finished and checkpointed, the MLflow run ends KILLED, and the
+same command resumes. Under torchrun every rank trains; rank 0 alone writes and logs to MLflow.
 """
 
 from __future__ import annotations
@@ -23,22 +26,21 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import typer
 
+from mockingjay import resume_state
 from mockingjay.config import ParamError, from_section, to_flat_dict
 from mockingjay.featstore import RaggedArray
 from mockingjay.feature_config import FeatureConfig
+from mockingjay.resume_state import TRAIN_LOG
 
 from . import tracking
-from .common import (PARAMS_OPTION, StageError, cli_errors, read_feature_config, section, write_json,
-                     write_text_atomically)
-
-TRAIN_LOG = "train_log.jsonl"  # in the checkpoints folder: the loss log of the whole run, across resumes
+from .common import (PARAMS_OPTION, StageError, StageInterrupted, check_inputs_apart, check_output_file, cli_errors,
+                     read_feature_config, section, stop_signals_deferred, write_json, write_text_atomically)
 
 
 @dataclass(frozen=True)
@@ -129,26 +131,59 @@ def _check_keys(values: dict, cls, name: str) -> None:
         raise ParamError(f"{name}: unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
 
 
-def _fresh_or_resume(checkpoints: Path, record: dict) -> None:
-    """Keep checkpoints only if they were written by this exact configuration."""
+def _check_folders(features: Path, out: Path, checkpoints: Path, force: bool) -> None:
+    """Before any work: the model folder and the checkpoints folder are apart from the features and
+    each other, and neither is a folder of the user's that this stage would write into or replace."""
+    model_dir = out / "model"
+    check_inputs_apart(checkpoints, [features], "--checkpoints")
+    check_inputs_apart(model_dir, [features, checkpoints], "--out")
+    for path, option in ((checkpoints, "--checkpoints"), (model_dir, "--out")):
+        if path.exists() and not path.is_dir():
+            raise StageError(f"{option} {path} is a file; the stage writes a folder there")
+    if not force and checkpoints.is_dir() and not resume_state.is_checkpoints_folder(checkpoints):
+        raise StageError(f"--checkpoints {checkpoints} holds files that are not resume state; the stage would write "
+                         "among them. Choose another folder, or pass --force to use it anyway")
+    if not force and model_dir.is_dir() and any(model_dir.iterdir()) and not _is_model_dir(model_dir):
+        raise StageError(f"--out {out}: {model_dir} is a folder that is not a model directory; the stage would replace "
+                         "it and delete what it holds. Choose another --out, or pass --force to replace it")
+
+
+def _is_model_dir(folder: Path) -> bool:
+    """A model directory (what pretrain and import-checkpoint write): its config.json says so, and it
+    holds nothing else a user could lose."""
+    try:
+        made = json.loads((folder / "config.json").read_text()).get("format") == "mockingjay-mam"
+    except (OSError, ValueError, AttributeError):
+        return False
+    return made and {p.name for p in folder.iterdir()} <= {"config.json", "model.safetensors"}
+
+
+def _resume_state(checkpoints: Path, record: dict) -> Path:
+    """This configuration's folder in `checkpoints`: says whether it resumes, and lists the others."""
     from mockingjay.checkpoint import latest_checkpoint, load_config
 
-    if not checkpoints.exists():
-        return
-    latest = latest_checkpoint(checkpoints)
+    if resume_state.legacy_entries(checkpoints):
+        legacy = latest_checkpoint(checkpoints)
+        if legacy is not None:
+            moved = resume_state.adopt_legacy(checkpoints, load_config(legacy))
+            print(f"pretrain: moved the resume state in {checkpoints} (older layout) to {moved}", file=sys.stderr)
+    state = resume_state.state_dir(checkpoints, record)
+    latest = latest_checkpoint(state)
     if latest is None:
-        return
-    stored = load_config(latest)
-    previous = {"model": stored.get("model"), "mask": stored.get("mask"),
-                "training": _train_record(stored.get("training") or {}),
-                "features": stored.get("features"), "data": stored.get("data")}
-    if json.loads(json.dumps(previous, default=str)) != json.loads(json.dumps(record, default=str)):
-        aside = checkpoints.with_name(f"{checkpoints.name}.previous")
-        shutil.rmtree(aside, ignore_errors=True)
-        os.replace(checkpoints, aside)
-        print(f"pretrain: configuration changed since {latest}; starting afresh (old checkpoints in {aside})", file=sys.stderr)
+        print(f"pretrain: no resume state for this configuration; starting afresh in {state}", file=sys.stderr)
     else:
         print(f"pretrain: resuming from {latest}", file=sys.stderr)
+    others = [s for s in resume_state.list_states(checkpoints, record) if s["path"] != state]
+    if others:
+        print(f"pretrain: kept the resume state of {len(others)} other configuration(s), resumed when one comes back "
+              "(`mockingjay checkpoints list`; `mockingjay checkpoints remove NAME` deletes one):", file=sys.stderr)
+        for other in others:
+            print(f"  {resume_state.describe(other)}", file=sys.stderr)
+    aside = checkpoints.with_name(f"{checkpoints.name}.previous")
+    if aside.is_dir():
+        print(f"pretrain: note: {aside} holds state an older version moved aside; it is not resumed (move its "
+              f"contents into {checkpoints} to adopt it)", file=sys.stderr)
+    return state
 
 
 class _Logger:
@@ -209,10 +244,16 @@ def main(
     params: Path = PARAMS_OPTION,
     features: Path = typer.Option(Path("data/features"), help="featurize stage output"),
     out: Path = typer.Option(Path("models/pretrain"), help="final model directory parent"),
-    checkpoints: Path = typer.Option(Path("models/checkpoints"), help="resumable checkpoints"),
+    checkpoints: Path = typer.Option(Path("models/checkpoints"), help="resumable checkpoints, one folder per config"),
     device: str = typer.Option(None, help="override pretrain.train.device (auto, cpu, cuda, cuda:N)"),
+    metrics: Path = typer.Option(None, "--metrics", help="write the metrics JSON here (DVC metrics); default: none"),
+    plot: Path = typer.Option(None, "--plot", help="write the loss table here (DVC plots); default: none"),
+    force: bool = typer.Option(False, "--force", help="use --out/--checkpoints folders this stage did not make"),
 ) -> None:
     """Pretrain the masked acoustic model; resumes from the newest checkpoint after a crash."""
+    check_output_file(metrics, "--metrics")
+    check_output_file(plot, "--plot")
+    _check_folders(features, out, checkpoints, force)
     feature_config = read_feature_config(features)
     settings = FeatureConfig(**{f.name: feature_config[f.name] for f in dataclasses.fields(FeatureConfig)})
     pretrain_section = section(params, "pretrain")
@@ -243,68 +284,81 @@ def main(
     provenance = {"features": feature_config, "data": {"fingerprint": data_fingerprint(train_stores + (target_stores or []))}}
     record = {"model": model_config.to_dict(), "mask": mask_config.to_dict(), "training": _train_record(train_config),
               **provenance}
-    if rank == 0:
-        _fresh_or_resume(checkpoints, record)
     frame_rate = settings.frame_rate
     train_config = dataclasses.replace(train_config, frame_rate=frame_rate)
     flat = {**to_flat_dict({"model": model_config.to_dict(), "mask": mask_config.to_dict()}),
             **to_flat_dict({"train": train_config.to_dict()}), "preset": pretrain_section.get("preset", "tera-base")}
-    # Under torchrun every rank trains; rank 0 alone tracks.
-    run = tracking.stage_run("pretrain", flat, system_metrics=True) if rank == 0 else contextlib.nullcontext()
-    with run as mlflow:
-        logger = _Logger(mlflow, checkpoints / TRAIN_LOG if rank == 0 else None)
-        result = _train(model_config, mask_config, train_config, train_stores, features, target_stores,
-                        checkpoints, out / "model", logger, provenance)
-        if rank != 0:
-            return
-        config = from_section(PretrainConfig, pretrain_section, "pretrain")
-        if config.snapshots:
-            shutil.rmtree(out / "snapshots", ignore_errors=True)
-            write_snapshots(checkpoints, config.snapshots, out / "snapshots")
-        metrics = {k: result[k] for k in ("steps", "heldout_loss_initial", "heldout_loss_final", "train_loss_final",
-                                          "skipped_batches", "audio_seconds_per_second", "train_seconds", "num_parameters")}
-        metrics["audio_hours_seen"] = result["audio_seconds_seen"] / 3600  # in this run
-        metrics["device"] = result["device"]
-        if result["steps_this_run"] == 0:  # resumed at the last step: nothing was trained in this run
-            metrics["train_loss_final"] = logger.train[-1]["loss"] if logger.train else None
-            metrics["audio_seconds_per_second"] = None
-        metrics["heldout_loss_ratio"] = metrics["heldout_loss_final"] / metrics["heldout_loss_initial"]
-        write_json(Path("metrics") / "pretrain.json", metrics)
-        _write_loss_plot(Path("plots") / "pretrain_loss.tsv", logger.train)
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-        _log_figures(mlflow, out / "model", features, mask_config, logger.train, metrics)
-        mlflow.log_artifact(str(out / "model" / "config.json"))
-    speed = metrics["audio_seconds_per_second"]
+    # Rank 0 locks the folder for the whole run: a second run would prune, rewrite and log into the same state.
+    with resume_state.locked(checkpoints) if rank == 0 else contextlib.nullcontext():
+        state = _resume_state(checkpoints, record) if rank == 0 else resume_state.state_dir(checkpoints, record)
+        # Under torchrun every rank trains; rank 0 alone tracks.
+        run = tracking.stage_run("pretrain", flat, system_metrics=True) if rank == 0 else contextlib.nullcontext()
+        with run as mlflow:
+            logger = _Logger(mlflow, state / TRAIN_LOG if rank == 0 else None)
+            result = _train(model_config, mask_config, train_config, train_stores, features, target_stores,
+                            state, out / "model", logger, provenance)
+            if rank != 0:
+                return
+            config = from_section(PretrainConfig, pretrain_section, "pretrain")
+            if config.snapshots:
+                shutil.rmtree(out / "snapshots", ignore_errors=True)
+                write_snapshots(state, config.snapshots, out / "snapshots")
+            metrics_values = _metrics(result, logger)
+            if metrics:
+                write_json(metrics, metrics_values)
+            if plot:
+                _write_loss_plot(plot, logger.train)
+            mlflow.log_metrics({k: float(v) for k, v in metrics_values.items() if isinstance(v, (int, float))})
+            _log_figures(mlflow, out / "model", features, mask_config, logger.train, metrics_values)
+            mlflow.log_artifact(str(out / "model" / "config.json"))
+    speed = metrics_values["audio_seconds_per_second"]
     print(
-        f"pretrain: {metrics['steps']} steps, held-out masked L1 {metrics['heldout_loss_initial']:.4f} -> "
-        f"{metrics['heldout_loss_final']:.4f}, "
+        f"pretrain: {metrics_values['steps']} steps, held-out masked L1 {metrics_values['heldout_loss_initial']:.4f} -> "
+        f"{metrics_values['heldout_loss_final']:.4f}, "
         f"{'no step trained in this run' if speed is None else f'{speed:.0f} audio-s/s'} -> {out / 'model'}",
         file=sys.stderr,
     )
 
 
+def _metrics(result: dict, logger: _Logger) -> dict:
+    metrics = {k: result[k] for k in ("steps", "heldout_loss_initial", "heldout_loss_final", "train_loss_final",
+                                      "skipped_batches", "audio_seconds_per_second", "train_seconds", "num_parameters")}
+    metrics["audio_hours_seen"] = result["audio_seconds_seen"] / 3600  # in this run
+    metrics["device"] = result["device"]
+    if result["steps_this_run"] == 0:  # resumed at the last step: nothing was trained in this run
+        metrics["train_loss_final"] = logger.train[-1]["loss"] if logger.train else None
+        metrics["audio_seconds_per_second"] = None
+    metrics["heldout_loss_ratio"] = metrics["heldout_loss_final"] / metrics["heldout_loss_initial"]
+    return metrics
+
+
 def _train(model_config, mask_config, train_config, train_stores, features, target_stores, checkpoints, model_dir,
            logger, provenance):
-    from mockingjay.trainer import NonFiniteLossError, train
+    from mockingjay.trainer import NonFiniteLossError, TrainingStopped, train
 
-    try:
-        return train(
-            model_config, mask_config, train_config, train_stores, features / "test", checkpoints.parent,
-            callback=logger, model_dir=model_dir, target_store_paths=target_stores,
-            heldout_target_path=features / "test_target" if target_stores else None,
-            checkpoints_dir=checkpoints, extra_config=provenance,
-        )
-    except NonFiniteLossError as err:
-        raise StageError(str(err)) from err
-    except ValueError as err:
-        raise ParamError(f"pretrain.train: {err}") from err
+    # A stop signal only raises a flag here: the trainer finishes its step and checkpoints it first.
+    with stop_signals_deferred() as stop_requested:
+        try:
+            return train(
+                model_config, mask_config, train_config, train_stores, features / "test", checkpoints.parent,
+                callback=logger, model_dir=model_dir, target_store_paths=target_stores,
+                heldout_target_path=features / "test_target" if target_stores else None,
+                checkpoints_dir=checkpoints, extra_config=provenance,
+                should_stop=lambda: stop_requested() is not None,
+            )
+        except TrainingStopped as err:
+            where = f"wrote checkpoint {err.checkpoint}" if err.checkpoint else "no checkpoint could be written"
+            raise StageInterrupted(stop_requested(), f"pretrain stopped at step {err.step} and {where}; run the same "
+                                   "command again (or `dvc repro pretrain`) to resume from it") from err
+        except NonFiniteLossError as err:
+            raise StageError(str(err)) from err
+        except ValueError as err:
+            raise ParamError(f"pretrain.train: {err}") from err
 
 
 def _train_record(train_config) -> dict:
     """What must match for a checkpoint to be resumed (everything but logging/device knobs)."""
-    ignore = {"device", "progress", "log_every", "num_workers", "checkpoint_every", "keep_checkpoints", "frame_rate"}
-    values = train_config if isinstance(train_config, dict) else train_config.to_dict()
-    return {k: v for k, v in values.items() if k not in ignore}
+    return resume_state.training_record(train_config if isinstance(train_config, dict) else train_config.to_dict())
 
 
 

@@ -27,7 +27,8 @@ from mockingjay.featstore import RaggedArray
 from mockingjay.manifest import SPLITS
 
 from . import tracking
-from .common import PARAMS_OPTION, StageError, atomic_output_dir, cli_errors, section, write_json
+from .common import (PARAMS_OPTION, StageError, atomic_output_dir, check_output_dir, check_output_file, cli_errors,
+                     section, write_json)
 from .probe_report import (compact_metrics, extra_probes, figure_extras, format_extra, format_table, log_runs,
                            result_rows, write_plot_table)
 from .runtime import check_model_features, resolve_device
@@ -180,10 +181,15 @@ def main(
     report: Path = typer.Option(None, help="write full results and a PNG figure into this folder"),
     baseline_features: Path = typer.Option(None, help="take the log-mel baseline from these features (a "
                                                     "featurize output, e.g. made with cmvn: global) instead of the extracted input"),
+    force: bool = typer.Option(False, "--force", help="replace --report even if this stage did not make it"),
 ) -> None:
     """Linear phone (frame) and speaker (utterance) probes per layer; prints a result table."""
     config = from_section(ProbeStageConfig, section(params, "probe"), "probe")
     model_dir = checkpoint or model
+    if report:
+        check_output_dir(report, "probe", force, inputs=[params, representations, features, model_dir], option="--report")
+    check_output_file(metrics, "--metrics")
+    check_output_file(plot, "--plot")
     mode = mode or ("online" if checkpoint else config.mode)
     if mode not in ("extracted", "online"):
         raise ParamError(f"--mode: expected extracted or online, got {mode!r}")
@@ -217,7 +223,7 @@ def main(
         if plot:
             write_plot_table(plot, rows, results)
         if report:
-            with atomic_output_dir(report) as tmp:
+            with atomic_output_dir(report, "probe", force) as tmp:
                 write_json(tmp / "results.json", results)
                 from mockingjay.figures import plot_layer_weights, plot_probe_accuracy
 

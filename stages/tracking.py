@@ -93,6 +93,8 @@ def _configure():
             f"MLflow tracking store {uri} is not usable ({type(err).__name__}: {err}). "
             "Fix or unset MLFLOW_TRACKING_URI (default: sqlite:///<repo>/mlflow.db)."
         ) from err
+    if experiment is not None:
+        check_artifact_location(uri, experiment.artifact_location)
     mlflow.set_experiment(experiment_id=experiment_id)
     return mlflow
 
@@ -101,13 +103,65 @@ class TrackingError(RuntimeError):
     pass
 
 
+def _local_store(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def check_artifact_location(uri: str, location: str) -> None:
+    """A local store's artifacts go to the `mlartifacts/` beside it. MLflow records that folder as
+    an absolute path, so in a copied repository (`cp -a`) it still names the original's: refuse
+    then, before any work, rather than write into another repository."""
+    from urllib.parse import unquote, urlparse
+
+    store = _local_store(uri)
+    parsed = urlparse(location or "")
+    if store is None or parsed.scheme not in ("", "file"):
+        return  # a server's or a remote store's artifact location is theirs to choose
+    wanted = store.parent / "mlartifacts"
+    if Path(os.path.realpath(unquote(parsed.path))) == Path(os.path.realpath(wanted)):
+        return
+    raise TrackingError(
+        f"MLflow experiment {EXPERIMENT_NAME!r} in {store} keeps its artifacts in {unquote(parsed.path)}, not beside "
+        f"the store in {wanted}: the repository was probably copied from another one, whose artifacts new runs "
+        f"would change. Run `mockingjay relocate-artifacts` here to point this store at {wanted} (copy the old "
+        "folder's content there first if the earlier runs' artifacts should stay viewable), or set "
+        "MLFLOW_TRACKING_URI to the store you mean. Nothing was run."
+    )
+
+
+def relocate_artifacts_main() -> None:
+    """Point this repository's MLflow store (mlflow.db) at the mlartifacts/ beside it, e.g. after a copy."""
+    import contextlib as _contextlib
+    import sqlite3
+
+    uri = tracking_uri()
+    store = _local_store(uri)
+    if store is None or not store.is_file():
+        raise TrackingError(f"relocate-artifacts works on a local store; {uri} is not one (unset MLFLOW_TRACKING_URI?)")
+    new = (store.parent / "mlartifacts").as_uri()
+    with _contextlib.closing(sqlite3.connect(store)) as db, db:
+        found = db.execute("SELECT experiment_id, artifact_location FROM experiments WHERE name = ?",
+                           (EXPERIMENT_NAME,)).fetchone()
+        if found is None or found[1] == new:
+            print(f"relocate-artifacts: nothing to do; experiment {EXPERIMENT_NAME!r} in {store} "
+                  f"{'does not exist yet' if found is None else 'already keeps its artifacts in ' + new}", file=sys.stderr)
+            return
+        experiment_id, old = found
+        db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?", (new, experiment_id))
+        # the runs' artifact URIs start with the old location: repoint their prefix only
+        db.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) "
+                   "WHERE experiment_id = ? AND substr(artifact_uri, 1, ?) = ?",
+                   (new, len(old) + 1, experiment_id, len(old), old))
+    print(f"relocate-artifacts: experiment {EXPERIMENT_NAME!r}: {old} -> {new}", file=sys.stderr)
+
+
 @contextlib.contextmanager
 def stage_run(
     stage: str, params: dict[str, Any], run_name: str | None = None, system_metrics: bool = False
 ) -> Iterator[Any]:
     """Start an MLflow run for one stage execution, tagged for DVC experiments and git.
 
-    Yields the `mlflow` module; the run ends FAILED if the body raises.
+    Yields the `mlflow` module; the run ends FAILED if the body raises, KILLED on a stop signal.
     """
     mlflow = _configure()
     exp_name = os.environ.get("DVC_EXP_NAME", "")
@@ -126,11 +180,28 @@ def stage_run(
         # CPU/GPU/memory every 2 s, so even a short run has a curve.
         mlflow.set_system_metrics_sampling_interval(2)
         mlflow.set_system_metrics_samples_before_logging(1)
-    with mlflow.start_run(run_name=name, tags=tags, log_system_metrics=system_metrics) as run:
+    from .common import StageInterrupted
+
+    run = mlflow.start_run(run_name=name, tags=tags, log_system_metrics=system_metrics)
+    try:
         log_params(mlflow, params)
         yield mlflow
         mlflow.log_metric("duration_sec", round(time.time() - started, 3))
+    except BaseException as err:
+        # KILLED for a stop signal, so a preempted job is not left RUNNING or taken for a crash;
+        # every run still open (a probe's child run, then the stage's) is ended.
+        _end_runs_down_to(mlflow, run, "KILLED" if isinstance(err, (StageInterrupted, KeyboardInterrupt)) else "FAILED")
+        raise
+    _end_runs_down_to(mlflow, run, "FINISHED")
     print(f"mlflow: logged run {run.info.run_id} ({name}) to {tracking_uri()}", file=sys.stderr)
+
+
+def _end_runs_down_to(mlflow, run, status: str) -> None:
+    """End the active runs opened inside `run` (a probe's child run), then `run` itself."""
+    while (active := mlflow.active_run()) is not None:
+        mlflow.end_run(status)
+        if active.info.run_id == run.info.run_id:
+            return
 
 
 def log_params(mlflow, params: dict[str, Any]) -> None:

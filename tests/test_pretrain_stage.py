@@ -35,6 +35,10 @@ TINY = {
 }
 
 
+# The pipeline's metrics and plot files: written only when asked for, as dvc.yaml does.
+RECORDS = ["--metrics", "metrics/pretrain.json", "--plot", "plots/pretrain_loss.tsv"]
+
+
 def set_pretrain(repo: Path, pretrain: dict) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["pretrain"] = pretrain
@@ -49,20 +53,20 @@ def repo(featurized_repo, tmp_path) -> Path:
 
 
 def test_pretrain_is_killed_resumes_and_logs_to_mlflow(repo):
-    proc = subprocess.Popen(["mockingjay", "pretrain"], cwd=repo, env=cli_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(["mockingjay", "pretrain", *RECORDS], cwd=repo, env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     checkpoints = repo / "models" / "checkpoints"
     deadline = time.time() + 240
-    while time.time() < deadline and not list(checkpoints.glob("step-*")):
+    while time.time() < deadline and not list(checkpoints.glob("config-*/step-*")):
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = sorted(p.name for p in checkpoints.glob("step-*"))
+    killed_at = sorted(p.name for p in checkpoints.glob("config-*/step-*"))
     assert killed_at, "no checkpoint before the kill"
     assert not (repo / "models/pretrain/model").exists(), "the run finished before it could be killed"
 
-    resumed = run(["mockingjay", "pretrain"], repo)
+    resumed = run(["mockingjay", "pretrain", *RECORDS], repo)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed at step" in resumed.stderr
     metrics = json.loads((repo / "metrics/pretrain.json").read_text())
@@ -72,7 +76,7 @@ def test_pretrain_is_killed_resumes_and_logs_to_mlflow(repo):
     assert config.hidden_size == 32 and config.num_layers == 2
     saved = json.loads((repo / "models/pretrain/model/config.json").read_text())
     assert saved["features"]["n_mels"] == 80  # the feature settings travel with the model
-    assert len(list(checkpoints.glob("step-*"))) == 2  # keep_checkpoints
+    assert len(list(checkpoints.glob("config-*/step-*"))) == 2  # keep_checkpoints
     plot = (repo / "plots/pretrain_loss.tsv").read_text().splitlines()
     assert plot[0].split("\t")[:2] == ["step", "loss"]
     # the loss log spans the whole run: steps before the kill (kept) and after it, none twice
@@ -100,13 +104,13 @@ def test_pretrain_is_killed_resumes_and_logs_to_mlflow(repo):
 
 def test_finished_run_reports_whole_and_other_features_or_config_start_afresh(repo):
     set_pretrain(repo, dict(TINY, train={**TINY["train"], "total_steps": 20}))
-    first = run(["mockingjay", "pretrain"], repo)
+    first = run(["mockingjay", "pretrain", *RECORDS], repo)
     assert first.returncode == 0, first.stderr
     metrics = json.loads((repo / "metrics/pretrain.json").read_text())
     plot = (repo / "plots/pretrain_loss.tsv").read_text()
     # DVC reruns the stage when an upstream hash changes: the finished run is resumed at its last
     # step, and its outputs still report the whole run, not an empty one
-    again = run(["mockingjay", "pretrain"], repo)
+    again = run(["mockingjay", "pretrain", *RECORDS], repo)
     assert again.returncode == 0, again.stderr
     assert "resumed at step 20" in again.stderr and "no step trained in this run" in again.stderr
     resumed = json.loads((repo / "metrics/pretrain.json").read_text())
@@ -121,13 +125,13 @@ def test_finished_run_reports_whole_and_other_features_or_config_start_afresh(re
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     featurized = run(["mockingjay", "featurize"], repo)
     assert featurized.returncode == 0, featurized.stderr
-    other_features = run(["mockingjay", "pretrain"], repo)
+    other_features = run(["mockingjay", "pretrain", *RECORDS], repo)
     assert other_features.returncode == 0, other_features.stderr
-    assert "configuration changed" in other_features.stderr and "resumed at step" not in other_features.stderr
+    assert "starting afresh" in other_features.stderr and "resumed at step" not in other_features.stderr
     # and another training config: not resumed either
     set_pretrain(repo, dict(TINY, train={**TINY["train"], "total_steps": 8}))
-    shorter = run(["mockingjay", "pretrain"], repo)
+    shorter = run(["mockingjay", "pretrain", *RECORDS], repo)
     assert shorter.returncode == 0, shorter.stderr
-    assert "configuration changed" in shorter.stderr
+    assert "starting afresh" in shorter.stderr
     assert json.loads((repo / "metrics/pretrain.json").read_text())["steps"] == 8
 

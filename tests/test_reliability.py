@@ -144,7 +144,8 @@ def test_pretrain_killed_at_a_random_step_resumes_and_ends_as_the_uninterrupted_
     print(f"killed at step {step()}")
     assert not processes_in(repo)
     assert not (repo / "models/pretrain/model").exists(), "the final model appeared before the kill"
-    complete = sorted(int(p.name.split("-")[1]) for p in (repo / "models/checkpoints").glob("step-*"))
+    state = next((repo / "models/checkpoints").glob("config-*"))  # the one configuration's resume state
+    complete = sorted(int(p.name.split("-")[1]) for p in state.glob("step-*"))
     assert complete and complete[-1] <= step(), complete
 
     status = run(["dvc", "status", "pretrain"], repo)
@@ -153,7 +154,7 @@ def test_pretrain_killed_at_a_random_step_resumes_and_ends_as_the_uninterrupted_
     resumed = run(["dvc", "repro", "pretrain"], repo)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "Running stage 'pretrain'" in resumed.stdout
-    assert f"resumed at step {complete[-1]} from models/checkpoints/step-{complete[-1]:06d}" in resumed.stderr
+    assert f"resumed at step {complete[-1]} from models/checkpoints/{state.name}/step-{complete[-1]:06d}" in resumed.stderr
     metrics = json.loads((repo / "metrics/pretrain.json").read_text())
     assert metrics["steps"] == total
     assert without_timing(metrics) == without_timing(reference)  # held-out and final losses, bit for bit
@@ -284,7 +285,7 @@ def test_pipeline_writes_only_its_declared_outputs_and_the_mlflow_store(scratch)
     for out in outputs:
         assert (repo / out).exists(), out
     assert sum(p.startswith("mlartifacts/") for p in changed) > 0  # artifacts went to the repository's store
-    assert "models/checkpoints" not in outputs and any(p.startswith("models/checkpoints/step-") for p in changed)
+    assert "models/checkpoints" not in outputs and any(p.startswith("models/checkpoints/config-") for p in changed)
     ignored = run(["git", "check-ignore", "-q", "models/checkpoints/train_log.jsonl"], repo)
     assert ignored.returncode == 0, "the resume state must be git-ignored"
 

@@ -194,7 +194,7 @@ def test_invalid_param_is_named_before_any_work(finished, tmp_path, case):
 
 
 def test_help_starts_without_loading_torch_or_mlflow(tmp_path):
-    for command in ([], ["probe"], ["pretrain"], ["import-checkpoint"]):
+    for command in ([], ["probe"], ["pretrain"], ["import-checkpoint"], ["checkpoints", "list"]):
         result = run(["mockingjay", *command, "--help"], tmp_path, env={"PYTHONPROFILEIMPORTTIME": "1"})
         assert result.returncode == 0, result.stderr
         assert "Usage:" in result.stdout
