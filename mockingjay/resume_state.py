@@ -113,7 +113,7 @@ def list_states(checkpoints: Path, current: dict[str, Any] | None = None) -> lis
     checkpoints = Path(checkpoints)
     if not checkpoints.is_dir():
         return []
-    now = _flat(current) if current else {}
+    now = _flat(json.loads(json.dumps(current, default=str))) if current else {}  # a tuple reads back as a list
     states = []
     for folder in sorted(p for p in checkpoints.iterdir() if p.name.startswith(STATE_PREFIX) and p.is_dir()):
         stored = _stored_config(folder)
