@@ -23,7 +23,7 @@ from mockingjay.checkpoint import CheckpointError, load_config, save_model_dir
 from mockingjay.interop import InteropError, convert_checkpoint, export_checkpoint, import_checkpoint
 from mockingjay.model import MockingjayForMAM, ModelConfig
 from mockingjay.safe_load import Unloaded, UnsafeCheckpointError
-from stages.common import FEATURE_KEYS
+from stages.runtime import FEATURE_KEYS
 
 from .conftest import PARAMS, TINY_PIPELINE, copy_repo, run
 

@@ -76,7 +76,8 @@ def test_out_and_report_refuse_a_folder_the_stage_did_not_make_and_never_touch_i
     # --force replaces the user's folder (asked for); the stage's own output may be replaced again.
     forced = run(["mockingjay", "prepare", "--out", "adv/mynotes", "--force"], repo)
     assert forced.returncode == 0, forced.stderr
-    assert sorted(contents(repo / "adv/mynotes")) == [".mockingjay-output", "manifest.tsv", "skipped.tsv", "summary.json"]
+    assert sorted(contents(repo / "adv/mynotes")) == [".mockingjay-output", "heldout_speakers.tsv", "manifest.tsv",
+                                                       "skipped.tsv", "summary.json"]
     again = run(["mockingjay", "prepare", "--out", "adv/mynotes"], repo)
     assert again.returncode == 0, again.stderr
     other_stage = run(["mockingjay", "featurize", "--manifest", "adv/mynotes/manifest.tsv", "--no-labels",
