@@ -15,6 +15,13 @@ import torch  # noqa: E402
 from .masking import MaskConfig, mask_batch  # noqa: E402
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 @torch.inference_mode()
 def reconstruction_example(
     model: torch.nn.Module, features: np.ndarray, mask_config: MaskConfig, downsample_rate: int, seed: int = 0
@@ -54,10 +61,7 @@ def plot_reconstruction(
         axes[1].axvspan(start - 0.5, end - 0.5, ymin=0.97, ymax=1.0, color="cyan")
     axes[-1].set_xlabel("frame")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_loss_curve(steps: Sequence[int], losses: Sequence[float], path: Path, heldout: dict | None = None) -> Path:
@@ -69,10 +73,7 @@ def plot_loss_curve(steps: Sequence[int], losses: Sequence[float], path: Path, h
     ax.set_ylabel("L1 on masked frames")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_probe_accuracy(rows: list[dict], path: Path, extra: dict[str, dict[str, float]] | None = None) -> Path:
@@ -99,10 +100,7 @@ def plot_probe_accuracy(rows: list[dict], path: Path, extra: dict[str, dict[str,
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_layer_weights(weights: dict[str, dict[str, float]], path: Path) -> Path:
@@ -116,10 +114,7 @@ def plot_layer_weights(weights: dict[str, dict[str, float]], path: Path) -> Path
         ax.set_xlabel("hidden state")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_curve(points: list[dict], tasks: Sequence[str], path: Path) -> Path:
@@ -132,7 +127,4 @@ def plot_curve(points: list[dict], tasks: Sequence[str], path: Path) -> Path:
     ax.set_ylabel("test accuracy, last layer (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

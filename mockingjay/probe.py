@@ -329,11 +329,17 @@ def probe_labels(
     **options,
 ) -> dict:
     """Utterance-level probe (speaker, keyword) of statistics-pooled representations."""
+    vectors, ids = pooled_utterances(representations)
+    return probe_utterances(vectors, ids, utterance_labels, config, device, progress, task=task, **options)
+
+
+def pooled_utterances(representations: Representations) -> tuple[dict, dict]:
+    """({split: {name: [N, 2H] statistics}}, {split: ids}): pooled once, for every utterance task."""
     names = list(representations["train"])
     ids = {split: check_same_items(representations[split], split, names).ids for split in SPLITS}
     vectors = {split: {name: utterance_stats(store) for name, store in representations[split].items()}
                for split in SPLITS}
-    return probe_utterances(vectors, ids, utterance_labels, config, device, progress, task=task, **options)
+    return vectors, ids
 
 
 def probe_utterances(

@@ -286,11 +286,12 @@ def _run_probes(config, mode, model_dir, features, representations, layers, incl
                               phone_include=selections["phone"][0] if "phone" in config.tasks else None,
                               utterance_tasks=utterance_tasks)
         return {task: online[task] for task in config.tasks}
-    from mockingjay.probe import open_representations, probe_labels, probe_phones
+    from mockingjay.probe import open_representations, pooled_utterances, probe_phones, probe_utterances
 
     reps = open_representations(representations, layers=layers, include_input=include_input,
                                 input_root=baseline_features)
     results = {}
+    pooled = None  # the speaker and keyword tasks share one pooling pass over the stores
     for task in config.tasks:
         settings = getattr(config, task)
         include, extra = selections[task]
@@ -298,8 +299,9 @@ def _run_probes(config, mode, model_dir, features, representations, layers, incl
             results[task] = probe_phones(reps, labels, settings.to_probe_config(), device=device, include=include,
                                          extra_tests=extra, **settings.options())
         else:
-            results[task] = probe_labels(reps, classes_of[task], task, settings.to_probe_config(), device=device,
-                                         include=include, extra_tests=extra, **settings.options())
+            pooled = pooled or pooled_utterances(reps)
+            results[task] = probe_utterances(*pooled, classes_of[task], settings.to_probe_config(), device,
+                                             task=task, include=include, extra_tests=extra, **settings.options())
         results[task]["selection"] = {"corpora": settings.corpora or "all",
                                       "speaker_independent": settings.speaker_independent}
     return results
