@@ -222,6 +222,25 @@ def curve_table(headline: dict) -> str:
     return "\n".join(lines)
 
 
+def runs_table(first: dict, second: dict, names: tuple[str, str]) -> str:
+    """Markdown: two pretraining runs of a study side by side, task by task, each against the log-mel
+    input it was trained on (test accuracy in %)."""
+    tasks = [t for t in TASK_ORDER if t in first and t in second]
+    lines = ["| representation | " + " | ".join(f"{t}, {n}" for t in tasks for n in names) + " |",
+             "|" + "---|" * (2 * len(tasks) + 1)]
+
+    def row(label: str, pick) -> None:
+        lines.append(f"| {label} | " + " | ".join(_percent(pick(run[t])) for t in tasks for run in (first, second)) + " |")
+
+    row("log-mel input the model was trained on", lambda e: e["logmel"])
+    depth = max(len(first[t]["layers"]) for t in tasks)
+    for i in range(depth):
+        row("hidden state 0" if i == 0 else f"layer {i}", lambda e, i=i: e["layers"][i] if i < len(e["layers"]) else None)
+    row("weighted sum of hidden states", lambda e: e.get("weighted_sum"))
+    row("best layer minus log-mel (points)", lambda e: max(e["layers"]) - e["logmel"])
+    return "\n".join(lines)
+
+
 def demo_table(probe_metrics: dict) -> str:
     """Markdown: accuracy and macro-F1 per layer and task (metrics/probe.json), in %."""
     tasks = [t for t in TASK_ORDER if t in probe_metrics]
@@ -254,6 +273,10 @@ def tables(root: Path) -> dict[str, str]:
         out["study"] = study_table(data)
         out["study-fractions"] = fraction_table(data)
         out["study-curve"] = curve_table(data)
+        second = headline.with_name("headline_global.json")  # the second run (global.yaml)
+        if second.is_file():
+            out["study-runs"] = runs_table(data, json.loads(second.read_text()),
+                                           ("per-utterance CMVN", "global CMVN"))
     return out
 
 

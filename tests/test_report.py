@@ -9,7 +9,7 @@ import torch
 
 from mockingjay.checkpoint import load_model_dir, release_model_dir, save_model_dir
 from mockingjay.model import MockingjayForMAM, ModelConfig
-from stages.report import headline_of, render_readme, study_table, tables
+from stages.report import headline_of, render_readme, runs_table, study_table, tables
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,6 +50,20 @@ def test_headline_is_compact_and_complete():
     table = study_table(headline)
     assert "| log-mel (input, per-utterance CMVN as the model sees it) | 40.0 | 60.0 | 49.1 | 70.1 |" in table
     assert "| layer 1 | 47.0 | 90.0 |" in table and "| MLP probe, best layer | 52.0 |" in table
+
+
+def test_two_runs_are_compared_each_against_its_own_input():
+    pretrain = {"steps": 10}
+    first = headline_of(fake_results(), pretrain)
+    second_results = fake_results()
+    second_results["phone"]["layers"]["input"] = _layer(0.38)  # another input: its own log-mel row
+    second_results["phone"]["layers"]["layer_01"] = _layer(0.50)
+    second = headline_of(second_results, pretrain)
+    table = runs_table(first, second, ("A", "B")).splitlines()
+    assert table[0] == "| representation | phone, A | phone, B | speaker, A | speaker, B |"
+    assert "| log-mel input the model was trained on | 40.0 | 38.0 | 60.0 | 60.0 |" in table
+    assert "| layer 1 | 47.0 | 50.0 | 90.0 | 90.0 |" in table
+    assert "| best layer minus log-mel (points) | 7.0 | 12.0 | 30.0 | 30.0 |" in table
 
 
 def test_readme_tables_are_generated_from_the_committed_metrics():
