@@ -76,7 +76,7 @@ def child(args) -> None:
 
     from mockingjay.masking import MaskConfig
     from mockingjay.model import preset_config
-    from mockingjay.trainer import TrainConfig, Trainer
+    from mockingjay.trainer import TrainConfig, TrainData, Trainer
 
     torch.set_num_threads(args.threads)
     interval, total_steps = interval_steps(args)
@@ -89,7 +89,8 @@ def child(args) -> None:
                          checkpoint_every=total_steps, device="cpu", num_workers=0, progress=False)
     timer = IntervalTimer(world_size=world_size)
     run_dir = args.out.parent / f"run-{args.out.stem}"
-    trainer = Trainer(model_config, MaskConfig(span_length=7), config, args.store, None, run_dir, callback=timer)
+    trainer = Trainer(model_config, MaskConfig(span_length=7), config, TrainData(args.store), run_dir / "checkpoints",
+                      run_dir / "model", callback=timer)
     result = trainer.fit()
     if int(os.environ.get("RANK", "0")) == 0:
         steady = timer.steady(skip=1)

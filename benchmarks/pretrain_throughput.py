@@ -238,7 +238,7 @@ def real_loop(args, model_only_result: dict, store_paths: list[Path] | None) -> 
     interval of each phase is warm-up (compilation, worker start-up), the others are timed."""
     from benchlib import IntervalTimer, store_summary, write_synthetic_store
 
-    from mockingjay.trainer import TrainConfig, Trainer
+    from mockingjay.trainer import TrainConfig, TrainData, Trainer
 
     interval = max(1, args.warmup)
     phase_steps = interval + interval * -(-args.steps // interval)
@@ -261,8 +261,8 @@ def real_loop(args, model_only_result: dict, store_paths: list[Path] | None) -> 
             checkpoint_every=10 * phase_steps, device=args.device, compile=args.compile,
             num_workers=args.num_workers, progress=False)
         timer = IntervalTimer()
-        trainer = Trainer(model_config, mask_config_for(args), train_config, store_paths, None, tmp / "run",
-                          callback=timer)
+        trainer = Trainer(model_config, mask_config_for(args), train_config, TrainData(store_paths),
+                          tmp / "run" / "checkpoints", tmp / "run" / "model", callback=timer)
         trainer._setup()  # the benchmark drives the trainer's own loop in two phases
         device = trainer.device
         cuda = device.type == "cuda"

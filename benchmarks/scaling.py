@@ -113,7 +113,7 @@ def child_pretrain(args) -> dict:
 
     from mockingjay.batching import FeatureDataset, LengthBucketBatchSampler
     from mockingjay.masking import MaskConfig
-    from mockingjay.trainer import TrainConfig, train
+    from mockingjay.trainer import TrainConfig, TrainData, train
 
     set_threads(args)
     start = time.perf_counter()
@@ -135,8 +135,8 @@ def child_pretrain(args) -> dict:
                          device="cpu", progress=False)
     out = Path(tempfile.mkdtemp(prefix="scaling-run-", dir=args.tmp))
     try:
-        result = train(small_model_config(args, dataset.input_dim), MaskConfig(span_length=7), config, args.store,
-                       None, out, callback=timer)
+        result = train(small_model_config(args, dataset.input_dim), MaskConfig(span_length=7), config,
+                       TrainData(args.store), out / "checkpoints", out / "model", callback=timer)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     frames = int(np.minimum(dataset.lengths, args.max_length).sum())  # an epoch, after cropping

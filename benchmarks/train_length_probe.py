@@ -23,12 +23,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchlib import store_frame_rate  # noqa: E402
 from mockingjay.checkpoint import list_checkpoints, load_model_dir  # noqa: E402
 from mockingjay.featstore import RaggedArray  # noqa: E402
 from mockingjay.masking import MASK_PRESETS  # noqa: E402
 from mockingjay.model import preset_config  # noqa: E402
 from mockingjay.probe import ProbeConfig, probe_online, read_speakers  # noqa: E402
-from mockingjay.trainer import TrainConfig, train  # noqa: E402
+from mockingjay.trainer import TrainConfig, TrainData, train  # noqa: E402
 
 SPLITS = ("train", "dev", "test")
 
@@ -63,7 +64,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         result = train(model_config, MASK_PRESETS[args.preset], train_config,
-                       [args.features / "train", args.features / "dev"], args.features / "test", Path(tmp),
+                       TrainData([args.features / "train", args.features / "dev"], args.features / "test",
+                                 frame_rate=store_frame_rate(features["train"])),
+                       Path(tmp) / "checkpoints", Path(tmp) / "model",
                        callback=lambda r: print(json.dumps(r), file=sys.stderr) if r.get("event") == "train" else None)
         print(json.dumps({"event": "pretrained", "seconds": round(time.perf_counter() - started, 1),
                           **{k: result[k] for k in ("steps", "heldout_loss_initial", "heldout_loss_final",

@@ -29,7 +29,8 @@ from typing import Any, Iterator
 STATE_PREFIX = "config-"
 TRAIN_LOG = "train_log.jsonl"
 LOCK_FILE = ".lock"
-# TrainConfig fields that do not change what is trained: a checkpoint resumes across them.
+# TrainConfig fields that do not change what is trained: a checkpoint resumes across them
+# (frame_rate: what older versions recorded there, now a property of the data).
 IGNORED_TRAINING_KEYS = frozenset({"device", "progress", "log_every", "num_workers", "checkpoint_every",
                                    "keep_checkpoints", "frame_rate"})
 # What an older version left at the top of the folder (one configuration's state, unnamed).

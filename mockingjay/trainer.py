@@ -1,8 +1,8 @@
 """MAM pretraining loop: CPU or GPU, one process or DDP under torchrun, resumable.
 
-`train()` builds the model, the length-bucketed data pipeline, AdamW and the warm-up/decay
-schedule, resumes from the newest complete checkpoint in `output_dir/checkpoints`, and trains to
-`total_steps`. Masking runs on the device; the step never waits for the GPU except at log,
+`Trainer(...).fit()` (or `train(...)`) builds the model, the length-bucketed data pipeline, AdamW
+and the warm-up/decay schedule, resumes from the newest complete checkpoint in `checkpoints_dir`,
+and trains to `total_steps`. Masking runs on the device; the step never waits for the GPU except at log,
 evaluation and checkpoint steps, where the few numbers reported are read in one go. Everything
 stochastic (data order, crops, masks, dropout) is seeded and checkpointed, so a run interrupted
 and resumed ends with the same weights as one that was not (bitwise on CPU).
@@ -14,14 +14,13 @@ its metrics files); a tqdm bar on stderr shows progress.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -33,8 +32,10 @@ from mockingjay.checkpoint import (capture_rng_state, latest_checkpoint, load_tr
                                    load_weights, restore_rng_state, save_checkpoint, save_model_dir)
 from mockingjay.device import resolve_device  # noqa: F401  (also importable as trainer.resolve_device)
 from mockingjay.masking import MaskConfig, mam_l1_loss, mask_batch
+from mockingjay.distributed import setup_distributed
 from mockingjay.model import MockingjayForMAM, ModelConfig
 from mockingjay.schedule import warmup_linear_decay
+from mockingjay.train_config import TrainConfig, TrainData
 
 Callback = Callable[[dict[str, Any]], None]
 EVAL_SEED_OFFSET = 1_000_003  # held-out masks come from their own fixed stream
@@ -54,114 +55,51 @@ class TrainingStopped(RuntimeError):
 
 
 @dataclass
-class TrainConfig:
-    """Optimisation and data settings of a pretraining run (defaults follow s3prl)."""
+class _Tally:
+    """What the steps add up to between sync points. Device tensors, so a step never waits for the GPU."""
 
-    total_steps: int = 1000
-    learning_rate: float = 2e-4
-    weight_decay: float = 0.01  # applied to matrices only, not to biases and LayerNorm
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    warmup_proportion: float = 0.07
-    grad_clip: float = 5.0  # max global gradient norm; 0 disables clipping
-    grad_accumulation: int = 1
-    max_frames_per_batch: int = 12000  # padded frames per micro-batch (s3prl: 8 x 1500)
-    max_batch_size: int | None = None
-    max_length: int | None = 1500  # longer utterances are randomly cropped to this many frames
-    bucket_pool_size: int = 2048  # utterances sorted together when bucketing by length
-    seed: int = 0
-    log_every: int = 50
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 3
-    eval_every: int = 0  # 0: held-out loss only at step 0 and at the end
-    eval_max_utterances: int | None = None
-    frame_rate: float = 100.0  # feature frames per second, for audio-seconds/s; the stage sets the features' own
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    compile: bool = False
-    num_workers: int | None = None  # DataLoader workers; None: 0 on CPU, up to 4 per GPU process
-    progress: bool = True
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first invalid field (NaN fails every check)."""
-        def check(name: str, ok: bool, requirement: str) -> None:
-            if not ok:
-                raise ValueError(f"TrainConfig.{name} must be {requirement}, got {getattr(self, name)!r}")
-
-        for name in ("total_steps", "grad_accumulation", "max_frames_per_batch", "bucket_pool_size",
-                     "log_every", "checkpoint_every", "keep_checkpoints"):
-            check(name, getattr(self, name) >= 1, ">= 1")
-        for name in ("max_batch_size", "max_length", "eval_max_utterances"):
-            check(name, getattr(self, name) is None or getattr(self, name) >= 1, ">= 1 or null")
-        check("num_workers", self.num_workers is None or self.num_workers >= 0, ">= 0 or null")
-        check("learning_rate", 0 < self.learning_rate < math.inf, "a positive number")
-        for name in ("weight_decay", "grad_clip", "eval_every"):
-            check(name, getattr(self, name) >= 0, ">= 0")
-        check("warmup_proportion", 0.0 <= self.warmup_proportion < 1.0, "in [0, 1)")
-        check("adam_betas", len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
-              "two numbers in [0, 1)")
-        check("adam_eps", self.adam_eps > 0, "> 0")
-        check("frame_rate", self.frame_rate > 0, "> 0")
-        check("precision", self.precision in ("auto", "bf16", "fp32"), "auto, bf16 or fp32")
-        check("device", self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-              "auto, cpu, cuda or cuda:N")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class DistributedContext:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    owns_group: bool = False  # we initialised the process group, so we destroy it
-    enabled = property(lambda self: self.world_size > 1)
-    is_main = property(lambda self: self.rank == 0)  # the rank that logs and writes
-
-
-def setup_distributed(use_cuda: bool) -> DistributedContext:
-    """Join the process group when launched by torchrun (RANK/WORLD_SIZE/LOCAL_RANK set)."""
-    if dist.is_available() and dist.is_initialized():
-        return DistributedContext(dist.get_rank(), dist.get_world_size(),
-                                  int(os.environ.get("LOCAL_RANK", 0)), owns_group=False)
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size <= 1 or "RANK" not in os.environ:
-        return DistributedContext()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, owns_group=True)
+    loss: torch.Tensor  # summed micro-batch losses since the last log
+    skipped: torch.Tensor  # batches with nothing masked, this run
+    nonfinite: torch.Tensor  # any inf/NaN loss or gradient norm, this run
+    grad_norm: torch.Tensor  # of the last step
+    micro_batches: int = 0  # since the last log
+    frames: int = 0  # since the last log
+    run_frames: int = 0
+    start: float = field(default_factory=time.perf_counter)  # of the interval, pauses excluded
+    paused: float = 0.0  # evaluation and checkpoint seconds this run, kept out of the throughput
+    last_loss: float | None = None
 
 
 class Trainer:
-    """One pretraining run; `fit()` returns the result dict. `model` is the plain module."""
+    """One pretraining run; `fit()` returns the result dict. `model` is the plain module.
+
+    Checkpoints go to `checkpoints_dir`, the final model to `model_dir`; `extra_config` sections
+    (e.g. "features") are added to their config.json. `should_stop()` returning True ends the run
+    with TrainingStopped after a checkpoint of the step reached.
+    """
 
     def __init__(self, model_config: ModelConfig, mask_config: MaskConfig, train_config: TrainConfig,
-                 train_store_paths: str | Path | Sequence[str | Path], heldout_store_path: str | Path | None,
-                 output_dir: str | Path, callback: Callback | None = None, model_dir: str | Path | None = None,
-                 target_store_paths: Sequence[str | Path | None] | None = None,
-                 heldout_target_path: str | Path | None = None, checkpoints_dir: str | Path | None = None,
-                 extra_config: dict[str, Any] | None = None, should_stop: Callable[[], bool] | None = None):
+                 data: TrainData, checkpoints_dir: str | Path, model_dir: str | Path, *,
+                 extra_config: dict[str, Any] | None = None, callback: Callback | None = None,
+                 should_stop: Callable[[], bool] | None = None):
         train_config.validate()
         model_config.validate()
         mask_config.validate()
         self.model_config, self.mask_config, self.config = model_config, mask_config, train_config
-        self.output_dir = Path(output_dir)
-        self.checkpoints_dir = Path(checkpoints_dir) if checkpoints_dir is not None else self.output_dir / "checkpoints"
-        self.extra_config = dict(extra_config or {})  # more sections for config.json, e.g. "features"
-        self.model_dir = Path(model_dir) if model_dir is not None else self.output_dir / "model"
+        self.frame_rate = data.frame_rate
+        self.checkpoints_dir, self.model_dir = Path(checkpoints_dir), Path(model_dir)
+        self.extra_config = dict(extra_config or {})
         self.callback = callback
         # Asked after every step (one process) or at every sync point (DDP, where all ranks must
         # agree on the step): True stops the run with a checkpoint of the step reached.
         self.should_stop = should_stop
-        self.train_data = FeatureDataset(train_store_paths, target_store_paths)
-        self.heldout_data = (FeatureDataset(heldout_store_path, [heldout_target_path] if heldout_target_path else None)
-                             if heldout_store_path is not None else None)
-        for name, data in (("train", self.train_data), ("held-out", self.heldout_data)):
-            if data is not None and (data.input_dim, data.target_dim) != (model_config.input_dim, model_config.target_dim):
-                raise ValueError(f"{name} features are {data.input_dim}-d in, {data.target_dim}-d target; the model "
+        self.train_data = FeatureDataset(data.train, data.train_targets)
+        self.heldout_data = (FeatureDataset(data.heldout, [data.heldout_target] if data.heldout_target else None)
+                             if data.heldout is not None else None)
+        for name, store in (("train", self.train_data), ("held-out", self.heldout_data)):
+            if store is not None and (store.input_dim, store.target_dim) != (model_config.input_dim,
+                                                                             model_config.target_dim):
+                raise ValueError(f"{name} features are {store.input_dim}-d in, {store.target_dim}-d target; the model "
                                  f"expects input_dim={model_config.input_dim}, target_dim={model_config.target_dim}")
 
     # -- setup -------------------------------------------------------------------------------
@@ -328,92 +266,106 @@ class Trainer:
         if self.resumed_from is None:
             self.heldout_loss_initial = self.evaluate()
         batches = self._batches()
-        interval_loss, skipped, nonfinite, grad_norm = (torch.zeros((), dtype=dtype, device=self.device) for dtype in
-                                                        (torch.float64, torch.int64, torch.bool, torch.float32))
-        interval_micro_batches = interval_frames = run_frames = 0
-        start_step, run_start = self.step, time.perf_counter()
-        interval_start, paused_seconds, last_loss, last_good = run_start, 0.0, None, self.resumed_from
-        sync_every_step = self.device.type == "cpu" and not self.dist.enabled  # syncing is free there
+        tally = _Tally(*(torch.zeros((), dtype=dtype, device=self.device)
+                         for dtype in (torch.float64, torch.int64, torch.bool, torch.float32)))
+        start_step, run_start, self.last_good = self.step, tally.start, self.resumed_from
+        # One process on CPU: reading the flags every step costs nothing, so a bad step never updates.
+        sync_every_step = self.device.type == "cpu" and not self.dist.enabled
         progress = tqdm(total=cfg.total_steps, initial=self.step, disable=not (cfg.progress and self.dist.is_main),
                         file=sys.stderr, desc="pretrain", unit="step", dynamic_ncols=True)
         self.model.train()
         while self.step < cfg.total_steps:
-            for micro in range(cfg.grad_accumulation):
-                batch = next(batches)
-                frames = int(batch.lengths.sum())  # host tensor: no device sync
-                interval_frames, run_frames = interval_frames + frames, run_frames + frames
-                last_micro = micro == cfg.grad_accumulation - 1
-                no_sync = self.ddp.no_sync() if self.ddp is not None and not last_micro else contextlib.nullcontext()
-                with no_sync:
-                    loss, num_masked = self._masked_loss(self.train_module, batch, self.mask_generator)
-                    (loss / cfg.grad_accumulation).backward()
-                skipped += num_masked == 0  # such a batch has loss 0 and zero gradient
-                nonfinite |= ~torch.isfinite(loss)
-                interval_loss += loss.detach().double()
-                interval_micro_batches += 1
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
-            nonfinite |= ~torch.isfinite(grad_norm)
-            if sync_every_step and bool(nonfinite):
-                self._raise_nonfinite(self.step + 1, last_good)  # before the update: weights stay clean
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
+            self._train_step(batches, tally, check_now=sync_every_step)
             progress.update(1)
-            is_log = self.step % cfg.log_every == 0 or self.step == cfg.total_steps
-            is_eval = cfg.eval_every > 0 and self.step % cfg.eval_every == 0 and self.step < cfg.total_steps
-            is_checkpoint = self.step % cfg.checkpoint_every == 0 or self.step == cfg.total_steps
-            stop = self.should_stop is not None and not self.dist.enabled and self.should_stop()
-            if not (is_log or is_eval or is_checkpoint or stop):
-                continue
-            # A sync point, identical on every rank: read the interval's numbers once.
-            wants_stop = float(self.should_stop is not None and self.should_stop())
-            loss_sum, micro_batches, frames_sum, skipped_sum, bad, norm, stops = self._sum_over_ranks(
-                [interval_loss, float(interval_micro_batches), float(interval_frames), skipped, nonfinite, grad_norm,
-                 wants_stop])
-            if bad:
-                self._raise_nonfinite(self.step, last_good)
-            stop = stop or stops > 0
-            skipped_total = self.skipped_before + int(skipped_sum)
-            if is_log:
-                now = time.perf_counter()
-                last_loss = loss_sum / max(micro_batches, 1.0)
-                record = {"event": "train", "step": self.step, "epoch": self.epoch, "loss": last_loss,
-                          "learning_rate": self.scheduler.get_last_lr()[0],
-                          "grad_norm": norm / self.dist.world_size, "skipped_batches": skipped_total,
-                          "audio_seconds_per_second": frames_sum / cfg.frame_rate / max(now - interval_start, 1e-9)}
-                self._emit(record)
-                progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['learning_rate']:.2e}", refresh=False)
-                interval_loss.zero_()
-                interval_micro_batches = interval_frames = 0
-                interval_start = now
-            pause_start = time.perf_counter()
-            if is_eval:
-                self.evaluate()
-            if is_checkpoint or stop:
-                last_good = self._checkpoint(skipped_total) or last_good
-            if stop:
-                progress.close()
-                raise TrainingStopped(self.step, last_good)
-            paused = time.perf_counter() - pause_start  # kept out of the throughput figures
-            interval_start, paused_seconds = interval_start + paused, paused_seconds + paused
+            self._sync_point(tally, progress)
         progress.close()
-        run_seconds = time.perf_counter() - run_start - paused_seconds
-        skipped_total = self.skipped_before + int(self._sum_over_ranks([skipped])[0])
+        run_seconds = time.perf_counter() - run_start - tally.paused
+        return self._finish(tally, start_step, run_seconds)
+
+    def _train_step(self, batches, tally: _Tally, check_now: bool) -> None:
+        """One optimizer step over `grad_accumulation` micro-batches; adds to `tally`, never syncs
+        unless `check_now` (then an inf/NaN stops the run before the update)."""
+        cfg = self.config
+        for micro in range(cfg.grad_accumulation):
+            batch = next(batches)
+            frames = int(batch.lengths.sum())  # host tensor: no device sync
+            tally.frames, tally.run_frames = tally.frames + frames, tally.run_frames + frames
+            last_micro = micro == cfg.grad_accumulation - 1
+            no_sync = self.ddp.no_sync() if self.ddp is not None and not last_micro else contextlib.nullcontext()
+            with no_sync:
+                loss, num_masked = self._masked_loss(self.train_module, batch, self.mask_generator)
+                (loss / cfg.grad_accumulation).backward()
+            tally.skipped += num_masked == 0  # such a batch has loss 0 and zero gradient
+            tally.nonfinite |= ~torch.isfinite(loss)
+            tally.loss += loss.detach().double()
+            tally.micro_batches += 1
+        tally.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
+        tally.nonfinite |= ~torch.isfinite(tally.grad_norm)
+        if check_now and bool(tally.nonfinite):
+            self._raise_nonfinite(self.step + 1)  # before the update: the weights stay clean
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+    def _sync_point(self, tally: _Tally, progress) -> None:
+        """At log, evaluation, checkpoint and stop steps (the same on every rank): read the
+        interval's numbers once, log, evaluate, checkpoint, and stop if asked."""
+        cfg = self.config
+        is_log = self.step % cfg.log_every == 0 or self.step == cfg.total_steps
+        is_eval = cfg.eval_every > 0 and self.step % cfg.eval_every == 0 and self.step < cfg.total_steps
+        is_checkpoint = self.step % cfg.checkpoint_every == 0 or self.step == cfg.total_steps
+        stop = self.should_stop is not None and not self.dist.enabled and self.should_stop()
+        if not (is_log or is_eval or is_checkpoint or stop):
+            return
+        wants_stop = float(self.should_stop is not None and self.should_stop())
+        loss_sum, micro_batches, frames_sum, skipped_sum, bad, norm, stops = self._sum_over_ranks(
+            [tally.loss, float(tally.micro_batches), float(tally.frames), tally.skipped, tally.nonfinite,
+             tally.grad_norm, wants_stop])
+        if bad:
+            self._raise_nonfinite(self.step)
+        stop = stop or stops > 0
+        skipped_total = self.skipped_before + int(skipped_sum)
+        if is_log:
+            now = time.perf_counter()
+            tally.last_loss = loss_sum / max(micro_batches, 1.0)
+            record = {"event": "train", "step": self.step, "epoch": self.epoch, "loss": tally.last_loss,
+                      "learning_rate": self.scheduler.get_last_lr()[0],
+                      "grad_norm": norm / self.dist.world_size, "skipped_batches": skipped_total,
+                      "audio_seconds_per_second": frames_sum / self.frame_rate / max(now - tally.start, 1e-9)}
+            self._emit(record)
+            progress.set_postfix(loss=f"{tally.last_loss:.4f}", lr=f"{record['learning_rate']:.2e}", refresh=False)
+            tally.loss.zero_()
+            tally.micro_batches = tally.frames = 0
+            tally.start = now
+        pause_start = time.perf_counter()
+        if is_eval:
+            self.evaluate()
+        if is_checkpoint or stop:
+            self.last_good = self._checkpoint(skipped_total) or self.last_good
+        if stop:
+            progress.close()
+            raise TrainingStopped(self.step, self.last_good)
+        paused = time.perf_counter() - pause_start  # kept out of the throughput figures
+        tally.start, tally.paused = tally.start + paused, tally.paused + paused
+
+    def _finish(self, tally: _Tally, start_step: int, run_seconds: float) -> dict[str, Any]:
+        """Final held-out loss, the model directory, and the run's result dict."""
+        skipped_total = self.skipped_before + int(self._sum_over_ranks([tally.skipped])[0])
         heldout_loss_final = self.evaluate()
         if self.dist.is_main:
             save_model_dir(self.model_dir, self.model, self.model_config,
                            extra={k: v for k, v in self._config_record().items() if k != "model"})
         if self.dist.enabled:
             dist.barrier()
+        seen = tally.run_frames * self.dist.world_size / self.frame_rate  # unpadded seconds, after cropping
         result = {
             "steps": self.step, "steps_this_run": self.step - start_step, "epoch": self.epoch,
-            "train_loss_final": last_loss, "heldout_loss_initial": self.heldout_loss_initial,
+            "train_loss_final": tally.last_loss, "heldout_loss_initial": self.heldout_loss_initial,
             "heldout_loss_final": heldout_loss_final, "skipped_batches": skipped_total,
-            "audio_seconds_per_second": run_frames * self.dist.world_size / cfg.frame_rate / max(run_seconds, 1e-9),
-            "audio_seconds_seen": run_frames * self.dist.world_size / cfg.frame_rate,  # unpadded, after cropping
+            "audio_seconds_per_second": seen / max(run_seconds, 1e-9), "audio_seconds_seen": seen,
             "train_seconds": run_seconds, "model_dir": str(self.model_dir),
-            "last_checkpoint": str(last_good) if last_good else None,
+            "last_checkpoint": str(self.last_good) if self.last_good else None,
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
             "world_size": self.dist.world_size, "device": str(self.device),
             "precision": "bf16" if self.autocast_dtype is not None else "fp32",
@@ -422,26 +374,14 @@ class Trainer:
         self._emit({"event": "done", **result})
         return result
 
-    def _raise_nonfinite(self, step: int, last_good: Path | None) -> None:
-        where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+    def _raise_nonfinite(self, step: int) -> None:
+        where = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written yet"
         raise NonFiniteLossError(
             f"training loss or gradient norm became inf/NaN by step {step} (learning rate "
             f"{self.scheduler.get_last_lr()[0]:.3g}); stopped without writing a checkpoint; {where}. "
             "Check the features for inf/NaN values or lower TrainConfig.learning_rate.")
 
 
-def train(model_config: ModelConfig, mask_config: MaskConfig, train_config: TrainConfig,
-          train_store_paths: str | Path | Sequence[str | Path], heldout_store_path: str | Path | None,
-          output_dir: str | Path, callback: Callback | None = None, model_dir: str | Path | None = None,
-          target_store_paths: Sequence[str | Path | None] | None = None,
-          heldout_target_path: str | Path | None = None, checkpoints_dir: str | Path | None = None,
-          extra_config: dict[str, Any] | None = None, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
-    """Pretrain (or resume pretraining) a Mockingjay model; see `Trainer`. Returns the result dict.
-
-    Checkpoints go to `checkpoints_dir` (default `output_dir/checkpoints`), the final model to
-    `model_dir` (default `output_dir/model`); `extra_config` sections are added to their config.json.
-    `should_stop()` returning True ends the run with TrainingStopped after a checkpoint of the step reached.
-    """
-    return Trainer(model_config, mask_config, train_config, train_store_paths, heldout_store_path, output_dir,
-                   callback, model_dir, target_store_paths, heldout_target_path, checkpoints_dir, extra_config,
-                   should_stop).fit()
+def train(*args, **kwargs) -> dict[str, Any]:
+    """Pretrain (or resume pretraining) a Mockingjay model: `Trainer(*args, **kwargs).fit()`."""
+    return Trainer(*args, **kwargs).fit()

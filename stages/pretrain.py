@@ -38,6 +38,7 @@ from mockingjay.config import ParamError, from_section, to_flat_dict
 from mockingjay.featstore import RaggedArray
 from mockingjay.feature_config import FeatureConfig
 from mockingjay.resume_state import TRAIN_LOG
+from mockingjay.train_config import TrainConfig, TrainData
 
 from . import tracking
 from .common import (PARAMS_OPTION, StageError, StageInterrupted, check_inputs_apart, check_output_file, cli_errors,
@@ -59,7 +60,6 @@ def resolve_configs(section_values: dict, feature_dim: int, target_dim: int):
     """(ModelConfig, MaskConfig, TrainConfig) from params; every error names `pretrain.<...>`."""
     from mockingjay.masking import MASK_PRESETS, MaskConfig
     from mockingjay.model import PRESETS, ModelConfig, preset_config
-    from mockingjay.trainer import TrainConfig
 
     config = from_section(PretrainConfig, section_values, "pretrain")
     if config.preset not in PRESETS:
@@ -285,8 +285,6 @@ def main(
     provenance = {"features": feature_config, "data": {"fingerprint": data_fingerprint(train_stores + (target_stores or []))}}
     record = {"model": model_config.to_dict(), "mask": mask_config.to_dict(), "training": _train_record(train_config),
               **provenance}
-    frame_rate = settings.frame_rate
-    train_config = dataclasses.replace(train_config, frame_rate=frame_rate)
     flat = {**to_flat_dict({"model": model_config.to_dict(), "mask": mask_config.to_dict()}),
             **to_flat_dict({"train": train_config.to_dict()}), "preset": pretrain_section.get("preset", "tera-base")}
     # Rank 0 locks the folder for the whole run: a second run would prune, rewrite and log into the same state.
@@ -296,8 +294,9 @@ def main(
         run = tracking.stage_run("pretrain", flat, system_metrics=True) if rank == 0 else contextlib.nullcontext()
         with run as mlflow:
             logger = _Logger(mlflow, state / TRAIN_LOG if rank == 0 else None)
-            result = _train(model_config, mask_config, train_config, train_stores, features, target_stores,
-                            state, out / "model", logger, provenance)
+            data = TrainData(train_stores, features / "test", target_stores,
+                             features / "test_target" if target_stores else None, frame_rate=settings.frame_rate)
+            result = _train(model_config, mask_config, train_config, data, state, out / "model", logger, provenance)
             if rank != 0:
                 return
             config = from_section(PretrainConfig, pretrain_section, "pretrain")
@@ -333,20 +332,14 @@ def _metrics(result: dict, logger: _Logger) -> dict:
     return metrics
 
 
-def _train(model_config, mask_config, train_config, train_stores, features, target_stores, checkpoints, model_dir,
-           logger, provenance):
+def _train(model_config, mask_config, train_config, data, checkpoints, model_dir, logger, provenance):
     from mockingjay.trainer import NonFiniteLossError, TrainingStopped, train
 
     # A stop signal only raises a flag here: the trainer finishes its step and checkpoints it first.
     with stop_signals_deferred() as stop_requested:
         try:
-            return train(
-                model_config, mask_config, train_config, train_stores, features / "test", checkpoints.parent,
-                callback=logger, model_dir=model_dir, target_store_paths=target_stores,
-                heldout_target_path=features / "test_target" if target_stores else None,
-                checkpoints_dir=checkpoints, extra_config=provenance,
-                should_stop=lambda: stop_requested() is not None,
-            )
+            return train(model_config, mask_config, train_config, data, checkpoints, model_dir, extra_config=provenance,
+                         callback=logger, should_stop=lambda: stop_requested() is not None)
         except TrainingStopped as err:
             where = f"wrote checkpoint {err.checkpoint}" if err.checkpoint else "no checkpoint could be written"
             raise StageInterrupted(stop_requested(), f"pretrain stopped at step {err.step} and {where}; run the same "

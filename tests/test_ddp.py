@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent("""
     from mockingjay import batching
     from mockingjay.masking import MaskConfig
     from mockingjay.model import ModelConfig
-    from mockingjay.trainer import TrainConfig, Trainer
+    from mockingjay.trainer import TrainConfig, TrainData, Trainer
 
     features, out = sys.argv[1], sys.argv[2]
     loaded = []
@@ -51,8 +51,8 @@ SCRIPT = textwrap.dedent("""
     config = TrainConfig(total_steps=int(sys.argv[3]), learning_rate=5e-3, max_frames_per_batch=120,
                          max_length=40, log_every=2, checkpoint_every=2, progress=False)
     events = []
-    trainer = Trainer(model_config, MaskConfig(span_length=2), config, features + "/train", features + "/dev",
-                      out + "/run", callback=events.append)
+    trainer = Trainer(model_config, MaskConfig(span_length=2), config, TrainData(features + "/train", features + "/dev"),
+                      out + "/run/checkpoints", out + "/run/model", callback=events.append)
     rank = int(os.environ["RANK"])
     result = trainer.fit()
     train_indices = sorted(index for owner, index in loaded if owner == id(trainer.train_data))

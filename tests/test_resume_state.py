@@ -20,9 +20,10 @@ PROVENANCE = {"features": {"n_mels": 8, "hop_ms": 10.0}, "data": {"fingerprint":
 
 
 def write_legacy(folder, train: TrainConfig, step: int) -> None:
-    """A checkpoint as the trainer writes it (full training section, frame_rate set), at the top."""
+    """A checkpoint as an older trainer wrote it (full training section, with the frame_rate it then
+    carried), at the top of the folder."""
     config = {**PROVENANCE, "model": MODEL.to_dict(), "mask": MaskConfig().to_dict(),
-              "training": dataclasses.replace(train, frame_rate=80.0, device="cpu").to_dict()}
+              "training": {**dataclasses.replace(train, device="cpu").to_dict(), "frame_rate": 80.0}}
     save_checkpoint(folder, step, MockingjayForMAM(MODEL), config, {"step": step})
 
 

@@ -12,7 +12,7 @@ from mockingjay.checkpoint import (latest_checkpoint, list_checkpoints, load_con
 from mockingjay.featstore import RaggedWriter
 from mockingjay.masking import MaskConfig
 from mockingjay.model import ModelConfig
-from mockingjay.trainer import NonFiniteLossError, TrainConfig, Trainer, train
+from mockingjay.trainer import NonFiniteLossError, TrainConfig, TrainData, Trainer, train
 
 DIM = 6
 MODEL = ModelConfig(input_dim=DIM, target_dim=DIM, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
@@ -47,6 +47,12 @@ def config(**overrides) -> TrainConfig:
     return dataclasses.replace(base, **overrides)
 
 
+def run(settings: TrainConfig, train_store: Path, heldout_store: Path | None, out: Path, **options) -> dict:
+    """Train MODEL with MASK; checkpoints in out/checkpoints, the model in out/model."""
+    return train(MODEL, MASK, settings, TrainData(train_store, heldout_store), out / "checkpoints", out / "model",
+                 **options)
+
+
 def weights_digest(model_dir: Path) -> dict[str, torch.Tensor]:
     model, _ = load_model_dir(model_dir)
     return {k: v.clone() for k, v in model.state_dict().items()}
@@ -76,8 +82,8 @@ def test_invalid_train_config_names_the_field(field, value):
 
 def test_loss_decreases_and_heldout_improves(corpus, tmp_path):
     recorder = Recorder()
-    result = train(MODEL, MASK, config(total_steps=30, learning_rate=5e-3, log_every=5, checkpoint_every=15),
-                   corpus / "train", corpus / "dev", tmp_path / "run", callback=recorder)
+    result = run(config(total_steps=30, learning_rate=5e-3, log_every=5, checkpoint_every=15),
+                 corpus / "train", corpus / "dev", tmp_path / "run", callback=recorder)
     losses = [r["loss"] for r in recorder.events("train")]
     assert [r["step"] for r in recorder.events("train")] == list(range(5, 31, 5))
     assert np.isfinite(losses).all() and losses[-1] < 0.6 * losses[0]
@@ -97,16 +103,16 @@ def test_loss_decreases_and_heldout_improves(corpus, tmp_path):
 
 def test_interrupted_and_resumed_run_matches_uninterrupted(corpus, tmp_path):
     settings = config(total_steps=7, grad_accumulation=2)  # 14 batches: crosses epoch boundaries
-    straight = train(MODEL, MASK, settings, corpus / "train", corpus / "dev", tmp_path / "straight")
+    straight = run(settings, corpus / "train", corpus / "dev", tmp_path / "straight")
 
     crashed = Recorder(stop_at_step=5)
     with pytest.raises(KeyboardInterrupt):
-        train(MODEL, MASK, settings, corpus / "train", corpus / "dev", tmp_path / "resumed", callback=crashed)
+        run(settings, corpus / "train", corpus / "dev", tmp_path / "resumed", callback=crashed)
     assert [step for step, _ in list_checkpoints(tmp_path / "resumed" / "checkpoints")] == [3]
     assert not (tmp_path / "resumed" / "model").exists()
 
     rerun = Recorder()
-    resumed = train(MODEL, MASK, settings, corpus / "train", corpus / "dev", tmp_path / "resumed", callback=rerun)
+    resumed = run(settings, corpus / "train", corpus / "dev", tmp_path / "resumed", callback=rerun)
     assert resumed["resumed_from"].endswith("step-000003")
     assert rerun.records[0]["event"] == "resume"
     assert [r["step"] for r in rerun.events("train")] == [4, 5, 6, 7]
@@ -123,12 +129,12 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(corpus, tmp_path):
 
 def test_completed_run_is_not_trained_again(corpus, tmp_path):
     settings = config(total_steps=3)
-    options = dict(checkpoints_dir=tmp_path / "ckpt", model_dir=tmp_path / "final", extra_config={"features": {"hop_ms": 10}})
-    train(MODEL, MASK, settings, corpus / "train", None, tmp_path / "run", **options)
+    args = (MODEL, MASK, settings, TrainData(corpus / "train"), tmp_path / "ckpt", tmp_path / "final")
+    train(*args, extra_config={"features": {"hop_ms": 10}})
     assert [step for step, _ in list_checkpoints(tmp_path / "ckpt")] == [3]
     assert load_config(tmp_path / "final")["features"] == {"hop_ms": 10}
     assert load_config(tmp_path / "ckpt" / "step-000003")["training"]["total_steps"] == 3
-    again = train(MODEL, MASK, settings, corpus / "train", None, tmp_path / "run", **options)
+    again = train(*args, extra_config={"features": {"hop_ms": 10}})
     assert again["steps_this_run"] == 0 and again["steps"] == 3 and again["heldout_loss_final"] is None
 
 
@@ -141,14 +147,14 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     write_corpus(features / "train", 24, seed=0)
     settings = config(total_steps=8, checkpoint_every=2)
     with pytest.raises(KeyboardInterrupt):
-        train(MODEL, MASK, settings, features / "train", None, tmp_path / "run", callback=Recorder(stop_at_step=5))
+        run(settings, features / "train", None, tmp_path / "run", callback=Recorder(stop_at_step=5))
     good = latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert good.name == "step-000004"
     before = digest_files(good)
 
     write_corpus(features / "train", 24, seed=0, poison=True)  # same utterances, now with inf
     with pytest.raises(NonFiniteLossError, match="step-000004"):
-        train(MODEL, MASK, settings, features / "train", None, tmp_path / "run")
+        run(settings, features / "train", None, tmp_path / "run")
     assert latest_checkpoint(tmp_path / "run" / "checkpoints") == good
     assert [step for step, _ in list_checkpoints(tmp_path / "run" / "checkpoints")] == [2, 4]
     assert digest_files(good) == before
@@ -158,7 +164,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_nonfinite_loss_with_no_checkpoint_yet(tmp_path):
     write_corpus(tmp_path / "train", 16, seed=2, poison=True)
     with pytest.raises(NonFiniteLossError, match="no checkpoint"):
-        train(MODEL, MASK, config(total_steps=4), tmp_path / "train", None, tmp_path / "run")
+        run(config(total_steps=4), tmp_path / "train", None, tmp_path / "run")
     assert list_checkpoints(tmp_path / "run" / "checkpoints") == []
 
 
@@ -172,8 +178,8 @@ def test_batches_with_nothing_masked_are_counted_not_nan(corpus, tmp_path, monke
 
     monkeypatch.setattr(trainer_module, "mask_batch", mask_nothing)
     recorder = Recorder()
-    result = train(MODEL, MASK, config(total_steps=3, grad_accumulation=2), corpus / "train", None,
-                   tmp_path / "run", callback=recorder)
+    result = run(config(total_steps=3, grad_accumulation=2), corpus / "train", None, tmp_path / "run",
+                 callback=recorder)
     assert result["skipped_batches"] == 6
     assert [r["loss"] for r in recorder.events("train")] == [0.0, 0.0, 0.0]
 
@@ -181,4 +187,4 @@ def test_batches_with_nothing_masked_are_counted_not_nan(corpus, tmp_path, monke
 def test_feature_dims_must_match_the_model(corpus, tmp_path):
     wrong = dataclasses.replace(MODEL, input_dim=DIM + 1)
     with pytest.raises(ValueError, match="input_dim"):
-        Trainer(wrong, MASK, config(), corpus / "train", None, tmp_path / "run")
+        Trainer(wrong, MASK, config(), TrainData(corpus / "train"), tmp_path / "run" / "checkpoints", tmp_path / "run" / "model")
