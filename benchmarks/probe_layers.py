@@ -56,9 +56,9 @@ def compute_seconds(data: Path, layers: list[int] | None, include_input: bool, c
     labels = {split: RaggedArray(data / "data/features/labels" / split) for split in SPLITS}
     speakers = read_speakers(data / "data/features/utterances.tsv")
     started = time.perf_counter()
-    phone = probe_phones(reps, labels, config.phone.to_probe_config(), progress=False)
+    phone = probe_phones(reps, labels, config.phone.training(), progress=False)
     middle = time.perf_counter()
-    speaker = probe_speakers(reps, speakers, config.speaker.to_probe_config(), progress=False)
+    speaker = probe_speakers(reps, speakers, config.speaker.training(), progress=False)
     ended = time.perf_counter()
     return {"phone_s": middle - started, "speaker_s": ended - middle, "total_s": ended - started,
             "stores": list(reps["train"]),

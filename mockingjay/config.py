@@ -105,16 +105,15 @@ def from_section(cls: type[T], section: Any, name: str) -> T:
     kwargs = {key: _coerce(value, hints[key], f"{name}.{key}") for key, value in section.items()}
     try:
         obj = cls(**kwargs)
+        validate = getattr(obj, "validate", None)
+        if validate is not None:
+            validate()
     except TypeError as err:
         raise ParamError(f"{name}: {err}") from err
-    validate = getattr(obj, "validate", None)
-    if validate is not None:
-        try:
-            validate()
-        except ParamError:
-            raise
-        except ValueError as err:
-            raise ParamError(f"{name}.{err}" if _names_field(err, fields) else f"{name}: {err}") from err
+    except ParamError:
+        raise
+    except ValueError as err:  # from validate() or a __post_init__ that runs it
+        raise ParamError(f"{name}.{err}" if _names_field(err, fields) else f"{name}: {err}") from err
     return obj
 
 
@@ -134,6 +133,6 @@ def to_flat_dict(obj: Any, prefix: str = "") -> dict[str, Any]:
     elif isinstance(obj, (list, tuple)) and obj and all(isinstance(v, dict) for v in obj):
         for i, value in enumerate(obj):
             flat.update(to_flat_dict(value, f"{prefix}{i}."))
-    else:
-        flat[prefix.rstrip(".")] = obj
+    else:  # a tuple-typed setting is logged as the list it was written as in params.yaml
+        flat[prefix.rstrip(".")] = list(obj) if isinstance(obj, tuple) else obj
     return flat

@@ -21,61 +21,19 @@ is the layer's probe (ties, common on small dev sets, go to the lower dev cross-
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from torch import Tensor
 
+from mockingjay.probe_config import (KINDS, PHONE_PROBE, SPEAKER_PROBE, MLPSettings,  # noqa: F401  (re-exported)
+                                     ProbeConfig, ProbeError)
+
 Batch = tuple[Tensor, Mapping[str, Tensor]]  # (labels [B] long, layer name -> inputs [B, H] float16 or float32)
 
 
-class ProbeError(ValueError):
-    """A probe cannot run as asked; the message names the layer, utterance or split at fault."""
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    """Training of a probe task.
-
-    epochs: passes over the train split (the best epoch by dev accuracy is kept per head).
-    batch_size: examples (frames or utterances) per Adam step; 0 = the whole train split.
-    learning_rates, weight_decays: the grid; every (lr, wd) pair is one head per layer.
-    seed: seeds the shuffling generator; with zero init the run is a pure function of it.
-    eval_batch: examples per forward pass when scoring dev and test.
-    """
-
-    epochs: int = 20
-    batch_size: int = 1024
-    learning_rates: tuple[float, ...] = (2e-3,)
-    weight_decays: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2)
-    seed: int = 0
-    eval_batch: int = 8192
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 0 or self.eval_batch < 1:
-            raise ProbeError(f"invalid probe config {self}: need epochs >= 1, batch_size >= 0, eval_batch >= 1")
-        if not self.learning_rates or not self.weight_decays:
-            raise ProbeError("probe config: learning_rates and weight_decays must not be empty")
-        if min(self.learning_rates) <= 0 or min(self.weight_decays) < 0:
-            raise ProbeError("probe config: learning rates must be > 0 and weight decays >= 0")
-
-    def grid(self) -> list[tuple[float, float]]:
-        """(learning rate, weight decay) of each head, in head order."""
-        return [(lr, wd) for lr in self.learning_rates for wd in self.weight_decays]
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-# Frame phone probe: ~80k labelled frames per epoch on the bundled corpus, mini-batches of 1024
-# frames. On 768-d layers 2e-3 beats 1e-2 (noisier) and the best epoch is typically 15-19 of 20.
-PHONE_PROBE = ProbeConfig(epochs=20, batch_size=1024, learning_rates=(2e-3,))  # = ProbeConfig()
-# Speaker probe: a few hundred utterance means, full-batch steps, many cheap epochs.
-SPEAKER_PROBE = ProbeConfig(epochs=300, batch_size=0, learning_rates=(1e-2,))
 
 
 class RunningMoments:
@@ -291,21 +249,6 @@ def layer_report(layer: LayerHeads, grid: Sequence[tuple[float, float]], truth: 
         "grid_dev_accuracy": [float(a) for a in layer.best_dev],
         "confusion": {"labels": list(class_names), "matrix": matrix.tolist()},
     }
-
-
-KINDS = ("linear", "mlp", "weighted_sum")
-
-
-@dataclass(frozen=True)
-class MLPSettings:
-    """The one-hidden-layer probe (s3prl's `phone_1hidden`): Linear(H, hidden), ReLU, dropout, Linear."""
-
-    hidden_size: int = 768
-    dropout: float = 0.1
-    learning_rate: float = 1e-3
-    epochs: int | None = None  # None: the task's epochs
-    weight_decays: tuple[float, ...] | None = None  # None: the task's grid
-    layers: tuple[str, ...] = ()  # store names to probe; empty: every probed layer
 
 
 class TorchHeads:

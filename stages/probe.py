@@ -15,7 +15,6 @@ and layer.
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,6 +24,7 @@ import typer
 from mockingjay.config import ParamError, from_section, to_flat_dict
 from mockingjay.featstore import RaggedArray
 from mockingjay.manifest import SPLITS
+from mockingjay.probe_config import KINDS, SPEAKER_PROBE, MLPSettings, ProbeConfig, ProbeError
 
 from . import tracking
 from .common import (PARAMS_OPTION, StageError, atomic_output_dir, check_output_dir, check_output_file, cli_errors,
@@ -34,58 +34,19 @@ from .probe_report import (compact_metrics, extra_probes, figure_extras, format_
 from .runtime import check_model_features, resolve_device
 
 TASKS = ("phone", "speaker", "keyword")
-KINDS = ("linear", "mlp", "weighted_sum")  # = mockingjay.probe_heads.KINDS (not imported: it loads torch)
-
-
 @dataclass(frozen=True)
-class MLPConfig:
-    """The one-hidden-layer probe (`kinds: [mlp]`), as s3prl's phone_1hidden."""
+class ProbeTaskConfig(ProbeConfig):
+    """One task's section (`probe.phone`, ...): how its heads train (ProbeConfig's fields) and what
+    they are trained on."""
 
-    hidden_size: int = 768
-    dropout: float = 0.1
-    learning_rate: float = 1e-3
-    epochs: int | None = None  # null: the task's epochs
-    weight_decays: list[float] | None = None  # null: the task's grid
-    layers: list[str] = field(default_factory=list)  # store names (input, layer_03); empty: every probed layer
-
-    def validate(self) -> None:
-        if self.weight_decays is not None and (not self.weight_decays or min(self.weight_decays) < 0):
-            raise ValueError(f"weight_decays: need at least one, all >= 0, or null; got {self.weight_decays}")
-        bad = [n for n in self.layers if n != "input" and not re.fullmatch(r"layer_\d\d", n)]
-        if bad:
-            raise ValueError(f"layers: expected store names like input or layer_03, got {bad}")
-        if self.hidden_size < 1:
-            raise ValueError(f"hidden_size: must be >= 1, got {self.hidden_size}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate: must be > 0, got {self.learning_rate}")
-        if self.epochs is not None and self.epochs < 1:
-            raise ValueError(f"epochs: must be >= 1 or null, got {self.epochs}")
-
-
-@dataclass(frozen=True)
-class ProbeTaskConfig:
-    epochs: int = 20
-    batch_size: int = 1024  # 0 = full batch
-    learning_rates: list[float] = field(default_factory=lambda: [2e-3])
-    weight_decays: list[float] = field(default_factory=lambda: [0.0, 1e-4, 1e-3, 1e-2])
-    seed: int = 0
     kinds: list[str] = field(default_factory=lambda: ["linear"])  # linear | mlp | weighted_sum
     label_fractions: list[float] = field(default_factory=lambda: [1.0])  # of the labelled train utterances
     speaker_independent: bool = False  # dev/test only on speakers with no train utterance
     corpora: list[str] = field(default_factory=list)  # empty: every corpus with the task's labels
-    mlp: MLPConfig = field(default_factory=MLPConfig)
+    mlp: MLPSettings = field(default_factory=MLPSettings)
 
     def validate(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"epochs: must be >= 1, got {self.epochs}")
-        if self.batch_size < 0:
-            raise ValueError(f"batch_size: must be >= 0, got {self.batch_size}")
-        if not self.learning_rates or min(self.learning_rates) <= 0:
-            raise ValueError(f"learning_rates: need at least one, all > 0, got {self.learning_rates}")
-        if not self.weight_decays or min(self.weight_decays) < 0:
-            raise ValueError(f"weight_decays: need at least one, all >= 0, got {self.weight_decays}")
+        super().validate()
         if not self.kinds or sorted(set(self.kinds) - set(KINDS)):
             raise ValueError(f"kinds: must be a non-empty subset of {list(KINDS)}, got {self.kinds}")
         if not self.label_fractions or not all(0 < f <= 1 for f in self.label_fractions):
@@ -93,25 +54,20 @@ class ProbeTaskConfig:
         if len(set(self.label_fractions)) != len(self.label_fractions):
             raise ValueError(f"label_fractions: each fraction once, got {self.label_fractions}")
 
-    def to_probe_config(self):
-        from mockingjay.probe import ProbeConfig
-
-        return ProbeConfig(epochs=self.epochs, batch_size=self.batch_size, learning_rates=tuple(self.learning_rates),
-                           weight_decays=tuple(self.weight_decays), seed=self.seed)
-
     def options(self) -> dict:
         """The probe functions' keyword options for this task (kinds, fractions, MLP settings)."""
-        from mockingjay.probe_heads import MLPSettings
-
-        mlp = dataclasses.asdict(self.mlp)
-        mlp["weight_decays"] = tuple(mlp["weight_decays"] or self.weight_decays)
-        mlp["layers"] = tuple(mlp["layers"])
-        return {"kinds": tuple(self.kinds), "fractions": tuple(sorted(self.label_fractions)),
-                "mlp": MLPSettings(**mlp)}
+        mlp = dataclasses.replace(self.mlp, weight_decays=self.mlp.weight_decays or self.weight_decays)
+        return {"kinds": tuple(self.kinds), "fractions": tuple(sorted(self.label_fractions)), "mlp": mlp}
 
 
-def _utterance_task(**overrides) -> ProbeTaskConfig:
-    return ProbeTaskConfig(**{"epochs": 300, "batch_size": 0, "learning_rates": [1e-2], **overrides})
+@dataclass(frozen=True)
+class UtteranceTaskConfig(ProbeTaskConfig):
+    """`probe.speaker` and `probe.keyword`: SPEAKER_PROBE's training defaults (a few hundred pooled
+    utterances, full-batch steps), also when the section gives only some keys."""
+
+    epochs: int = SPEAKER_PROBE.epochs
+    batch_size: int = SPEAKER_PROBE.batch_size
+    learning_rates: tuple[float, ...] = SPEAKER_PROBE.learning_rates
 
 
 @dataclass(frozen=True)
@@ -123,8 +79,8 @@ class ProbeStageConfig:
     mode: Literal["extracted", "online"] = "extracted"
     device: str = "auto"
     phone: ProbeTaskConfig = field(default_factory=ProbeTaskConfig)
-    speaker: ProbeTaskConfig = field(default_factory=_utterance_task)
-    keyword: ProbeTaskConfig = field(default_factory=_utterance_task)
+    speaker: UtteranceTaskConfig = field(default_factory=UtteranceTaskConfig)
+    keyword: UtteranceTaskConfig = field(default_factory=UtteranceTaskConfig)
     test_corpora: list[str] = field(default_factory=list)  # corpora prepared test_only: scored on their own
 
     def validate(self) -> None:
@@ -202,7 +158,6 @@ def main(
         num_layers = _stored_layers(representations)
     layers, include_input = parse_layer(layer or config.layers, num_layers)
     labels = {split: RaggedArray(features / "labels" / split) for split in SPLITS}
-    from mockingjay.probe import ProbeError
 
     run_params = {**to_flat_dict(config), "mode": mode, "layer": layer or config.layers, "model": str(model_dir),
                   "baseline_features": str(baseline_features) if baseline_features else "extracted input"}
@@ -276,13 +231,13 @@ def _run_probes(config, mode, model_dir, features, representations, layers, incl
 
         network, _ = load_model_dir(model_dir, device=device)
         stores = {split: RaggedArray(features / split) for split in SPLITS}
-        utterance_tasks = {task: (classes_of[task], getattr(config, task).to_probe_config(),
+        utterance_tasks = {task: (classes_of[task], getattr(config, task).training(),
                                   {"include": selections[task][0], "extra_tests": selections[task][1],
                                    **getattr(config, task).options()})
                            for task in config.tasks if task != "phone"}
         online = probe_online(network, stores, labels if "phone" in config.tasks else None, None,
                               layers=layers or [], include_input=include_input, device=device,
-                              phone_config=phone.to_probe_config(),
+                              phone_config=phone.training(),
                               phone_include=selections["phone"][0] if "phone" in config.tasks else None,
                               utterance_tasks=utterance_tasks)
         return {task: online[task] for task in config.tasks}
@@ -296,11 +251,11 @@ def _run_probes(config, mode, model_dir, features, representations, layers, incl
         settings = getattr(config, task)
         include, extra = selections[task]
         if task == "phone":
-            results[task] = probe_phones(reps, labels, settings.to_probe_config(), device=device, include=include,
+            results[task] = probe_phones(reps, labels, settings.training(), device=device, include=include,
                                          extra_tests=extra, **settings.options())
         else:
             pooled = pooled or pooled_utterances(reps)
-            results[task] = probe_utterances(*pooled, classes_of[task], settings.to_probe_config(), device,
+            results[task] = probe_utterances(*pooled, classes_of[task], settings.training(), device,
                                              task=task, include=include, extra_tests=extra, **settings.options())
         results[task]["selection"] = {"corpora": settings.corpora or "all",
                                       "speaker_independent": settings.speaker_independent}

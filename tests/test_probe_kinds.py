@@ -4,6 +4,7 @@ heard speakers, keywords are classified per utterance."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +131,23 @@ def test_keyword_probe_classifies_utterances(tmp_path):
     assert result["task"] == "keyword" and result["classes"] == sorted(words)
     assert result["layers"]["layer_01"]["accuracy"] > 0.9 > result["layers"]["layer_00"]["accuracy"]
     assert len(result["layers"]["layer_01"]["confusion"]["matrix"]) == 3
+
+
+def test_probe_section_is_validated_once_from_the_package_settings():
+    """The stage's task sections extend the package's ProbeConfig and MLPSettings: a partial
+    utterance-task section keeps the utterance defaults, and every error names its parameter."""
+    from mockingjay.config import ParamError, from_section
+    from mockingjay.probe_config import PHONE_PROBE, SPEAKER_PROBE
+    from stages.probe import ProbeStageConfig
+
+    config = from_section(ProbeStageConfig, {"speaker": {"kinds": ["weighted_sum"]},
+                                             "phone": {"mlp": {"layers": ["input"]}}}, "probe")
+    assert config.speaker.training() == SPEAKER_PROBE and config.keyword.training() == SPEAKER_PROBE
+    assert config.phone.training() == PHONE_PROBE
+    options = config.phone.options()
+    assert options["mlp"].weight_decays == PHONE_PROBE.weight_decays and options["mlp"].layers == ("input",)
+    for section, message in [({"phone": {"mlp": {"dropout": 2}}}, "probe.phone.mlp.dropout: must be in [0, 1)"),
+                             ({"keyword": {"eval_batch": 0}}, "probe.keyword.eval_batch: must be >= 1"),
+                             ({"speaker": {"weight_decays": []}}, "probe.speaker.weight_decays: need at least one")]:
+        with pytest.raises(ParamError, match=re.escape(message)):
+            from_section(ProbeStageConfig, section, "probe")
