@@ -136,8 +136,11 @@ def _os_error_line(err: OSError) -> str:
     if err.errno is None or not err.strerror:
         return str(err)  # raised by our own code with a message of its own
     where = " -> ".join(str(name) for name in (err.filename, err.filename2) if name is not None)
-    cause = err.strerror[0].lower() + err.strerror[1:]
-    return f"{where}: {cause}" if where else cause
+    return f"{where}: {_cause(err)}" if where else _cause(err)
+
+
+def _cause(err: OSError) -> str:
+    return err.strerror[0].lower() + err.strerror[1:] if err.strerror else str(err)
 
 
 def cli_errors(func: Callable) -> Callable:
@@ -249,7 +252,7 @@ def check_writable(path: Path, option: str) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        raise StageError(f"{option} {path}: cannot write in {parent}: {_os_error_line(err).rpartition(': ')[2]}") from None
+        raise StageError(f"{option} {path}: cannot write in {parent}: {_cause(err)}") from None
 
 
 @contextlib.contextmanager
@@ -283,10 +286,17 @@ def atomic_output_dir(path: Path, stage: str | None = None, force: bool = False)
 
 
 def write_text_atomically(path: Path, text: str) -> None:
-    """Write beside `path`, then rename: a reader sees the old file or the new one, never half."""
+    """Write beside `path`, then rename: a reader sees the old file or the new one, never half. A
+    failed write (a full disk) removes the half-written temporary and names it in the OSError."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    try:
+        tmp.write_text(text)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.filename is None and err.errno is not None:  # a failed write() names no file
+            raise OSError(err.errno, err.strerror, str(tmp)) from None
+        raise
     os.replace(tmp, path)
 
 

@@ -235,18 +235,24 @@ def test_a_read_only_folder_or_a_file_in_the_way_is_named_before_any_work(tmp_pa
 
 
 def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing(tmp_path):
-    """A real full filesystem: a 16 KiB tmpfs, mounted in a user and mount namespace of the command's
-    own (`unshare -rm`, no privileges needed), smaller than the checkpoint export-checkpoint writes."""
+    """A real full filesystem: an 8 KiB tmpfs (two pages) mounted in the command's own user and mount
+    namespace (`unshare -rm`, no privileges needed), holding a README and the metrics it is rendered
+    from, so that `mockingjay results-table` has no page left for the new README."""
     probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True) if shutil.which("unshare") else None
     if probe is None or probe.returncode != 0:
         pytest.skip("unshare -rm is not available: cannot mount a small filesystem without privileges")
-    save_model_dir(tmp_path / "model", MockingjayForMAM(TINY), TINY)
+    readme = "# results\n<!-- results:demo -->\nold\n<!-- /results:demo -->\n" + "x" * 3000 + "\n"
+    metrics = {"phone": {"layer_00": {"accuracy": 0.5, "macro_f1": 0.4, "majority_rate": 0.1}}}
+    (tmp_path / "README.md").write_text(readme)
+    (tmp_path / "probe.json").write_text(json.dumps(metrics))
     (tmp_path / "full").mkdir()
-    script = "mount -t tmpfs -o size=16k tmpfs full && mockingjay export-checkpoint model full/model.ckpt; rc=$?; ls -A full; exit $rc"
+    script = ("mount -t tmpfs -o size=8k tmpfs full && mkdir full/metrics && cp README.md full/ && "
+              "cp probe.json full/metrics/ && mockingjay results-table --readme full/README.md; rc=$?; "
+              "ls -A full; cmp full/README.md README.md && echo unchanged; exit $rc")
     result = run(["unshare", "-rm", "sh", "-c", script], tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert one_line_error(result) == "error: full/.model.ckpt.partial: no space left on device"
-    assert result.stdout == ""  # `ls -A full` inside the namespace: nothing half-written is left
+    assert one_line_error(result) == "error: full/README.md.tmp: no space left on device"
+    assert result.stdout.split() == ["README.md", "metrics", "unchanged"]  # no half-written file left
 
 
 def test_a_checkpoint_write_past_a_file_size_limit_says_so_and_leaves_nothing(tmp_path):
