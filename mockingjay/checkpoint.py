@@ -120,14 +120,42 @@ def write_directory_atomically(final: Path, write: Callable[[Path], None]) -> Pa
 
 
 def save_torch(obj: Any, file: str | Path) -> None:
-    """`torch.save` through a Python file object, so that a failed write (full disk, read-only
-    folder, file size limit) raises the OSError it is, naming the file. Given a path, torch writes
-    through its own C++ writer and says only `enforce fail at inline_container.cc ... unexpected pos`."""
+    """`torch.save` through a file object of ours, so that a failed write (full disk, file size
+    limit) raises the OSError it is, naming the file. Given a path, torch writes through its own
+    C++ writer and says only `enforce fail at inline_container.cc ... unexpected pos`."""
+    writer = None
     try:
-        with open(file, "wb") as f:
-            torch.save(obj, f)
+        with open(file, "wb", buffering=0) as f:
+            writer = _WholeWrites(f)
+            torch.save(obj, writer)
     except OSError as err:
         raise _named(err, file) from None
+    except RuntimeError:
+        if writer is None or writer.error is None:
+            raise
+        raise _named(writer.error, file) from None  # torch swallowed it into `unexpected pos`
+
+
+class _WholeWrites:
+    """A file whose `write` writes every byte or raises the OSError, and keeps it: torch's writer
+    reports some failed writes (a partial write at a file size limit) as its own RuntimeError."""
+
+    def __init__(self, f):
+        self._fd = f.fileno()
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as err:
+            self.error = err
+            raise
+        return memoryview(data).nbytes
+
+    def flush(self) -> None:
+        pass
 
 
 def save_safetensors(save: Callable[..., None], what: Any, file: str | Path, metadata: dict[str, str]) -> None:
@@ -336,7 +364,6 @@ def load_weights(path: str | Path, model: torch.nn.Module, device: str | torch.d
             metadata = weights.metadata()
     except Exception as err:
         raise CheckpointError(f"{file}: unreadable ({err})") from err
-    _check_model_metadata(Path(path), metadata)
     problems = [f"missing {name}" for name in sorted(set(expected) - set(stored))]
     problems += [f"unexpected {name}" for name in sorted(set(stored) - set(expected))]
     problems += [f"{name}: file {list(stored[name])} vs model {list(shape)}"
@@ -344,6 +371,7 @@ def load_weights(path: str | Path, model: torch.nn.Module, device: str | torch.d
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise CheckpointError(f"{file}: weights do not match the model config: {'; '.join(problems[:3])}{more}")
+    _check_model_metadata(Path(path), metadata)  # same shapes, other config (num_heads)
     try:
         load_model(model, str(file), strict=True, device=str(device))
     except Exception as err:
