@@ -81,6 +81,31 @@ def test_non_finite_values_are_refused_where_stores_are_written_and_read(tmp_pat
     open_representations(root, layers=[0])  # the other layer is fine
 
 
+def test_pretrain_refuses_features_holding_inf_naming_the_store_before_training(tmp_path):
+    """The features of a finished featurize, spoilt afterwards: `mockingjay pretrain` stops before
+    any run starts (no checkpoint, no model, no MLflow run) with one line naming the utterance."""
+    from mockingjay.feature_config import FeatureConfig
+
+    features = tmp_path / "features"
+    features.mkdir()
+    settings = FeatureConfig()
+    (features / "feature_config.json").write_text(json.dumps(settings.to_dict()))
+    rng = np.random.default_rng(0)
+    for split in ("train", "dev", "test"):
+        with RaggedWriter(features / split, settings.dim, attrs={"feature_config": settings.to_dict()}) as writer:
+            for i in range(3):
+                writer.append(f"{split}_{i}", rng.standard_normal((40, settings.dim)))
+    spoilt = RaggedArray(features / "train", mode="r+")
+    spoilt.get("train_2")[5, 0] = np.inf
+    spoilt.data.flush()
+    result = run(["mockingjay", "pretrain", "--params", str(ROOT / "params.yaml"), "--features", "features",
+                  "--out", "models", "--checkpoints", "checkpoints"], tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert one_line_error(result).startswith("error: features/train: split train, utterance 'train_2' "
+                                             "has 0 NaN and 1 inf values")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features"]
+
+
 # -- 2 and 3. Misspelt sections, unknown keys, a num_heads that does not divide -----------------
 
 
