@@ -13,12 +13,15 @@ Layout::
 Every directory is written into a hidden temporary sibling (`.step-000100.tmp-<pid>`), each file
 fsynced, then renamed into place: a crash leaves at most a temporary directory, which readers
 ignore. `trainer_state.pt` holds only tensors, numbers, strings, lists and dicts, so it loads with
-`torch.load(weights_only=True)`. `latest_checkpoint` verifies the newest checkpoint and falls back
+`torch.load(weights_only=True)`. Each `model.safetensors` records the model config it was saved
+with (metadata `model_config`, `model_config_sha256`): loading refuses a config.json edited since.
+A failed write raises an OSError naming the file. `latest_checkpoint` verifies the newest checkpoint and falls back
 to the previous one, with a warning naming it, when it is truncated or incomplete (s3prl#332).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -64,7 +67,7 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-# -- atomic directory writes ----------------------------------------------------------------
+# -- atomic writes; torch's and safetensors' failed writes said as the OSErrors they are -----
 
 
 def _fsync_path(path: Path) -> None:
@@ -75,16 +78,30 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _umask_file_mode() -> int:
+    mask = os.umask(0)  # the only way to read the umask is to set it: put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_directory_atomically(final: Path, write: Callable[[Path], None]) -> Path:
-    """Run `write(tmp_dir)`, fsync what it wrote, then rename `tmp_dir` to `final`."""
+    """Run `write(tmp_dir)`, fsync what it wrote, then rename `tmp_dir` to `final`.
+
+    Every file gets the mode a plain `open()` would give it (0666 less the umask): safetensors
+    writes through a private temporary file (mode 0600), which left `model.safetensors` unreadable
+    to the group and others while every other output was 0644.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    mode = _umask_file_mode()
     try:
         write(tmp)
         for file in tmp.iterdir():
+            if file.is_file():
+                os.chmod(file, mode)
             _fsync_path(file)
         _fsync_path(tmp)
     except BaseException:
@@ -100,6 +117,99 @@ def write_directory_atomically(final: Path, write: Callable[[Path], None]) -> Pa
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_torch(obj: Any, file: str | Path) -> None:
+    """`torch.save` through a file object of ours, so that a failed write (full disk, file size
+    limit) raises the OSError it is, naming the file. Given a path, torch writes through its own
+    C++ writer and says only `enforce fail at inline_container.cc ... unexpected pos`."""
+    writer = None
+    try:
+        with open(file, "wb", buffering=0) as f:
+            writer = _WholeWrites(f)
+            torch.save(obj, writer)
+    except OSError as err:
+        raise _named(err, file) from None
+    except RuntimeError:
+        if writer is None or writer.error is None:
+            raise
+        raise _named(writer.error, file) from None  # torch swallowed it into `unexpected pos`
+
+
+class _WholeWrites:
+    """A file whose `write` writes every byte or raises the OSError, and keeps it: torch's writer
+    reports some failed writes (a partial write at a file size limit) as its own RuntimeError."""
+
+    def __init__(self, f):
+        self._fd = f.fileno()
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as err:
+            self.error = err
+            raise
+        return memoryview(data).nbytes
+
+    def flush(self) -> None:
+        pass
+
+
+def save_safetensors(save: Callable[..., None], what: Any, file: str | Path, metadata: dict[str, str]) -> None:
+    """`save(what, file, metadata=...)` of safetensors, whose failed write is a SafetensorError
+    ("Error while serializing: I/O error: File too large (os error 27)"): said as the OSError it
+    is, naming the file."""
+    try:
+        save(what, str(file), metadata=metadata)
+    except OSError as err:
+        raise _named(err, file) from None
+    except Exception as err:  # noqa: BLE001 - safetensors_rust.SafetensorError has no importable base here
+        code = re.search(r"os error (\d+)|Os \{ code: (\d+)", str(err))
+        if code is None:
+            raise
+        errno = int(code.group(1) or code.group(2))
+        raise OSError(errno, os.strerror(errno), str(file)) from None
+
+
+def _named(err: OSError, file: str | Path) -> OSError:
+    if err.filename is not None or err.errno is None:
+        return err
+    return type(err)(err.errno, err.strerror, str(file))
+
+
+# The model config a weights file was saved with, in its safetensors metadata: an edited
+# config.json (num_heads 8 for weights trained with 4 has the same tensor shapes) would otherwise
+# load silently and compute other features.
+_CONFIG_METADATA = "model_config"
+_FINGERPRINT_METADATA = "model_config_sha256"
+
+
+def _model_metadata(model_section: dict[str, Any]) -> dict[str, str]:
+    canonical = json.dumps(model_section, sort_keys=True, separators=(",", ":"))
+    return {_CONFIG_METADATA: canonical, _FINGERPRINT_METADATA: hashlib.sha256(canonical.encode()).hexdigest()}
+
+
+def _check_model_metadata(path: Path, metadata: dict[str, str] | None) -> None:
+    """The weights' recorded model config must be config.json's; files without one still load."""
+    stored = (metadata or {}).get(_FINGERPRINT_METADATA)
+    if stored is None:
+        return
+    config = _read_config(path)["model"]
+    if _model_metadata(config)[_FINGERPRINT_METADATA] == stored:
+        return
+    try:
+        saved = json.loads(metadata[_CONFIG_METADATA])
+    except (KeyError, ValueError):
+        saved = {}
+    differences = [f"{key}: weights {saved.get(key)!r} vs config.json {config.get(key)!r}"
+                   for key in sorted(set(saved) | set(config)) if saved.get(key) != config.get(key)]
+    raise CheckpointError(
+        f"{path / MODEL_FILE}: its weights were saved with another model config than {path / CONFIG_FILE}: "
+        + ("; ".join(differences) or "fingerprints differ")
+        + f". {CONFIG_FILE} was edited after saving; restore the values the weights were saved with")
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -170,9 +280,10 @@ def save_checkpoint(
     payload = _config_payload(config)
 
     def write(tmp: Path) -> None:
-        save_model(unwrap_model(model), str(tmp / MODEL_FILE), metadata={"step": str(step)})
+        save_safetensors(save_model, unwrap_model(model), tmp / MODEL_FILE,
+                         {"step": str(step), **_model_metadata(payload["model"])})
         _write_json(tmp / CONFIG_FILE, payload)
-        torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
+        save_torch(trainer_state, tmp / TRAINER_STATE_FILE)
 
     path = write_directory_atomically(checkpoints_dir / checkpoint_name(step), write)
     _prune(checkpoints_dir, step, keep_last)
@@ -250,6 +361,7 @@ def load_weights(path: str | Path, model: torch.nn.Module, device: str | torch.d
     try:
         with safe_open(str(file), framework="pt") as weights:
             stored = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
+            metadata = weights.metadata()
     except Exception as err:
         raise CheckpointError(f"{file}: unreadable ({err})") from err
     problems = [f"missing {name}" for name in sorted(set(expected) - set(stored))]
@@ -259,6 +371,7 @@ def load_weights(path: str | Path, model: torch.nn.Module, device: str | torch.d
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise CheckpointError(f"{file}: weights do not match the model config: {'; '.join(problems[:3])}{more}")
+    _check_model_metadata(Path(path), metadata)  # same shapes, other config (num_heads)
     try:
         load_model(model, str(file), strict=True, device=str(device))
     except Exception as err:
@@ -301,7 +414,7 @@ def save_model_dir(
     payload = _config_payload({**(extra or {}), "model": model_section})
 
     def write(tmp: Path) -> None:
-        save_model(unwrap_model(model), str(tmp / MODEL_FILE))
+        save_safetensors(save_model, unwrap_model(model), tmp / MODEL_FILE, _model_metadata(payload["model"]))
         _write_json(tmp / CONFIG_FILE, payload)
 
     return write_directory_atomically(Path(path), write)
@@ -317,7 +430,10 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu"):
     path = Path(path)
     if not (path / MODEL_FILE).is_file():
         raise CheckpointError(f"{path}: no {MODEL_FILE}; not a model directory")
-    config = ModelConfig.from_dict(_read_config(path)["model"])
+    try:
+        config = ModelConfig.from_dict(_read_config(path)["model"])
+    except (TypeError, ValueError) as err:  # e.g. num_heads edited to one that does not divide hidden_size
+        raise CheckpointError(f"{path / CONFIG_FILE}: invalid model config: {err}") from err
     model = MockingjayForMAM(config)
     load_weights(path, model, device=device)
     return model.to(device).eval(), config
@@ -331,12 +447,14 @@ def release_model_dir(source: str | Path, out: str | Path, feature_config: dict[
 
     source = Path(source)
     weights = load_file(str(source / MODEL_FILE))
+    with safe_open(str(source / MODEL_FILE), framework="pt") as stored:
+        metadata = {**(stored.metadata() or {}), "format": "pt"}
     payload = _read_config(source)
     payload["release"] = {"dtype": "float16", "from": str(source)}
 
     def write(tmp: Path) -> None:
-        save_file({k: v.to(torch.float16) if v.is_floating_point() else v for k, v in weights.items()},
-                  str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        save_safetensors(save_file, {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in weights.items()},
+                         tmp / MODEL_FILE, metadata)
         _write_json(tmp / CONFIG_FILE, payload)
         _write_json(tmp / "feature_config.json", feature_config)
 

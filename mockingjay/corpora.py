@@ -3,7 +3,9 @@
 Each reader returns `UtteranceSource`s without decoding audio; validation happens in the
 prepare stage. Utterance ids are `<corpus name>_<native id>` so that several corpora can
 share one manifest, and are restricted to filename-safe characters because later stages
-name files after them.
+name files after them and write them into tab-separated tables. A native name with other
+characters (a space, a non-ASCII letter) gets a derived id (`safe_id`: the safe characters plus
+a hash of the name, deterministic and distinct); the file's own path stays in the manifest.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ AUDIO_EXTENSIONS = (".flac", ".wav", ".ogg", ".opus", ".mp3")
 CorpusFormat = Literal["librispeech", "fsdd", "arctic", "tsv", "kaldi", "ljspeech", "speech_commands"]
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _LIBRISPEECH_NAME = re.compile(r"^(\d+)-(\d+)-(\d+)$")
-_FSDD_NAME = re.compile(r"^(\d)_([A-Za-z]+)_(\d+)$")
+_FSDD_NAME = re.compile(r"^(\d)_([^_]+)_(\d+)$")  # any speaker name: `3_józef_0` is not skipped
 # `<hash>_nohash_<n>`; a folder like _unknown_ may prefix the word: `backward_<hash>_nohash_<n>`
 _SPEECH_COMMANDS_NAME = re.compile(r"^(?:[A-Za-z]+_)?([0-9a-fA-F]{8})_nohash_(\d+)$")
 _DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -103,7 +105,10 @@ def safe_id(native: str) -> str:
     if _SAFE_ID.match(native):
         return native
     import hashlib
+    import unicodedata
 
+    # NFC first: one name typed on macOS (decomposed letters) and on Linux gets one id
+    native = unicodedata.normalize("NFC", native)
     cleaned = re.sub(r"[^A-Za-z0-9_.\-]", "_", native).strip("_.-") or "utt"
     return f"{cleaned}-{hashlib.sha1(native.encode()).hexdigest()[:8]}"
 
@@ -116,7 +121,7 @@ def read_librispeech(root: Path, spec: CorpusSpec) -> list[UtteranceSource]:
     """
     transcripts: dict[str, str] = {}
     for trans in sorted(root.rglob("*.trans.txt")):
-        for line_no, line in enumerate(trans.read_text().splitlines(), 1):
+        for line_no, line in enumerate(trans.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
             parts = line.split(maxsplit=1)
@@ -150,7 +155,7 @@ def read_fsdd(root: Path, spec: CorpusSpec) -> list[UtteranceSource]:
         digit, speaker, _take = match.groups()
         utterances.append(
             UtteranceSource(
-                utt_id=f"{spec.name}_{path.stem}",
+                utt_id=f"{spec.name}_{safe_id(path.stem)}",
                 path=str(path),
                 speaker=f"{spec.name}_{speaker}",
                 transcript=_DIGIT_WORDS[int(digit)],
@@ -169,11 +174,11 @@ def read_arctic(root: Path, spec: CorpusSpec) -> list[UtteranceSource]:
     utterances = []
     for path in _audio_files(root):
         text_path = path.with_suffix(".txt")
-        transcript = text_path.read_text().strip() if text_path.is_file() else None
+        transcript = text_path.read_text(encoding="utf-8").strip() if text_path.is_file() else None
         speaker = spec.speaker or path.stem.split("_", 1)[0]
         utterances.append(
             UtteranceSource(
-                utt_id=f"{spec.name}_{path.stem}",
+                utt_id=f"{spec.name}_{safe_id(path.stem)}",
                 path=str(path),
                 speaker=f"{spec.name}_{speaker}",
                 transcript=transcript or None,
@@ -192,7 +197,7 @@ def read_tsv_manifest(manifest: Path, spec: CorpusSpec) -> list[UtteranceSource]
     if not manifest.is_file():
         raise CorpusError(f"{manifest}: a tsv corpus path must be a manifest file")
     root = manifest.parent.resolve()
-    with open(manifest, newline="") as f:
+    with open(manifest, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f, delimiter="\t")
         columns = reader.fieldnames or []
         missing = [c for c in ("path", "speaker") if c not in columns]
@@ -211,7 +216,7 @@ def read_tsv_manifest(manifest: Path, spec: CorpusSpec) -> list[UtteranceSource]
             transcript = (row.get("transcript") or "").strip() or None
             utterances.append(
                 UtteranceSource(
-                    utt_id=f"{spec.name}_{native_id}",
+                    utt_id=f"{spec.name}_{safe_id(native_id)}",
                     path=str(manifest.parent / rel),
                     speaker=f"{spec.name}_{speaker}",
                     transcript=transcript,
@@ -384,6 +389,9 @@ def read_speech_commands(root: Path, spec: CorpusSpec) -> list[UtteranceSource]:
                 )
             )
     return utterances
+
+
+SAFE_ID_RULE = "ASCII letters, digits, '_', '.' and '-', starting with a letter or digit"
 
 
 def is_safe_id(utt_id: str) -> bool:

@@ -7,7 +7,10 @@ Layout of a store directory::
     meta.json    dtype, dim, number of items and rows, plus free-form `attrs`
 
 Training and probing read items straight from the memory map, so nothing is decoded
-again and memory stays flat whatever the corpus size. A store is written into a
+again and memory stays flat whatever the corpus size. Every value must be finite: float16 turns
+anything above 65504 into inf, and one NaN or inf gives a probe below the majority rate with no
+error. The writer refuses an item that holds one, and readers for training and probing open
+stores with `finite=True`, which checks the whole store once (vectorised, in chunks). A store is written into a
 temporary sibling directory and renamed into place when complete, so a reader never
 sees a half-written store (a crash leaves only the temporary directory behind).
 """
@@ -29,6 +32,22 @@ _DATA = "data.bin"
 
 class StoreError(RuntimeError):
     """A store directory is missing, incomplete or inconsistent."""
+
+
+def _split_of(path: Path) -> str:
+    """The split a store belongs to (features: <root>/train, representations: <root>/train/layer_03)."""
+    for part in reversed(Path(path).parts):
+        if part in ("train", "dev", "test"):
+            return f"split {part}, "
+    return ""
+
+
+def _non_finite(path: Path, item_id: str, values: np.ndarray, dtype: np.dtype) -> StoreError:
+    nan, inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
+    limit = f" ({dtype.name} holds at most {float(np.finfo(dtype).max):g})" if dtype.kind == "f" else ""
+    return StoreError(f"{path}: {_split_of(path)}utterance {item_id!r} has {nan} NaN and {inf} inf values{limit}; "
+                      "non-finite features or representations give wrong probe results and training losses. "
+                      "Find what produced them (audio, feature settings, the model) and rerun the stage that wrote it")
 
 
 class RaggedWriter:
@@ -60,7 +79,11 @@ class RaggedWriter:
             raise ValueError(f"item {item_id!r}: expected shape [T, {self.dim}], got {list(rows.shape)}")
         if "\t" in item_id or "\n" in item_id:
             raise ValueError(f"item id {item_id!r} contains a tab or newline")
-        self._data.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
+        with np.errstate(over="ignore"):  # after the cast values above 65504 are inf: refused just below
+            data = np.ascontiguousarray(rows, dtype=self.dtype)
+        if data.dtype.kind == "f" and not np.isfinite(data).all():
+            raise _non_finite(self.path, item_id, data, self.dtype)
+        self._data.write(data.tobytes())
         self._ids.append(item_id)
         self._offsets.append(self._rows)
         self._lengths.append(rows.shape[0])
@@ -99,9 +122,13 @@ class RaggedWriter:
 
 
 class RaggedArray:
-    """Read-only view of a store: `store[i]` or `store.get(id)` returns a [T, D] memmap slice."""
+    """Read-only view of a store: `store[i]` or `store.get(id)` returns a [T, D] memmap slice.
 
-    def __init__(self, path: str | Path, mode: str = "r"):
+    `finite=True` checks every value once on opening (`check_finite`): for the readers whose
+    results a NaN or inf would silently spoil (training, probing, extraction).
+    """
+
+    def __init__(self, path: str | Path, mode: str = "r", finite: bool = False):
         self.path = Path(path)
         meta_path = self.path / _META
         if not meta_path.is_file():
@@ -136,6 +163,22 @@ class RaggedArray:
         else:
             self.data = np.memmap(data_path, dtype=self.dtype, mode=mode, shape=(rows, self.dim))
         self._position = {item_id: i for i, item_id in enumerate(ids)}
+        if finite:
+            self.check_finite()
+
+    def check_finite(self, chunk_values: int = 1 << 24) -> "RaggedArray":
+        """Raise StoreError naming the store, split and first utterance holding a NaN or inf. One
+        vectorised pass over the memory map, `chunk_values` at a time, so memory stays flat."""
+        if self.dtype.kind != "f":
+            return self
+        chunk_rows = max(1, chunk_values // max(1, self.dim))
+        for start in range(0, self.data.shape[0], chunk_rows):
+            bad_rows = ~np.isfinite(self.data[start : start + chunk_rows]).all(axis=1)
+            if bad_rows.any():
+                row = start + int(np.argmax(bad_rows))
+                i = int(np.searchsorted(self.offsets, row, side="right")) - 1
+                raise _non_finite(self.path, self.ids[i], np.asarray(self[i]), self.dtype)
+        return self
 
     def __len__(self) -> int:
         return len(self.ids)

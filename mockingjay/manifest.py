@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Literal
 
 from .audio import AudioError, read_audio
-from .corpora import CorpusSpec, UtteranceSource, is_safe_id
+from .corpora import SAFE_ID_RULE, CorpusSpec, UtteranceSource, is_safe_id
 
 SPLITS = ("train", "dev", "test")
 
@@ -92,7 +92,7 @@ def validate_utterance(
 ) -> ManifestRow | Problem:
     """Decode one file completely and check everything a later stage relies on."""
     if not is_safe_id(source.utt_id):
-        return Problem(source.utt_id, source.path, "bad_id", f"utterance id {source.utt_id!r} has unsafe characters")
+        return Problem(source.utt_id, source.path, "bad_id", f"utterance id {source.utt_id!r} has unsafe characters; ids may hold only {SAFE_ID_RULE}")
     if align and not source.transcript:
         return Problem(source.utt_id, source.path, "missing_transcript", "no transcript, but the corpus is set to align")
     try:
@@ -212,7 +212,7 @@ def summarize(rows: list[ManifestRow], problems: list[Problem], target_sample_ra
 
 def write_tsv(path: Path, records: list, record_type: type) -> None:
     names = [f.name for f in fields(record_type)]
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:  # paths may hold any letter
         writer = csv.writer(f, delimiter="\t", lineterminator="\n")
         writer.writerow(names)
         for record in records:
@@ -232,7 +232,7 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
     types: dict[str, Callable] = {"duration": float, "num_samples": int, "sample_rate": int, "channels": int,
                                   "start": float, "end": float}
     rows = []
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         for record in csv.DictReader(f, delimiter="\t"):
             values = {k: types.get(k, str)(v) for k, v in record.items()}
             values["align"] = record["align"] == "1"

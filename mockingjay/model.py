@@ -70,8 +70,8 @@ class ModelConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"ModelConfig.hidden_size ({self.hidden_size}) must be divisible by "
-                             f"num_heads ({self.num_heads})")
+            raise ValueError(f"ModelConfig.num_heads: {self.num_heads} does not divide hidden_size "
+                             f"{self.hidden_size}; each head gets hidden_size / num_heads dims")
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")

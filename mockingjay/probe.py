@@ -76,12 +76,13 @@ def open_representations(root: str | Path, layers: Sequence[int] | None = None, 
     def path(split: str, name: str) -> Path:
         return Path(input_root) / split if name == INPUT_STORE and input_root is not None else root / split / name
 
-    return {split: {name: RaggedArray(path(split, name)) for name in names} for split in splits}
+    # finite=True: one NaN or inf in a store gave a probe accuracy below the majority rate, exit 0
+    return {split: {name: RaggedArray(path(split, name), finite=True) for name in names} for split in splits}
 
 
 def read_speakers(utterances_tsv: str | Path) -> dict[str, str]:
     """utt_id -> speaker from the featurize stage's `utterances.tsv`."""
-    with open(utterances_tsv, newline="") as f:
+    with open(utterances_tsv, newline="", encoding="utf-8") as f:
         return {row["utt_id"]: row["speaker"] for row in csv.DictReader(f, delimiter="\t")}
 
 

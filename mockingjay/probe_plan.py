@@ -49,7 +49,7 @@ class Utterance:
 
 def read_utterances(utterances_tsv: str | Path) -> dict[str, Utterance]:
     """utt_id -> split, corpus, speaker, keyword (older tables without `keyword` read as "")."""
-    with open(utterances_tsv, newline="") as f:
+    with open(utterances_tsv, newline="", encoding="utf-8") as f:
         return {row["utt_id"]: Utterance(row["split"], row["corpus"], row["speaker"], row.get("keyword") or "")
                 for row in csv.DictReader(f, delimiter="\t")}
 

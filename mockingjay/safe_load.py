@@ -49,6 +49,9 @@ INERT_MODULES = (
 MAX_PLACEHOLDERS = 64
 _REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module)")
 _ERROR_LINE = re.compile(r"GLOBAL|Unsupported global|Can only|Trying to|unrecognized")
+# torch's errors end with advice to retry with weights_only=False, i.e. to run the file's code:
+# the opposite of why this module exists, so those sentences are never relayed.
+_ADVICE = re.compile(r"weights_only|trusted source|PyTorch 2\.6|arbitrary code")
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -114,13 +117,21 @@ def load_untrusted(path: str | Path) -> Any:
                 raise UnsafeCheckpointError(_refusal(path, name, reason)) from None
             raise CheckpointError(f"{path}: not a torch checkpoint the safe loader reads ({reason})") from None
         except Exception as err:  # noqa: BLE001 - truncated zips, garbage: all say "unreadable"
-            raise CheckpointError(f"{path}: unreadable as a torch checkpoint ({type(err).__name__}: "
-                                  f"{str(err).splitlines()[0] if str(err) else ''})") from err
+            detail = _without_advice(str(err).splitlines()[0] if str(err) else "")
+            raise CheckpointError(f"{path}: unreadable as a torch checkpoint ({type(err).__name__}"
+                                  f"{': ' + detail if detail else ''})") from None
+
+
+def _without_advice(text: str) -> str:
+    if "legacy .tar format" in text:
+        return "saved in torch's legacy .tar format (before torch 0.4), which the safe loader does not read"
+    return " ".join(s for s in re.split(r"(?<=\.)\s+", text) if s and not _ADVICE.search(s)).strip()
 
 
 def _reason(err: Exception) -> str:
     """The line of torch's weights-only error that says what it met (not its generic advice)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    lines = [_without_advice(line.strip()) for line in str(err).splitlines() if line.strip()]
+    lines = [line for line in lines if line]
     specific = [line for line in lines if _ERROR_LINE.search(line) or "operand" in line or "load key" in line]
     return (specific or lines[-1:] or [""])[0][:300]
 

@@ -4,12 +4,14 @@ signals, workers."""
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import json
 import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -25,8 +27,22 @@ class StageError(RuntimeError):
     """A stage cannot run; the message says what to fix."""
 
 
+# The top-level sections of a params file: one per stage that reads one. A file passed with
+# --params may hold several (DVC's params.yaml holds all, a study's file those it changes), but a
+# section no stage reads is a misspelling (`pretrian:`) that would leave the stage on its defaults.
+STAGE_SECTIONS = ("prepare", "align", "featurize", "pretrain", "extract", "probe")
+_params_read: list[Path] = []  # the params file this command read: named in its parameter errors
+
+
 def section(params_file: Path, name: str) -> dict:
     params = load_params(params_file)
+    _params_read[:] = [Path(params_file)]
+    for key in params:
+        if key not in STAGE_SECTIONS:
+            close = difflib.get_close_matches(str(key), STAGE_SECTIONS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ParamError(f"{key}: unknown section in {params_file}{hint}; the stages read only "
+                             f"{', '.join(STAGE_SECTIONS)}")
     value = params.get(name, {})
     if value is None:
         return {}
@@ -104,8 +120,32 @@ def stop_signals_deferred() -> Iterator[Callable[[], int | None]]:
         raise StageInterrupted(_stop["pending"])
 
 
+def _with_params_file(message: str) -> str:
+    """A parameter of a stage's section (`pretrain.model.x: ...`) is named with the file it is in;
+    command-line options (`--layer`) are not in any file."""
+    head = message.split(":", 1)[0].split(".", 1)[0].split("[", 1)[0]
+    if _params_read and head in STAGE_SECTIONS and str(_params_read[0]) not in message:
+        return f"{message} (in {_params_read[0]})"
+    return message
+
+
+def _os_error_line(err: OSError) -> str:
+    """`<path>: no space left on device` rather than a traceback: a read-only folder, a full disk
+    or a file where a folder should be is for the user to fix. Every output is built beside its
+    final place and removed on the way out, so nothing half-written is left."""
+    if err.errno is None or not err.strerror:
+        return str(err)  # raised by our own code with a message of its own
+    where = " -> ".join(str(name) for name in (err.filename, err.filename2) if name is not None)
+    return f"{where}: {_cause(err)}" if where else _cause(err)
+
+
+def _cause(err: OSError) -> str:
+    return err.strerror[0].lower() + err.strerror[1:] if err.strerror else str(err)
+
+
 def cli_errors(func: Callable) -> Callable:
-    """Turn the errors a user can fix into one clear line and exit status 2 (1 for data problems);
+    """Turn the errors a user can fix into one clear line and exit status 2 (1 for data problems and
+    failed writes: `OSError`s such as a full disk or a read-only folder);
     a stop signal exits 128 + its number, as a shell reports a process killed by it."""
 
     @functools.wraps(func)
@@ -118,12 +158,12 @@ def cli_errors(func: Callable) -> Callable:
                   file=sys.stderr)
             raise typer.Exit(128 + err.signum)
         except ParamError as err:
-            print(f"error: invalid parameter: {err}", file=sys.stderr)
+            print(f"error: invalid parameter: {_with_params_file(str(err))}", file=sys.stderr)
             raise typer.Exit(2)
         except Exception as err:
-            if not isinstance(err, (StageError, FileNotFoundError, *_loaded_data_errors())):
+            if not isinstance(err, (StageError, OSError, *_loaded_data_errors())):
                 raise
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {_os_error_line(err) if isinstance(err, OSError) else err}", file=sys.stderr)
             raise typer.Exit(1)
 
     return wrapper
@@ -177,6 +217,7 @@ def check_output_dir(path: Path, stage: str, force: bool = False, inputs=(), opt
     check_inputs_apart(path, inputs, option)
     if target.exists() and not target.is_dir():
         raise StageError(f"{option} {path} is a file; the stage writes a folder there")
+    check_writable(path, option)
     if force or not target.is_dir():
         return
     made_by = _made_by(target)
@@ -193,6 +234,25 @@ def check_output_file(path: Path | None, option: str) -> None:
     """A file option (--metrics, --plot) must not name a folder: found now, not after the work."""
     if path is not None and Path(path).is_dir():
         raise StageError(f"{option} {path} is a folder; give a file name, e.g. {Path(path) / 'metrics.json'}")
+    if path is not None:
+        check_writable(path, option)
+
+
+def check_writable(path: Path, option: str) -> None:
+    """Before any work: the output's nearest existing folder must take a new file (a read-only
+    folder, or a file where a folder should be, is found now, not after the work). A probe file is
+    created and removed, since file modes alone do not say what root, ACLs or a read-only mount allow."""
+    parent = _real(Path(os.path.abspath(path))).parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise StageError(f"{option} {path}: {parent} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".mockingjay-write-check-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise StageError(f"{option} {path}: cannot write in {parent}: {_cause(err)}") from None
 
 
 @contextlib.contextmanager
@@ -226,10 +286,17 @@ def atomic_output_dir(path: Path, stage: str | None = None, force: bool = False)
 
 
 def write_text_atomically(path: Path, text: str) -> None:
-    """Write beside `path`, then rename: a reader sees the old file or the new one, never half."""
+    """Write beside `path`, then rename: a reader sees the old file or the new one, never half. A
+    failed write (a full disk) removes the half-written temporary and names it in the OSError."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    try:
+        tmp.write_text(text)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.filename is None and err.errno is not None:  # a failed write() names no file
+            raise OSError(err.errno, err.strerror, str(tmp)) from None
+        raise
     os.replace(tmp, path)
 
 

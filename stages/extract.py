@@ -73,7 +73,7 @@ def main(
 
     device = resolve_device(config.device)
     frame_rate = frames_per_second(check_model_features(model, features))
-    stores = {split: RaggedArray(features / split) for split in SPLITS}
+    stores = {split: RaggedArray(features / split, finite=True) for split in SPLITS}
     network, model_config = load_model_dir(model, device=device)
     try:
         layers = resolve_layers(config.layers, model_config.num_layers)

@@ -174,6 +174,7 @@ def normalize_in_place(store_path: Path, mean: np.ndarray, std: np.ndarray, chun
         store.data[start : start + chunk_rows] = ((block - mean) / std).astype(store.dtype)
     if isinstance(store.data, np.memmap):
         store.data.flush()
+    store.check_finite()  # a band of near-zero deviation can overflow float16 here, after the writer's check
 
 
 def sort_rows(rows: list[ManifestRow]) -> list[ManifestRow]:
@@ -243,7 +244,7 @@ def write_features(
             for split in SPLITS:
                 normalize_in_place(out / f"{split}_target", t_mean, t_std)
     write_json(out / "feature_config.json", resolved)
-    with open(out / "utterances.tsv", "w", newline="") as f:
+    with open(out / "utterances.tsv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, delimiter="\t", lineterminator="\n")
         writer.writerow(["utt_id", "split", "corpus", "speaker", "num_frames", "labelled", "keyword"])
         writer.writerows(table)

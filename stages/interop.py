@@ -22,7 +22,27 @@ from pathlib import Path
 import typer
 
 from . import tracking
-from .common import StageError, check_inputs_apart, cli_errors
+from .common import StageError, check_inputs_apart, check_writable, cli_errors
+
+
+# What a torch checkpoint starts with: a zip archive (torch >= 1.6) or a pickle's PROTO opcode
+# (the legacy format, protocol 2 and up).
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def check_checkpoint_file(src: Path) -> None:
+    """Before torch is imported (seconds): a missing, empty or plainly foreign file is named now."""
+    if not src.exists():
+        raise StageError(f"{src}: not found")
+    if not src.is_file():
+        raise StageError(f"{src}: not a file; import-checkpoint reads one checkpoint file (.ckpt)")
+    with open(src, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise StageError(f"{src}: empty file (0 bytes); not a checkpoint")
+    if head != _ZIP_MAGIC and not (head[0] == 0x80 and 2 <= head[1] <= 5):
+        raise StageError(f"{src}: not a torch checkpoint (neither a zip archive nor a pickle; starts with "
+                         f"{head.hex(' ')})")
 
 
 def _print_report(title: str, items) -> None:
@@ -40,12 +60,14 @@ def import_main(
     force: bool = typer.Option(False, "--force", help="replace DEST if it exists"),
 ) -> None:
     """Convert an s3prl / original Mockingjay checkpoint into our model directory (read safely)."""
+    check_checkpoint_file(src)
     from mockingjay.checkpoint import save_model_dir
     from mockingjay.interop import import_checkpoint
 
     if dest.exists() and not force and (not dest.is_dir() or any(dest.iterdir())):
         raise StageError(f"{dest} exists; pass --force to replace it")
     check_inputs_apart(dest, [src], "DEST")  # even with --force: replacing DEST would delete SRC
+    check_writable(dest, "DEST")
     imported = import_checkpoint(src)
     model, config = imported.model, imported.model.config
     print(f"import-checkpoint: {imported.layout} layout, {config.num_layers} layers, hidden {config.hidden_size}, "
@@ -86,9 +108,8 @@ def export_main(
     if dest.exists() and not force:
         raise StageError(f"{dest} exists; pass --force to replace it")
     check_inputs_apart(dest, [src], "DEST")
-    import torch
-
-    from mockingjay.checkpoint import load_config, load_model_dir
+    check_writable(dest, "DEST")
+    from mockingjay.checkpoint import load_config, load_model_dir, save_torch
     from mockingjay.interop import LAYOUTS, export_checkpoint
 
     if layout not in LAYOUTS:
@@ -100,7 +121,7 @@ def export_main(
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.partial")
         try:
-            torch.save(checkpoint, tmp)
+            save_torch(checkpoint, tmp)
             tmp.replace(dest)
         except BaseException:
             tmp.unlink(missing_ok=True)  # a failed or interrupted write leaves no half file behind

@@ -269,9 +269,12 @@ def main(
     target_stores = None
     if settings.target == "linear":
         target_stores = [features / "train_target", features / "dev_target"]
-    # Open every store now (fails naming the store if featurize did not finish), and check that the
-    # longest utterance fits one batch before any run starts, not when the trainer builds its sampler.
-    stores = [RaggedArray(store) for store in (*train_stores, features / "test")]
+    # Open every store now (fails naming the store if featurize did not finish or a value is NaN or
+    # inf, which would only show up later as a NaN loss), and check that the longest utterance fits
+    # one batch before any run starts, not when the trainer builds its sampler.
+    stores = [RaggedArray(store, finite=True) for store in (*train_stores, features / "test")]
+    for store in target_stores or []:
+        RaggedArray(store, finite=True)
     longest = max((int(store.lengths.max()) for store in stores if len(store)), default=0)
     if train_config.max_length is not None:
         longest = min(longest, train_config.max_length)

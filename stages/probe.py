@@ -230,7 +230,7 @@ def _run_probes(config, mode, model_dir, features, representations, layers, incl
         from mockingjay.probe import probe_online
 
         network, _ = load_model_dir(model_dir, device=device)
-        stores = {split: RaggedArray(features / split) for split in SPLITS}
+        stores = {split: RaggedArray(features / split, finite=True) for split in SPLITS}
         utterance_tasks = {task: (classes_of[task], getattr(config, task).training(),
                                   {"include": selections[task][0], "extra_tests": selections[task][1],
                                    **getattr(config, task).options()})

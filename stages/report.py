@@ -18,7 +18,7 @@ from pathlib import Path
 
 import typer
 
-from .common import StageError, cli_errors, write_json
+from .common import StageError, cli_errors, write_json, write_text_atomically
 
 TASK_ORDER = ("phone", "speaker", "keyword")
 # The paper's figures (Liu et al. 2020, LibriSpeech train-clean-360 pretraining, BASE): linear phone
@@ -299,4 +299,4 @@ def table_main(
         if rendered != text:
             raise StageError(f"{readme}: result tables differ from the metrics files; run mockingjay results-table")
         return
-    readme.write_text(rendered)
+    write_text_atomically(readme, rendered)  # a failed write (full disk) leaves the README as it was

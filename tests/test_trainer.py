@@ -9,7 +9,7 @@ import torch
 import mockingjay.trainer as trainer_module
 from mockingjay.checkpoint import (latest_checkpoint, list_checkpoints, load_config, load_model_dir,
                                    load_trainer_state)
-from mockingjay.featstore import RaggedWriter
+from mockingjay.featstore import RaggedArray, RaggedWriter
 from mockingjay.masking import MaskConfig
 from mockingjay.model import ModelConfig
 from mockingjay.trainer import NonFiniteLossError, TrainConfig, TrainData, Trainer, train
@@ -27,10 +27,12 @@ def write_corpus(path: Path, count: int, seed: int, poison: bool = False) -> Non
             length = int(rng.integers(15, 45))
             t = np.arange(length)[:, None]
             envelope = np.linspace(-2.0, 2.0, DIM)[None] + 0.3 * rng.standard_normal(DIM)[None]
-            rows = envelope + 0.3 * np.sin(0.2 * t + rng.uniform(0, 6))
-            if poison:
-                rows[length // 2, 0] = np.inf
-            writer.append(f"utt{i:03d}", rows)
+            writer.append(f"utt{i:03d}", envelope + 0.3 * np.sin(0.2 * t + rng.uniform(0, 6)))
+    if poison:  # written into the finished store: the writer itself refuses inf
+        store = RaggedArray(path, mode="r+")
+        for i in range(count):
+            store[i][len(store[i]) // 2, 0] = np.inf
+        store.data.flush()
 
 
 @pytest.fixture(scope="module")
