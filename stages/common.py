@@ -104,15 +104,27 @@ def stop_signals_deferred() -> Iterator[Callable[[], int | None]]:
         raise StageInterrupted(_stop["pending"])
 
 
+_at_exit: list[str] = []
+
+
+def fail_at_exit(message: str) -> None:
+    """Let the stage finish its work, then exit 1 with `message` (a failed tracker: stages/tracking.py)."""
+    _at_exit.append(message)
+
+
 def cli_errors(func: Callable) -> Callable:
     """Turn the errors a user can fix into one clear line and exit status 2 (1 for data problems);
     a stop signal exits 128 + its number, as a shell reports a process killed by it."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        _at_exit.clear()
         try:
             with stop_signals_raise():
-                return func(*args, **kwargs)
+                result = func(*args, **kwargs)
+            if _at_exit:
+                raise StageError("; ".join(_at_exit))
+            return result
         except StageInterrupted as err:
             print(f"error: stopped by {signal.Signals(err.signum).name}" + (f"; {err.detail}" if err.detail else ""),
                   file=sys.stderr)
