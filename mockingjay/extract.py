@@ -13,6 +13,14 @@ repeated R times and the tail cropped to the utterance's frame count) so that fr
 which are aligned 1:1 with the features, line up with every layer. Index numbering follows the
 encoder (s3prl#358): index 0 is the input representation, index i is layer i's output.
 
+Memory stays bounded whatever the utterance length, too: an utterance longer than `window_frames`
+is encoded in windows (`windows`): each keeps a core of frames and is encoded with `context`
+frames of the neighbouring audio on each side where there is some (a window never exceeds
+`window_frames`), and only its core is kept, so attention, activations and the states in memory are
+bounded by the window, not by the utterance. Position encodings restart at each window: the model
+sees each window as an utterance of its own, as in pretraining, where utterances are cropped to
+`max_length`. An utterance no longer than the window is encoded whole, exactly as before windows.
+
 Memory stays bounded whatever the corpus size: utterances are batched in length-sorted order
 (little padding) with at most `batch_frames` padded frames per batch, and each batch's results go
 straight to disk. Because every output store has exactly the feature store's row layout, item i
@@ -94,17 +102,56 @@ def length_sorted_batches(lengths: np.ndarray, batch_frames: int,
     return batches
 
 
-class EncodedBatch(NamedTuple):
-    """One batch of utterances after the encoder, at the feature frame rate.
+# A quarter of the window as context in all: 1/8 on each side (500 frames, 5 s at 10 ms, of a 4000-frame
+# window: as much as pretraining's default crop), so a kept frame always has several seconds around it.
+CONTEXT_DIVISOR = 8
+DEFAULT_WINDOW_FRAMES = 4000  # 40 s at 10 ms: every LibriSpeech utterance (35 s at most) is encoded whole
 
-    indices: item indices in the feature store; lengths: frames per item ([B] long, CPU);
+
+def windows(length: int, window_frames: int, downsample_rate: int = 1) -> list[tuple[int, int, int, int]]:
+    """How an utterance of `length` frames is encoded: (seen start, seen end, kept start, kept end) per
+    window, frames [seen start, seen end) go through the model and [kept start, kept end) are kept.
+
+    One window (the whole utterance) when it fits. Otherwise kept cores of `window_frames - 2 x
+    context` frames tile the utterance, each seen with up to `context` frames more on either side;
+    every boundary is a multiple of `downsample_rate`, so the steps of a window are steps of the
+    whole utterance (the model stacks R frames per step).
+    """
+    if length <= window_frames:
+        return [(0, length, 0, length)]
+    rate = downsample_rate
+    context = -(-(window_frames // CONTEXT_DIVISOR) // rate) * rate
+    core = (window_frames - 2 * context) // rate * rate
+    if core < rate:
+        raise ExtractError(f"window_frames: {window_frames} is too small for downsample_rate {rate}")
+    return [(max(0, start - context), min(length, start + core + context), start, min(length, start + core))
+            for start in range(0, length, core)]
+
+
+def check_window_frames(window_frames: int, downsample_rate: int = 1) -> None:
+    """A window must keep at least one step after its context (names the parameter)."""
+    if isinstance(window_frames, bool) or not isinstance(window_frames, int) or window_frames < 16 * downsample_rate:
+        raise ExtractError(f"window_frames: must be an integer >= {16 * downsample_rate} "
+                           f"(16 x downsample_rate {downsample_rate}), got {window_frames!r}")
+
+
+class EncodedBatch(NamedTuple):
+    """One batch of utterances (or one window of a long one) after the encoder, at the feature frame rate.
+
+    indices: item indices in the feature store; lengths: frames per row ([B] long, CPU);
     states: store name ("input", "layer_XX") -> [B, T_max, dim] float16 on the model's device
-    (rows past an item's length are padding).
+    (rows past a row's length are padding); starts: the first frame of each row in its item (0 for a
+    whole utterance; a window's kept start otherwise: windows of an item come in order, and the last
+    is the one that ends at the item's length).
     """
 
     indices: np.ndarray
     lengths: Tensor
     states: dict[str, Tensor]
+    starts: np.ndarray | None = None
+
+    def row_starts(self) -> np.ndarray:
+        return np.zeros(len(self.indices), dtype=np.int64) if self.starts is None else self.starts
 
 
 def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
@@ -121,11 +168,13 @@ def encode_batches(
     layers: Sequence[int],
     device: str | torch.device = "cpu",
     include_input: bool = True,
+    window_frames: int | None = DEFAULT_WINDOW_FRAMES,
 ) -> Iterator[EncodedBatch]:
     """Run the frozen encoder over `batches` of feature-store items, yielding float16 states.
 
     States are rounded to float16 here, as they are stored by extraction, so that probing on the
-    fly sees the same numbers as probing extracted stores.
+    fly sees the same numbers as probing extracted stores. Items longer than `window_frames` (None:
+    no limit) are taken out of their batch and encoded window by window after it (module doc).
     """
     device = torch.device(device)
     encoder = encoder_of(model)
@@ -135,26 +184,48 @@ def encode_batches(
             f"{feature_store.path}: features have {feature_store.dim} dims but the model expects "
             f"input_dim={config.input_dim}; featurize with the model's feature settings"
         )
+    if window_frames is not None:
+        check_window_frames(window_frames, config.downsample_rate)
     layers = resolve_layers(layers, config.num_layers)
     was_training = encoder.training
     encoder.eval()
+
+    def encode(features: Tensor, lengths: Tensor) -> dict[str, Tensor]:
+        states: dict[str, Tensor] = {}
+        if include_input:
+            states[INPUT_STORE] = features.to(torch.float16)
+        if layers:
+            with autocast_for(device):
+                output = encoder.extract_features(features, lengths.to(device), layers=layers)
+            for index, hidden in zip(layers, output.hidden_states):
+                hidden = upsample_to_frames(hidden, config.downsample_rate, features.size(1))
+                states[layer_store_name(index)] = hidden.to(torch.float16)
+        return states
+
     try:
         for indices in batches:
-            # The inference-mode block closes before the yield: a generator suspended inside it
-            # would leave the consumer's code running in inference mode too.
-            with torch.inference_mode():
-                lengths = torch.from_numpy(feature_store.lengths[indices].astype(np.int64))
-                features = _padded_batch(feature_store, indices, lengths.numpy(), device)
-                states: dict[str, Tensor] = {}
-                if include_input:
-                    states[INPUT_STORE] = features.to(torch.float16)
-                if layers:
-                    with autocast_for(device):
-                        output = encoder.extract_features(features, lengths.to(device), layers=layers)
-                    for index, hidden in zip(layers, output.hidden_states):
-                        hidden = upsample_to_frames(hidden, config.downsample_rate, features.size(1))
-                        states[layer_store_name(index)] = hidden.to(torch.float16)
-            yield EncodedBatch(np.asarray(indices), lengths, states)
+            indices = np.asarray(indices)
+            lengths_all = feature_store.lengths[indices].astype(np.int64)
+            fits = np.ones(len(indices), bool) if window_frames is None else lengths_all <= window_frames
+            whole = indices[fits]
+            if len(whole):
+                # The inference-mode block closes before the yield: a generator suspended inside it
+                # would leave the consumer's code running in inference mode too.
+                with torch.inference_mode():
+                    lengths = torch.from_numpy(feature_store.lengths[whole].astype(np.int64))
+                    states = encode(_padded_batch(feature_store, whole, lengths.numpy(), device), lengths)
+                yield EncodedBatch(whole, lengths, states)
+            for item in indices[~fits]:
+                rows = feature_store[int(item)]
+                for seen_start, seen_end, keep_start, keep_end in windows(len(rows), window_frames,
+                                                                         config.downsample_rate):
+                    with torch.inference_mode():
+                        seen = torch.from_numpy(np.asarray(rows[seen_start:seen_end], dtype=np.float32))[None]
+                        states = encode(seen.to(device), torch.tensor([seen_end - seen_start]))
+                        kept = slice(keep_start - seen_start, keep_end - seen_start)
+                        states = {name: state[:, kept] for name, state in states.items()}
+                    yield EncodedBatch(np.array([item]), torch.tensor([keep_end - keep_start]), states,
+                                       np.array([keep_start]))
     finally:
         encoder.train(was_training)
 
@@ -190,13 +261,17 @@ class _PresizedStoreWriter:
         self._file.truncate(int(template.lengths.sum()) * self._row_bytes)  # sparse until written
         self._written = np.zeros(len(template), dtype=bool)
 
-    def write(self, item: int, rows: np.ndarray) -> None:
-        if rows.shape != (self.template.lengths[item], self.dim):
-            raise ExtractError(f"item {self.template.ids[item]!r}: got {list(rows.shape)} rows for "
-                               f"[{self.template.lengths[item]}, {self.dim}]")
-        self._file.seek(int(self.template.offsets[item]) * self._row_bytes)
+    def write(self, item: int, rows: np.ndarray, start: int = 0) -> None:
+        """Rows [start, start + len(rows)) of `item`; the item counts as written with its last rows
+        (windows of a long utterance arrive in order)."""
+        length = int(self.template.lengths[item])
+        if rows.ndim != 2 or rows.shape[1] != self.dim or start + rows.shape[0] > length:
+            raise ExtractError(f"item {self.template.ids[item]!r}: got {list(rows.shape)} rows at frame {start} for "
+                               f"[{length}, {self.dim}]")
+        self._file.seek((int(self.template.offsets[item]) + start) * self._row_bytes)
         self._file.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
-        self._written[item] = True
+        if start + rows.shape[0] == length:
+            self._written[item] = True
 
     def close(self) -> Path:
         self._file.close()
@@ -248,12 +323,14 @@ def extract_representations(
     include_input: bool = True,
     progress: bool | ProgressCallback = True,
     frame_rate: float | None = None,
+    window_frames: int | None = DEFAULT_WINDOW_FRAMES,
 ) -> dict:
     """Write per-layer float16 stores of `feature_store` under `out_dir`; return a summary.
 
     layers: hidden-state indices (0 = input representation, i = layer i); None = all 0..N.
     batch_frames: cap on padded frames (batch size x longest utterance) per forward pass.
     include_input: also write the input features as `out_dir/input` (the probes' baseline).
+    window_frames: longest utterance encoded whole; longer ones are encoded in windows (module doc).
     progress: True = tqdm bar on stderr, False = silent, or a callback(frames done, total frames).
     frame_rate: feature frames per second of audio; None = from the store's recorded feature
         settings (featurize writes them into its attrs). A store that records none, and no
@@ -286,12 +363,12 @@ def extract_representations(
     started = time.perf_counter()
     frames_done = 0
     try:
-        for batch in encode_batches(model, feature_store, batches, layers, device, include_input):
+        for batch in encode_batches(model, feature_store, batches, layers, device, include_input, window_frames):
             host = {name: states.cpu().numpy() for name, states in batch.states.items()}
-            for row, item in enumerate(batch.indices):
+            for row, (item, start) in enumerate(zip(batch.indices, batch.row_starts())):
                 length = int(batch.lengths[row])
                 for name, states in host.items():
-                    writers[name].write(int(item), states[row, :length])
+                    writers[name].write(int(item), states[row, :length], int(start))
                 frames_done += length
             report(frames_done, total_frames)
         paths = [writer.close() for writer in writers.values()]

@@ -70,24 +70,38 @@ class RaggedWriter:
         self._offsets: list[int] = []
         self._lengths: list[int] = []
         self._rows = 0
+        self._pending = 0  # rows of the item being written
 
     def append(self, item_id: str, rows: np.ndarray) -> None:
+        self.extend(rows, item_id)
+        self.end_item(item_id)
+
+    def extend(self, rows: np.ndarray, item_id: str | None = None) -> None:
+        """Write rows of the item being written (an item too long to hold whole comes in blocks);
+        `item_id`, when known already, names it in errors."""
         rows = np.asarray(rows)
         if rows.ndim == 1 and self.dim == 1:
             rows = rows[:, None]
         if rows.ndim != 2 or rows.shape[1] != self.dim:
-            raise ValueError(f"item {item_id!r}: expected shape [T, {self.dim}], got {list(rows.shape)}")
-        if "\t" in item_id or "\n" in item_id:
-            raise ValueError(f"item id {item_id!r} contains a tab or newline")
+            raise ValueError(f"item {item_id or len(self._ids)!r}: expected shape [T, {self.dim}], "
+                             f"got {list(rows.shape)}")
         with np.errstate(over="ignore"):  # after the cast values above 65504 are inf: refused just below
             data = np.ascontiguousarray(rows, dtype=self.dtype)
         if data.dtype.kind == "f" and not np.isfinite(data).all():
-            raise _non_finite(self.path, item_id, data, self.dtype)
+            raise _non_finite(self.path, item_id or f"number {len(self._ids)} (being written)", data, self.dtype)
         self._data.write(data.tobytes())
+        self._pending += rows.shape[0]
+
+    def end_item(self, item_id: str) -> int:
+        """Record the rows written since the last item as item `item_id`; returns its length."""
+        if "\t" in item_id or "\n" in item_id:
+            raise ValueError(f"item id {item_id!r} contains a tab or newline")
         self._ids.append(item_id)
         self._offsets.append(self._rows)
-        self._lengths.append(rows.shape[0])
-        self._rows += rows.shape[0]
+        self._lengths.append(self._pending)
+        self._rows += self._pending
+        length, self._pending = self._pending, 0
+        return length
 
     def close(self) -> Path:
         self._data.close()

@@ -6,9 +6,13 @@ are in `feature_config.py`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 import torchaudio
+
+from .audio import audio_blocks
 
 from .feature_config import FeatureConfig
 
@@ -36,8 +40,9 @@ class FeatureExtractor(torch.nn.Module):
         )
         self._resamplers: dict[int, torchaudio.transforms.Resample] = {}
 
-    def _power(self, wave: torch.Tensor) -> torch.Tensor:
-        """Power spectrogram [T, n_fft // 2 + 1] (torch.stft as torchaudio's Spectrogram calls it)."""
+    def _power(self, wave: torch.Tensor, center: bool = True) -> torch.Tensor:
+        """Power spectrogram [T, n_fft // 2 + 1] (torch.stft as torchaudio's Spectrogram calls it);
+        `center=False`: frames of a signal padded already (stream_features)."""
         spec = self.mel.spectrogram
         stft = torch.stft(
             wave,
@@ -45,7 +50,7 @@ class FeatureExtractor(torch.nn.Module):
             hop_length=spec.hop_length,
             win_length=spec.win_length,
             window=spec.window,
-            center=True,
+            center=center,
             pad_mode="reflect",
             normalized=False,
             onesided=True,
@@ -179,12 +184,14 @@ def featurize_wave(
             array = utterance_cmvn(array)
         if stats is not None:
             stats[i].update(array)
-        if np.dtype(dtype) == np.float16:
-            array = torch.from_numpy(array).half().numpy()  # torch converts ~5x faster than numpy
-        elif np.dtype(dtype) != array.dtype:
-            array = array.astype(dtype)
-        outputs.append(array)
+        outputs.append(as_dtype(array, dtype))
     return outputs[0], outputs[1]
+
+
+def as_dtype(array: np.ndarray, dtype) -> np.ndarray:
+    if np.dtype(dtype) == np.float16:
+        return torch.from_numpy(array).half().numpy()  # torch converts ~5x faster than numpy
+    return array if np.dtype(dtype) == array.dtype else array.astype(dtype)
 
 
 def featurize_file(
@@ -197,3 +204,125 @@ def featurize_file(
     are known.
     """
     return featurize_wave(load_wave(path, extractor, source_rate), extractor, dtype)
+
+
+# Features of a file too long to hold whole, computed block by block (featurize's long-file path).
+#
+# A 3-hour file took featurize to 5.4 GB: the waveform, its STFT and every intermediate array exist
+# at once for the whole file. Here only a block (`block_sec` of audio) is in memory at a time, and
+# the result is `featurize_wave(load_wave(...))`'s up to float rounding:
+#
+# - audio: `audio.audio_blocks` (soundfile's block reading, the resampler carried across blocks);
+# - STFT: torchaudio's centred frames are those of the signal with `n_fft // 2` reflected samples
+#   on each side, so the stream is padded that way (the head from the first block, the tail from the
+#   last samples) and cut into frames with the `n_fft - hop` overlap carried to the next block;
+# - deltas: each block is computed with `delta_order x delta_window // 2` frames of context on either
+#   side and cropped, so only the file's first and last frames see the edge padding, as in one call;
+# - per-utterance CMVN needs the whole file's mean and std: a first pass computes them (float64,
+#   combined over blocks), a second pass recomputes the features and normalises them.
+#
+# Rounding differs from the one-shot computation (block-wise resampling and convolutions, statistics
+# summed in another order), so featurize takes this path only for files over `audio.STREAM_ABOVE_SEC`
+# and keeps the one-shot path, byte for byte, for every ordinary file.
+
+Blocks = Iterator[tuple[np.ndarray, np.ndarray | None]]
+
+
+def _padded_frames(waves: Iterator[np.ndarray], extractor: FeatureExtractor) -> Iterator[torch.Tensor]:
+    """Power spectrogram blocks of the centred STFT of the concatenated `waves` (>= n_fft // 2 + 1 samples)."""
+    config = extractor.config
+    pad, hop, n_fft = config.n_fft // 2, config.hop_length, config.n_fft
+    buffer = np.zeros(0, np.float32)
+    tail = np.zeros(0, np.float32)  # the last pad + 1 samples: the reflected end
+    started = False
+
+    def frames() -> Iterator[torch.Tensor]:
+        nonlocal buffer
+        if len(buffer) >= n_fft:
+            count = (len(buffer) - n_fft) // hop + 1
+            yield extractor._power(torch.from_numpy(buffer[: (count - 1) * hop + n_fft]), center=False)
+            buffer = buffer[count * hop:]
+
+    for wave in waves:
+        if not started:  # torch's reflect padding: x[pad], ..., x[1] before x[0]
+            wave = np.concatenate([wave[pad:0:-1], wave])
+            started = True
+        buffer = np.concatenate([buffer, wave])
+        tail = np.concatenate([tail, wave])[-(pad + 1):]
+        yield from frames()
+    buffer = np.concatenate([buffer, tail[-2::-1]])  # x[n - 2], ..., x[n - pad - 1] after x[n - 1]
+    yield from frames()
+
+
+def _raw_blocks(path: str, extractor: FeatureExtractor, segment, block_sec: float) -> Blocks:
+    """Un-normalised (features, linear target or None) float32 blocks of one file, in frame order."""
+    config = extractor.config
+    context = config.delta_order * (config.delta_window // 2)
+    log_mel = torch.zeros(0, config.n_mels)  # frames [first, first + len) of the file's log-mel
+    first = done = 0
+    target = None
+    for power in [*_padded_frames(audio_blocks(path, config.sample_rate, segment, block_sec), extractor), None]:
+        final = power is None
+        if not final:
+            target = torch.log_(power.sqrt().add_(config.log_offset)) if config.target == "linear" else None
+            log_mel = torch.cat([log_mel, extractor._log_mel(power)])
+        end = first + len(log_mel) if final else first + len(log_mel) - context  # frames whose context is here
+        if end > done:
+            feats = extractor._with_deltas(log_mel)[done - first : end - first]
+            yield feats.numpy(), None
+        done = max(done, end)
+        keep_from = max(first, done - context)  # the next block's left context
+        log_mel, first = log_mel[keep_from - first :], keep_from
+        if target is not None and not final:
+            yield None, target.numpy()  # the target has no deltas: each block as it comes
+
+
+def stream_features(path: str, extractor: FeatureExtractor, segment=None, dtype=np.float16,
+                    stats: tuple[GlobalCMVN, GlobalCMVN] | None = None, block_sec: float = 60.0) -> Blocks:
+    """Blocks of `featurize_wave(load_wave(path, ...))`'s two outputs, (features, None) and (None,
+    target) in frame order per output, in `dtype`; `stats` accumulates global-CMVN sums as there."""
+    config = extractor.config
+    moments = None
+    if config.cmvn == "utterance":  # first pass: the file's mean and std per dimension
+        moments = [_Moments(), _Moments()]
+        for blocks in _raw_blocks(path, extractor, segment, block_sec):
+            for i, block in enumerate(blocks):
+                if block is not None:
+                    moments[i].update(block)
+    for blocks in _raw_blocks(path, extractor, segment, block_sec):
+        out = []
+        for i, block in enumerate(blocks):
+            if block is not None:
+                if moments is not None:  # as utterance_cmvn: (x - mean) / (std + eps) in float32
+                    block = block - moments[i].mean
+                    block /= moments[i].std + np.float32(1e-5)
+                if stats is not None:
+                    stats[i].update(block)
+                block = as_dtype(block, dtype)
+            out.append(block)
+        yield out[0], out[1]
+
+
+class _Moments:
+    """Count, mean and sum of squared deviations over blocks of rows (Chan et al.), in float64."""
+
+    def __init__(self):
+        self.count, self._mean, self._m2 = 0, 0.0, 0.0
+
+    def update(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, np.float64)
+        n, mean = len(rows), rows.mean(0)
+        m2 = np.square(rows - mean).sum(0)
+        total = self.count + n
+        delta = mean - self._mean
+        self._mean = self._mean + delta * n / total
+        self._m2 = self._m2 + m2 + np.square(delta) * self.count * n / total
+        self.count = total
+
+    @property
+    def mean(self) -> np.ndarray:
+        return np.asarray(self._mean, np.float32)
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(self._m2 / self.count).astype(np.float32)

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterable, Literal
 
-from .audio import AudioError, read_audio
+from .audio import STREAM_ABOVE_SEC, AudioError, checked_length, header_seconds, read_audio
 from .corpora import SAFE_ID_RULE, CorpusSpec, UtteranceSource, is_safe_id
 
 SPLITS = ("train", "dev", "test")
@@ -30,6 +30,9 @@ class PrepareConfig:
     on_error: Literal["fail", "skip"] = "fail"
     sample_rate: int = 16_000
     min_duration_ms: float = 25.0  # shorter clips cannot hold one feature window
+    # Longer files are bad files (reason too_long): an unsegmented recording of hours is a mistake far
+    # more often than an utterance (LibriSpeech's longest is 35 s); None = no limit.
+    max_duration_s: float | None = 600.0
     dev_fraction: float = 0.1
     test_fraction: float = 0.2
     workers: int = 0  # 0 = one per CPU core
@@ -44,6 +47,8 @@ class PrepareConfig:
             raise ValueError(f"sample_rate: must be positive, got {self.sample_rate}")
         if self.min_duration_ms < 0:
             raise ValueError(f"min_duration_ms: must be >= 0, got {self.min_duration_ms}")
+        if self.max_duration_s is not None and not self.max_duration_s * 1000 > self.min_duration_ms:
+            raise ValueError(f"max_duration_s: must be above min_duration_ms (or null = no limit), got {self.max_duration_s}")
         for name in ("dev_fraction", "test_fraction"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
@@ -88,7 +93,8 @@ class Problem:
 
 
 def validate_utterance(
-    source: UtteranceSource, align: bool, target_sample_rate: int, min_duration_sec: float
+    source: UtteranceSource, align: bool, target_sample_rate: int, min_duration_sec: float,
+    max_duration_sec: float | None = None,
 ) -> ManifestRow | Problem:
     """Decode one file completely and check everything a later stage relies on."""
     if not is_safe_id(source.utt_id):
@@ -96,7 +102,13 @@ def validate_utterance(
     if align and not source.transcript:
         return Problem(source.utt_id, source.path, "missing_transcript", "no transcript, but the corpus is set to align")
     try:
-        audio = read_audio(source.path, target_sample_rate, min_duration_sec, source.segment)
+        seconds = header_seconds(source.path, source.segment)
+        if seconds is not None and seconds > STREAM_ABOVE_SEC:  # too long to decode whole: in blocks
+            num_samples, source_rate, channels = checked_length(source.path, target_sample_rate, source.segment,
+                                                                max_duration_sec)
+        else:
+            audio = read_audio(source.path, target_sample_rate, min_duration_sec, source.segment, max_duration_sec)
+            num_samples, source_rate, channels = len(audio.samples), audio.source_sample_rate, audio.source_channels
     except AudioError as err:
         return Problem(source.utt_id, source.path, err.reason, err.detail)
     return ManifestRow(
@@ -104,10 +116,10 @@ def validate_utterance(
         path=source.path,
         corpus=source.corpus,
         speaker=source.speaker,
-        duration=round(audio.duration, 4),
-        num_samples=len(audio.samples),
-        sample_rate=audio.source_sample_rate,
-        channels=audio.source_channels,
+        duration=round(num_samples / target_sample_rate, 4),
+        num_samples=num_samples,
+        sample_rate=source_rate,
+        channels=channels,
         transcript=source.transcript or "",
         align=align,
         split=source.fixed_split,

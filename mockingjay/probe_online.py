@@ -19,6 +19,10 @@ Passes over the data:
    digits or all long sentences); then a forward pass over dev scores every head;
 3. a forward pass over test with each layer's chosen head.
 
+Every pass encodes as extraction does (`extract.encode_batches`), an utterance longer than
+`window_frames` window by window: its statistics are combined over the windows, and its labelled
+frames are taken from the window that keeps them.
+
 Representations are rounded to float16 exactly as the extracted stores are, so both modes see the
 same numbers; they differ only in which frames share a mini-batch (here: frames of one pool,
 in extracted mode: of the whole train split), so their accuracies agree closely but not bit for
@@ -34,8 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mockingjay.extract import (INPUT_STORE, EncodedBatch, encode_batches, encoder_of, layer_store_name,
-                                 length_sorted_batches, resolve_layers)
+from mockingjay.extract import (DEFAULT_WINDOW_FRAMES, INPUT_STORE, EncodedBatch, encode_batches, encoder_of,
+                                 layer_store_name, length_sorted_batches, resolve_layers)
 from mockingjay.featstore import RaggedArray
 from mockingjay.phones import PHONES
 from mockingjay.probe import SPLITS, labelled_frames, probe_utterances
@@ -60,12 +64,21 @@ class _FrameLabels:
         self.positions = rows - features.offsets[item_of_row]
         self.labelled_items = np.flatnonzero(np.diff(self.bounds) > 0)
 
-    def of_batch(self, indices: np.ndarray, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        """(batch rows, frame positions, labels) of the labelled frames of a batch of items."""
-        spans = [(row, self.bounds[item], self.bounds[item + 1]) for row, item in enumerate(indices)]
-        batch_rows = np.concatenate([np.full(end - start, row) for row, start, end in spans])
-        frames = np.concatenate([self.positions[start:end] for _, start, end in spans])
-        labels = np.concatenate([self.values[start:end] for _, start, end in spans]).astype(np.int64)
+    def of_batch(self, batch: EncodedBatch, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """(batch rows, frame positions in the row, labels) of the labelled frames of an encoded batch
+        (whole items, or one window of an item: the frames it keeps, counted from its start)."""
+        spans = [(row, self.bounds[item], self.bounds[item + 1]) for row, item in enumerate(batch.indices)]
+        if batch.starts is not None:
+            start, end = int(batch.starts[0]), int(batch.starts[0] + batch.lengths[0])
+            (row, first, last), = spans
+            positions = self.positions[first:last]
+            first, last = first + np.searchsorted(positions, start), first + np.searchsorted(positions, end)
+            spans = [(row, first, last)]
+        else:
+            start = 0
+        batch_rows = np.concatenate([np.full(end - begin, row) for row, begin, end in spans])
+        frames = np.concatenate([self.positions[begin:end] for _, begin, end in spans]) - start
+        labels = np.concatenate([self.values[begin:end] for _, begin, end in spans]).astype(np.int64)
         return tuple(torch.from_numpy(a).to(device) for a in (batch_rows, frames, labels))  # type: ignore[return-value]
 
 
@@ -73,9 +86,10 @@ class _Passes:
     """Forward passes of the frozen model over batches of one split's utterances (counted)."""
 
     def __init__(self, model: nn.Module, features: Mapping[str, RaggedArray], layer_ids: list[int],
-                 device: torch.device, include_input: bool, batch_frames: int):
+                 device: torch.device, include_input: bool, batch_frames: int, window_frames: int | None):
         self.model, self.features, self.layer_ids = model, features, layer_ids
         self.device, self.include_input, self.batch_frames = device, include_input, batch_frames
+        self.window_frames = window_frames
         self.count = 0
 
     def batches(self, split: str, items: np.ndarray) -> list[np.ndarray]:
@@ -84,7 +98,7 @@ class _Passes:
     def run(self, split: str, batches: Sequence[np.ndarray]) -> Iterator[EncodedBatch]:
         self.count += 1
         return encode_batches(self.model, self.features[split], batches, self.layer_ids, self.device,
-                              self.include_input)
+                              self.include_input, self.window_frames)
 
 
 def _statistics_pass(passes: _Passes, names: list[str], frame_labels: dict[str, _FrameLabels] | None,
@@ -102,25 +116,48 @@ def _statistics_pass(passes: _Passes, names: list[str], frame_labels: dict[str, 
         else:
             continue
         means[split] = {}
+        windowed: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # name -> (count, mean, M2) of the windows so far
         for batch in passes.run(split, passes.batches(split, items)):
             lengths = batch.lengths.to(device)
             steps = batch.states[names[0]].size(1)
             mask = (torch.arange(steps, device=device) < lengths[:, None])[..., None]
             selection = None
             if split == "train" and frame_labels is not None:
-                selection = frame_labels["train"].of_batch(batch.indices, device)
+                selection = frame_labels["train"].of_batch(batch, device)
             for name, states in batch.states.items():
                 if want_means:  # statistics pooling (mean, std), as `probe.utterance_stats`
-                    values = states.double()
-                    mean = (values * mask).sum(1) / lengths[:, None]
-                    std = (((values - mean[:, None]) ** 2 * mask).sum(1) / lengths[:, None]).sqrt()
-                    pooled = torch.cat([mean, std], 1).float()
-                    means[split].setdefault(name, np.zeros((len(store), 2 * states.size(-1)), np.float32))
-                    means[split][name][batch.indices] = pooled.cpu().numpy()
+                    _pool(means[split], windowed, name, states, lengths, mask, batch, store)
                 if selection is not None:
                     moments.setdefault(name, RunningMoments(states.size(-1)))
                     moments[name].update(states[selection[0], selection[1]].float())
     return means, moments
+
+
+def _pool(means: dict[str, np.ndarray], windowed: dict[str, tuple[Tensor, Tensor, Tensor]], name: str,
+          states: Tensor, lengths: Tensor, mask: Tensor, batch: EncodedBatch, store: RaggedArray) -> None:
+    """Mean and std of each utterance of a batch into `means[name]`; a window of a long utterance is
+    combined with its earlier windows (`windowed`) and stored with the last one."""
+    values = states.double()
+    count = lengths[:, None].double()
+    mean = (values * mask).sum(1) / lengths[:, None]
+    m2 = ((values - mean[:, None]) ** 2 * mask).sum(1)
+    if batch.starts is not None:
+        if name in windowed:
+            count, mean, m2 = _combine(*windowed.pop(name), count, mean, m2)
+        if int(batch.starts[0] + batch.lengths[0]) < int(store.lengths[batch.indices[0]]):
+            windowed[name] = (count, mean, m2)
+            return
+    pooled = torch.cat([mean, (m2 / count).sqrt()], 1).float()
+    means.setdefault(name, np.zeros((len(store), 2 * states.size(-1)), np.float32))
+    means[name][batch.indices] = pooled.cpu().numpy()
+
+
+def _combine(n_a: Tensor, mean_a: Tensor, m2_a: Tensor, n_b: Tensor, mean_b: Tensor,
+             m2_b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Count, mean and sum of squared deviations of two parts together (Chan et al.'s update)."""
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    return n, mean_a + delta * n_b / n, m2_a + m2_b + delta ** 2 * n_a * n_b / n
 
 
 def _phone_probe(passes: _Passes, names: list[str], frame_labels: dict[str, _FrameLabels],
@@ -134,7 +171,7 @@ def _phone_probe(passes: _Passes, names: list[str], frame_labels: dict[str, _Fra
     def labelled_states(split: str, batches: Sequence[np.ndarray]) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
         """(labels, name -> float16 states) of the labelled frames of each encoder batch."""
         for batch in passes.run(split, batches):
-            rows, frames, targets = frame_labels[split].of_batch(batch.indices, device)
+            rows, frames, targets = frame_labels[split].of_batch(batch, device)
             yield targets, {name: states[rows, frames] for name, states in batch.states.items()}
 
     def mini_batches(targets: Tensor, inputs: Mapping[str, Tensor], order: Tensor, size: int) -> Iterator[Batch]:
@@ -199,6 +236,7 @@ def probe_online(
     phone_config: ProbeConfig = PHONE_PROBE,
     speaker_config: ProbeConfig = SPEAKER_PROBE,
     batch_frames: int = 32_000,
+    window_frames: int | None = DEFAULT_WINDOW_FRAMES,
     shuffle_frames: int = 65_536,
     class_names: Sequence[str] = PHONES,
     progress: bool = True,
@@ -214,7 +252,8 @@ def probe_online(
     features: split -> feature store; labels: split -> frame-label store (None: no phone probe);
     speakers: utt_id -> speaker (None: no speaker probe); layers: hidden-state indices (None = all
     0..N; 0 = input representation); include_input: also probe the input features (baseline).
-    batch_frames: padded frames per forward pass. shuffle_frames: labelled train frames pooled
+    batch_frames: padded frames per forward pass. window_frames: longest utterance encoded whole
+    (longer: in windows, as extraction does). shuffle_frames: labelled train frames pooled
     (float16, on `device`: shuffle_frames x sum of probed dims x 2 bytes, 0.4 GB for 65,536
     frames of input + 4 layers of 768) and shuffled together before they are cut into mini-batches.
     Returns {"phone": ..., "speaker": ..., "mode": "online", "forward_passes": ...}, each task's
@@ -240,7 +279,7 @@ def probe_online(
             if len(frame_labels[split].values) == 0:
                 raise ProbeError(f"{split}: no labelled frames (every label is -1); the phone probe needs labels "
                                  f"in train, dev and test")
-    passes = _Passes(model, features, layer_ids, device, include_input, batch_frames)
+    passes = _Passes(model, features, layer_ids, device, include_input, batch_frames, window_frames)
     means, moments = _statistics_pass(passes, names, frame_labels, bool(utterance_tasks))
     result: dict = {"mode": "online"}
     if frame_labels is not None:

@@ -143,6 +143,14 @@ def _cause(err: OSError) -> str:
     return err.strerror[0].lower() + err.strerror[1:] if err.strerror else str(err)
 
 
+_at_exit: list[str] = []
+
+
+def fail_at_exit(message: str) -> None:
+    """Let the stage finish its work, then exit 1 with `message` (a failed tracker: stages/tracking.py)."""
+    _at_exit.append(message)
+
+
 def cli_errors(func: Callable) -> Callable:
     """Turn the errors a user can fix into one clear line and exit status 2 (1 for data problems and
     failed writes: `OSError`s such as a full disk or a read-only folder);
@@ -150,9 +158,13 @@ def cli_errors(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        _at_exit.clear()
         try:
             with stop_signals_raise():
-                return func(*args, **kwargs)
+                result = func(*args, **kwargs)
+            if _at_exit:
+                raise StageError("; ".join(_at_exit))
+            return result
         except StageInterrupted as err:
             print(f"error: stopped by {signal.Signals(err.signum).name}" + (f"; {err.detail}" if err.detail else ""),
                   file=sys.stderr)

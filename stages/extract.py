@@ -13,7 +13,6 @@ frame rate (steps repeated R times for R > 1), so they line up with the frame la
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -26,20 +25,7 @@ from mockingjay.manifest import SPLITS
 from . import tracking
 from .common import (PARAMS_OPTION, StageError, atomic_output_dir, check_output_dir, check_output_file, cli_errors,
                      section, write_json)
-from .runtime import check_model_features, resolve_device
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    """The `extract` section of params.yaml."""
-
-    layers: list[int] | None = None  # hidden-state indices; null = all N+1
-    batch_frames: int = 32_000  # padded frames per forward pass (bounds memory)
-    device: str = "auto"
-
-    def validate(self) -> None:
-        if self.batch_frames <= 0:
-            raise ValueError(f"batch_frames: must be positive, got {self.batch_frames}")
+from .runtime import ExtractConfig, check_model_features, resolve_device, window_frames
 
 
 def totals(summaries: dict[str, dict], layers: list[int], frame_rate: float) -> dict:
@@ -79,13 +65,14 @@ def main(
         layers = resolve_layers(config.layers, model_config.num_layers)
     except ExtractError as err:
         raise StageError(f"extract.layers: {err}") from err
+    window = window_frames(params, model_config.downsample_rate)
     summaries = {}
     with tracking.stage_run("extract", {**to_flat_dict(config), "model": str(model)}) as mlflow, atomic_output_dir(out, "extract", force) as tmp:
         for split in SPLITS:
             print(f"extract: {split} ({len(stores[split])} utterances)", file=sys.stderr)
             summaries[split] = extract_representations(
                 network, stores[split], tmp / split, layers, device, config.batch_frames, include_input=True,
-                frame_rate=frame_rate,
+                frame_rate=frame_rate, window_frames=window,
             )
         total = totals(summaries, layers, frame_rate)
         # content only (no seconds, no device): a redo elsewhere gives a byte-identical output folder

@@ -15,6 +15,10 @@ seconds of audio; the main process writes them in manifest order while the worke
 At most `IN_FLIGHT_PER_WORKER` chunks per worker are outstanding, so memory stays flat
 whatever the corpus size. Global-CMVN statistics are summed in the workers from the float32
 values, before the conversion to float16.
+
+A file longer than `audio.STREAM_ABOVE_SEC` is not sent to a worker (its arrays would be gigabytes,
+pickled back whole): the main process computes it block by block when its turn comes
+(mockingjay/features.py: stream_features) and writes each block as it comes, while the workers go on.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import numpy as np
 import typer
 from tqdm import tqdm
 
-from mockingjay.audio import AudioError
+from mockingjay.audio import STREAM_ABOVE_SEC, AudioError
 from mockingjay.config import from_section, to_flat_dict
 from mockingjay.featstore import RaggedArray, RaggedWriter
 from mockingjay.feature_config import FeatureConfig, feature_config, num_frames
@@ -98,9 +102,35 @@ def _featurize_chunk(tasks: list[Task]) -> list:
     return results
 
 
-def _chunks(rows: list[ManifestRow], chunk_sec: float) -> Iterator[list[ManifestRow]]:
+class Streamed:
+    """A long file's features as they are computed: `blocks` yields (features, None) and (None,
+    target) float16 blocks; `stats` holds its global-CMVN sums once they are consumed."""
+
+    def __init__(self, row: ManifestRow, extractor, collect: bool):
+        from mockingjay.features import GlobalCMVN
+        from mockingjay.features import stream_features
+
+        config = extractor.config
+        self.stats = (GlobalCMVN(config.dim), GlobalCMVN(config.target_dim)) if collect else None
+        self._blocks = stream_features(row.path, extractor, row.segment, np.float16, self.stats)
+
+    def blocks(self):
+        try:
+            yield from self._blocks
+        except AudioError as err:
+            raise StageError(f"{err}; the manifest is stale, rerun prepare") from err
+
+
+def _chunks(rows: list[ManifestRow], chunk_sec: float, stream_above_sec: float) -> Iterator[list[ManifestRow]]:
+    """Rows in tasks of about `chunk_sec` seconds; a row over `stream_above_sec` is a chunk of its own."""
     chunk, seconds = [], 0.0
     for row in rows:
+        if row.duration > stream_above_sec:
+            if chunk:
+                yield chunk
+                chunk, seconds = [], 0.0
+            yield [row]
+            continue
         chunk.append(row)
         seconds += row.duration
         if seconds >= chunk_sec:
@@ -116,10 +146,20 @@ def compute_features(
     workers: int,
     chunk_sec: float = CHUNK_AUDIO_SEC,
     in_flight_per_worker: int = IN_FLIGHT_PER_WORKER,
+    stream_above_sec: float = STREAM_ABOVE_SEC,
 ):
     """Yield (row, float16 features, float16 target or None, GlobalCMVN pair or None) in manifest
-    order, computed on `workers` processes (1: in this process)."""
+    order, computed on `workers` processes (1: in this process); a row over `stream_above_sec`
+    comes as (row, Streamed, None, None), computed in this process while it is consumed."""
     collect = config.cmvn == "global"
+    streaming: list = []  # this process's extractor, made on the first long file
+
+    def streamed(row: ManifestRow):
+        if not streaming:
+            from mockingjay.features import FeatureExtractor
+
+            streaming.append(FeatureExtractor(config))
+        yield row, Streamed(row, streaming[0], collect and row.split == "train"), None, None
 
     def task(row: ManifestRow) -> Task:
         return (row.path, row.sample_rate, collect and row.split == "train", row.segment)
@@ -132,10 +172,16 @@ def compute_features(
         for row, result in zip(chunk, computed):
             yield (row, *result)
 
+    def is_long(chunk: list[ManifestRow]) -> bool:
+        return chunk[0].duration > stream_above_sec
+
     if workers == 1:
         _init_worker(config)
-        for chunk in _chunks(rows, chunk_sec):
-            yield from unpack(chunk, lambda: _featurize_chunk([task(r) for r in chunk]))
+        for chunk in _chunks(rows, chunk_sec, stream_above_sec):
+            if is_long(chunk):
+                yield from streamed(chunk[0])
+            else:
+                yield from unpack(chunk, lambda: _featurize_chunk([task(r) for r in chunk]))
         return
     chunk_sec = min(chunk_sec, max(1.0, sum(r.duration for r in rows) / (8 * workers)))  # balance the tail
     # fork: the workers inherit the imported torch instead of importing it again (~2 s each)
@@ -143,14 +189,17 @@ def compute_features(
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(config,)) as pool:
         pending: collections.deque = collections.deque()
-        for chunk in _chunks(rows, chunk_sec):
-            if len(pending) >= workers * in_flight_per_worker:
-                done_chunk, future = pending.popleft()
-                yield from unpack(done_chunk, future.result)
-            pending.append((chunk, pool.submit(_featurize_chunk, [task(r) for r in chunk])))
-        while pending:
+
+        def take():
             done_chunk, future = pending.popleft()
-            yield from unpack(done_chunk, future.result)
+            return streamed(done_chunk[0]) if future is None else unpack(done_chunk, future.result)
+
+        for chunk in _chunks(rows, chunk_sec, stream_above_sec):
+            if len(pending) >= workers * in_flight_per_worker:
+                yield from take()
+            pending.append((chunk, None if is_long(chunk) else pool.submit(_featurize_chunk, [task(r) for r in chunk])))
+        while pending:
+            yield from take()
 
 
 def load_frame_labels(alignments: Path | None, config: FeatureConfig) -> RaggedArray | None:
@@ -190,6 +239,7 @@ def write_features(
     labels: RaggedArray | None = None,
     progress: bool = True,
     chunk_sec: float = CHUNK_AUDIO_SEC,
+    stream_above_sec: float = STREAM_ABOVE_SEC,
 ) -> tuple[dict, list[tuple]]:
     """Compute and write every store of the layout above into the (existing, empty) folder `out`.
 
@@ -209,26 +259,43 @@ def write_features(
     cmvn, target_cmvn = GlobalCMVN(config.dim), GlobalCMVN(config.target_dim)
     table = []
     bar = tqdm(total=round(sum(r.duration for r in rows), 1), desc="featurize", unit="audio-s", file=sys.stderr, disable=not progress)
-    for row, feats, target, stats in compute_features(rows, config, workers, chunk_sec):
+    for row, feats, target, stats in compute_features(rows, config, workers, chunk_sec,
+                                                      stream_above_sec=stream_above_sec):
+        streamed = isinstance(feats, Streamed)
+        if streamed:  # a long file: each block is written as it comes
+            for block, target_block in feats.blocks():
+                if block is not None:
+                    writers[row.split].extend(block)
+                    bar.update(round(len(block) * config.hop_sec, 1))
+                if target_block is not None:
+                    target_writers[row.split].extend(target_block)
+            frames = writers[row.split].end_item(row.utt_id)
+            if target_writers:
+                target_writers[row.split].end_item(row.utt_id)
+            stats = feats.stats
+        else:
+            frames = feats.shape[0]
         expected = num_frames(row.num_samples, config.hop_length)
-        if feats.shape[0] != expected:
-            raise StageError(f"{row.path}: {feats.shape[0]} frames, expected {expected}; manifest is stale, rerun prepare")
-        writers[row.split].append(row.utt_id, feats)
-        if target is not None:
-            target_writers[row.split].append(row.utt_id, target)
+        if frames != expected:
+            raise StageError(f"{row.path}: {frames} frames, expected {expected}; manifest is stale, rerun prepare")
+        if not streamed:
+            writers[row.split].append(row.utt_id, feats)
+            if target is not None:
+                target_writers[row.split].append(row.utt_id, target)
         if stats is not None:
             cmvn.merge(stats[0])
             target_cmvn.merge(stats[1])
-        frame_labels = np.full(feats.shape[0], -1, dtype=np.int16)
+        frame_labels = np.full(frames, -1, dtype=np.int16)
         if labels is not None and row.utt_id in labels:
             aligned = labels.get(row.utt_id)[:, 0]
-            if len(aligned) != feats.shape[0]:
-                raise StageError(f"{row.utt_id}: {len(aligned)} frame labels for {feats.shape[0]} frames; rerun align")
+            if len(aligned) != frames:
+                raise StageError(f"{row.utt_id}: {len(aligned)} frame labels for {frames} frames; rerun align")
             frame_labels = np.asarray(aligned, dtype=np.int16)
         label_writers[row.split].append(row.utt_id, frame_labels)
-        table.append((row.utt_id, row.split, row.corpus, row.speaker, feats.shape[0], int((frame_labels >= 0).any()),
+        table.append((row.utt_id, row.split, row.corpus, row.speaker, frames, int((frame_labels >= 0).any()),
                       row.keyword))
-        bar.update(round(row.duration, 1))
+        if not streamed:
+            bar.update(round(row.duration, 1))
     bar.close()
     for writer in (*writers.values(), *target_writers.values(), *label_writers.values()):
         writer.close()

@@ -34,9 +34,10 @@ from .common import (PARAMS_OPTION, StageError, atomic_output_dir, check_output_
                      worker_count, write_json)
 
 
-def _validate_one(item: tuple[UtteranceSource, bool], sample_rate: int, min_duration_sec: float):
+def _validate_one(item: tuple[UtteranceSource, bool], sample_rate: int, min_duration_sec: float,
+                  max_duration_sec: float | None):
     source, align = item
-    return validate_utterance(source, align, sample_rate, min_duration_sec)
+    return validate_utterance(source, align, sample_rate, min_duration_sec, max_duration_sec)
 
 
 def _init_worker() -> None:
@@ -48,7 +49,8 @@ def _init_worker() -> None:
 def validate_all(
     items: list[tuple[UtteranceSource, bool]], config: PrepareConfig
 ) -> list[ManifestRow | Problem]:
-    check = partial(_validate_one, sample_rate=config.sample_rate, min_duration_sec=config.min_duration_ms / 1000)
+    check = partial(_validate_one, sample_rate=config.sample_rate, min_duration_sec=config.min_duration_ms / 1000,
+                    max_duration_sec=config.max_duration_s)
     workers = min(worker_count(config.workers), max(1, len(items)))
     progress = dict(total=len(items), desc="prepare: validating audio", unit="file", file=sys.stderr)
     if workers == 1:

@@ -31,7 +31,7 @@ from .common import (PARAMS_OPTION, StageError, atomic_output_dir, check_output_
                      section, write_json)
 from .probe_report import (compact_metrics, extra_probes, figure_extras, format_extra, format_table, log_runs,
                            result_rows, write_plot_table)
-from .runtime import check_model_features, resolve_device
+from .runtime import check_model_features, resolve_device, window_frames
 
 TASKS = ("phone", "speaker", "keyword")
 @dataclass(frozen=True)
@@ -149,11 +149,15 @@ def main(
     mode = mode or ("online" if checkpoint else config.mode)
     if mode not in ("extracted", "online"):
         raise ParamError(f"--mode: expected extracted or online, got {mode!r}")
+    window = None
     if mode == "online" or checkpoint:
         check_model_features(model_dir, features)
         from mockingjay.checkpoint import load_config
 
-        num_layers = load_config(model_dir)["model"]["num_layers"]
+        model_record = load_config(model_dir)["model"]
+        num_layers = model_record["num_layers"]
+        if mode == "online":  # long utterances go through the model in the windows extract would use
+            window = window_frames(params, model_record.get("downsample_rate", 1))
     else:
         num_layers = _stored_layers(representations)
     layers, include_input = parse_layer(layer or config.layers, num_layers)
@@ -165,7 +169,7 @@ def main(
     with tracking.stage_run("probe", run_params) as mlflow:
         try:
             results = _run_probes(config, mode, model_dir, features, representations, layers, include_input,
-                                  labels, baseline_features)
+                                  labels, baseline_features, window)
         except ProbeError as err:
             raise StageError(str(err)) from err
         rows = result_rows(results)
@@ -205,7 +209,7 @@ def _pretrain_params(model_dir: Path) -> dict:
 
 
 def _run_probes(config, mode, model_dir, features, representations, layers, include_input, labels,
-                baseline_features: Path | None = None) -> dict:
+                baseline_features: Path | None = None, window: int | None = None) -> dict:
     from mockingjay.probe_plan import read_utterances, select_utterances, test_corpora_sets
 
     device = resolve_device(config.device)
@@ -239,7 +243,7 @@ def _run_probes(config, mode, model_dir, features, representations, layers, incl
                               layers=layers or [], include_input=include_input, device=device,
                               phone_config=phone.training(),
                               phone_include=selections["phone"][0] if "phone" in config.tasks else None,
-                              utterance_tasks=utterance_tasks)
+                              utterance_tasks=utterance_tasks, window_frames=window)
         return {task: online[task] for task in config.tasks}
     from mockingjay.probe import open_representations, pooled_utterances, probe_phones, probe_utterances
 

@@ -1,11 +1,15 @@
-"""What the stages that run a model share: the device, and the model-vs-features check."""
+"""What the stages that run a model share: the device, the model-vs-features check, and the
+`extract` section (online probing encodes long utterances in extract's windows)."""
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from .common import StageError, read_feature_config
+from mockingjay.config import ParamError, from_section
+
+from .common import StageError, read_feature_config, section
 
 
 def resolve_device(name: str):
@@ -53,3 +57,36 @@ def check_model_features(model_dir: Path, features_dir: Path) -> dict:
             + ". Re-featurize with the model's settings (params.yaml featurize section) or pick the matching model."
         )
     return features
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """The `extract` section of params.yaml."""
+
+    layers: list[int] | None = None  # hidden-state indices; null = all N+1
+    batch_frames: int = 32_000  # padded frames per forward pass (bounds memory)
+    # longest utterance encoded whole; longer ones go through the model in windows of this many frames
+    # (mockingjay/extract.py: windows), which bounds memory whatever the length. = DEFAULT_WINDOW_FRAMES,
+    # not imported from there: it loads torch, and parameter errors must come before that
+    window_frames: int | None = 4000
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if self.batch_frames <= 0:
+            raise ValueError(f"batch_frames: must be positive, got {self.batch_frames}")
+        if self.window_frames is not None and (isinstance(self.window_frames, bool) or self.window_frames < 16):
+            raise ValueError(f"window_frames: must be an integer >= 16 (or null = no windows), got {self.window_frames}")
+
+
+def window_frames(params: Path, downsample_rate: int) -> int | None:
+    """`extract.window_frames`, checked against the model (its steps stack `downsample_rate` frames):
+    extract and online probing encode long utterances in the same windows."""
+    from mockingjay.extract import ExtractError, check_window_frames
+
+    config = from_section(ExtractConfig, section(params, "extract"), "extract")
+    if config.window_frames is not None:
+        try:
+            check_window_frames(config.window_frames, downsample_rate)
+        except ExtractError as err:
+            raise ParamError(f"extract.{err}") from err
+    return config.window_frames

@@ -8,7 +8,9 @@ therefore always an absolute path at the root of the *original* repository, unle
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import logging
 import os
 import subprocess
 import sys
@@ -161,7 +163,8 @@ def stage_run(
 ) -> Iterator[Any]:
     """Start an MLflow run for one stage execution, tagged for DVC experiments and git.
 
-    Yields the `mlflow` module; the run ends FAILED if the body raises, KILLED on a stop signal.
+    Yields the `mlflow` module behind a `Tracker`: once the run has started, a failing store never
+    stops the stage (see `Tracker`). The run ends FAILED if the body raises, KILLED on a stop signal.
     """
     mlflow = _configure()
     exp_name = os.environ.get("DVC_EXP_NAME", "")
@@ -183,17 +186,24 @@ def stage_run(
     from .common import StageInterrupted
 
     run = mlflow.start_run(run_name=name, tags=tags, log_system_metrics=system_metrics)
+    tracker = Tracker(mlflow, tracking_uri(), stage)
     try:
-        log_params(mlflow, params)
-        yield mlflow
-        mlflow.log_metric("duration_sec", round(time.time() - started, 3))
+        log_params(tracker, params)
+        yield tracker
+        tracker.log_metric("duration_sec", round(time.time() - started, 3))
     except BaseException as err:
         # KILLED for a stop signal, so a preempted job is not left RUNNING or taken for a crash;
         # every run still open (a probe's child run, then the stage's) is ended.
-        _end_runs_down_to(mlflow, run, "KILLED" if isinstance(err, (StageInterrupted, KeyboardInterrupt)) else "FAILED")
+        _end_runs_down_to(tracker, run, "KILLED" if isinstance(err, (StageInterrupted, KeyboardInterrupt)) else "FAILED")
         raise
-    _end_runs_down_to(mlflow, run, "FINISHED")
-    print(f"mlflow: logged run {run.info.run_id} ({name}) to {tracking_uri()}", file=sys.stderr)
+    else:
+        _end_runs_down_to(tracker, run, "FINISHED")
+    finally:
+        tracker.restore_loggers()
+    if tracker.error is None:
+        print(f"mlflow: logged run {run.info.run_id} ({name}) to {tracking_uri()}", file=sys.stderr)
+    else:
+        tracker.fail_at_exit(run.info.run_id)
 
 
 def _end_runs_down_to(mlflow, run, status: str) -> None:
@@ -202,6 +212,102 @@ def _end_runs_down_to(mlflow, run, status: str) -> None:
         mlflow.end_run(status)
         if active.info.run_id == run.info.run_id:
             return
+
+
+# MLflow's own loggers that report a failing store (with a traceback, every 2 s for system metrics);
+# the Tracker reports that failure once, in one line, so they are quietened while a run is open.
+_STORE_LOGGERS = ("mlflow.store.db.utils", "mlflow.system_metrics", "mlflow.utils.async_logging")
+
+
+# mlflow functions that only read this process's state, never the store: always answered.
+_LOCAL = frozenset({"active_run", "last_active_run", "get_tracking_uri"})
+
+
+class Tracker:
+    """The `mlflow` module as a stage uses it inside its run, where tracking must never cost the
+    stage its work (a user deleted `mlflow.db` mid-training and lost the run to a traceback).
+
+    Every call goes to mlflow. The first one that raises is reported in one warning line naming the
+    store and the error; from then on every call is skipped and counted, the stage finishes its own
+    outputs, and `fail_at_exit` makes the command exit 1 at the end, saying what was not logged.
+    """
+
+    def __init__(self, mlflow, uri: str, stage: str):
+        self._mlflow, self._uri, self._stage = mlflow, uri, stage
+        self.error: BaseException | None = None
+        self.skipped: collections.Counter = collections.Counter()
+        self._quietened = {name: logging.getLogger(name).level for name in _STORE_LOGGERS}
+        for name in _STORE_LOGGERS:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._mlflow, name)
+        if not callable(attr) or name in _LOCAL:
+            return attr
+
+        def call(*args, **kwargs):
+            if self.error is None:
+                try:
+                    result = attr(*args, **kwargs)
+                    return _ChildRun(self, result) if name == "start_run" else result
+                except Exception as err:  # noqa: BLE001 - any store failure: report once, go on
+                    self._failed(err)
+            if name == "end_run":  # still pop mlflow's local run stack, so a later run in this process starts clean
+                with contextlib.suppress(Exception):
+                    attr(*args, **kwargs)
+                return None
+            self.skipped[name] += 1
+            return contextlib.nullcontext() if name == "start_run" else None
+
+        return call
+
+    def _failed(self, err: BaseException) -> None:
+        from tqdm import tqdm
+
+        self.error = err
+        with tqdm.external_write_mode(file=sys.stderr):  # a line of its own, not the end of a progress bar's
+            print(f"warning: mlflow: tracking to {self._uri} failed ({_root_cause(err)}); {self._stage} goes on "
+                  "without tracking and will exit 1 at the end", file=sys.stderr)
+
+    def fail_at_exit(self, run_id: str) -> None:
+        """Make the command exit 1 once the stage is done (common.cli_errors), naming what was lost."""
+        from .common import fail_at_exit
+
+        lost = ", ".join(f"{n} {name}" for name, n in sorted(self.skipped.items())) or "the end of the run"
+        fail_at_exit(f"mlflow: tracking to {self._uri} failed during the {self._stage} run ({_root_cause(self.error)}); "
+                     f"not logged: {lost}. The stage's outputs are complete; its MLflow run {run_id} is incomplete "
+                     "(fix the store, then rerun the stage to record it)")
+
+    def restore_loggers(self) -> None:
+        """After a failure they stay quiet: mlflow's system-metrics thread and its exit handler would
+        still report the broken store, with tracebacks, after the one warning."""
+        if self.error is not None:
+            return
+        for name, level in self._quietened.items():
+            logging.getLogger(name).setLevel(level)
+
+
+class _ChildRun:
+    """A nested run (probe's per-layer runs) ended through its Tracker, so that ending it cannot raise."""
+
+    def __init__(self, tracker: Tracker, active):
+        self._tracker, self._active = tracker, active
+
+    def __enter__(self):
+        return self._active
+
+    def __exit__(self, kind, value, traceback):
+        if self._tracker.active_run() is not None:
+            self._tracker.end_run("FINISHED" if kind is None else "FAILED")
+        return False
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost exception's type and first line: `OperationalError: attempt to write a readonly
+    database`, not SQLAlchemy's paragraph around it."""
+    while (err.__cause__ or err.__context__) is not None:
+        err = err.__cause__ or err.__context__
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
 
 
 def log_params(mlflow, params: dict[str, Any]) -> None:

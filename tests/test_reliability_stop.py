@@ -67,14 +67,16 @@ def watched(args: list[str], repo: Path, env: dict | None = None):
             command.kill()
 
 
-def stop(command: Watched) -> int:
-    command.proc.send_signal(signal.SIGTERM)
+def stop(command: Watched, signum: int = signal.SIGTERM) -> int:
+    command.proc.send_signal(signum)
     status = command.proc.wait()
     command.reader.join(10)
     return status
 
 
-def test_sigterm_mid_pretrain_checkpoints_the_step_reached_ends_the_run_killed_and_resumes(repo):
+# SIGTERM: what SLURM and Kubernetes send before a kill; SIGINT: Ctrl-C. Both take one path.
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_signal_mid_pretrain_checkpoints_the_step_reached_ends_the_run_killed_and_resumes(repo, signum):
     total = 12
     # no regular checkpoint before the end: the one found after the signal is the signal's
     set_train(repo, total_steps=total, checkpoint_every=1000)
@@ -82,7 +84,9 @@ def test_sigterm_mid_pretrain_checkpoints_the_step_reached_ends_the_run_killed_a
     with watched(["mockingjay", "pretrain", *RECORDS], repo, env={"TQDM_MININTERVAL": "0"}) as training:
         training.wait_for(lambda: progress_step(training, total) >= 3)
         sent_at = progress_step(training, total)
-        assert stop(training) == 128 + signal.SIGTERM, training.output[-3000:]
+        assert stop(training, signum) == 128 + signum, training.output[-3000:]
+    assert f"error: stopped by {signal.Signals(signum).name}" in training.output
+    assert "Traceback" not in training.output and "KeyboardInterrupt" not in training.output, training.output[-3000:]
     stopped = re.search(r"pretrain stopped at step (\d+) and wrote checkpoint (\S+);", training.output)
     assert stopped, training.output[-3000:]
     step = int(stopped.group(1))
