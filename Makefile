@@ -24,10 +24,10 @@ study: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro studies/multispeaker/dvc.yaml
 
 test: venv system-deps
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n 2 --dist loadfile
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 test-fast: venv
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow"
 
 venv: $(VENV)/.installed
 

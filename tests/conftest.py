@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -39,8 +42,32 @@ def cli_env(extra: dict | None = None) -> dict:
     return env
 
 
-def run(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=cwd, env=cli_env(env), capture_output=True, text=True, timeout=timeout)
+def run(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a command to its end (in a process group of its own); fails only if it stalls (see
+    `communicate`), never because a loaded machine makes it slow."""
+    proc = subprocess.Popen(args, cwd=cwd, env=cli_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, process_group=0)
+    out, err = communicate(proc, f"{' '.join(map(str, args))} in {cwd}")
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def communicate(proc: subprocess.Popen, what: str) -> tuple[str, str]:
+    """`proc.communicate()` for as long as it takes while the process group of `proc` (started
+    with process_group=0 or start_new_session=True) keeps using CPU time. If none of its
+    processes used any for STALLED_AFTER seconds the group is SIGKILLed and the test fails."""
+    result = {}
+    reader = threading.Thread(target=lambda: result.update(outputs=proc.communicate()), daemon=True)
+    reader.start()
+    try:
+        wait_while_progressing(lambda: not reader.is_alive(), lambda: cpu_ticks(process_group(proc.pid)),
+                               lambda: f"{what} stalled", poll=0.01)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        reader.join(10)
+        raise
+    reader.join()
+    return result["outputs"]
 
 
 def make_librispeech(root: Path, speakers: dict[str, list[Path]], chapter: str = "100", transcripts: bool = True) -> None:
@@ -146,6 +173,57 @@ def copy_repo(src: Path, dest: Path) -> Path:
     return dest
 
 
+# How long a waiting test lets a command show no sign of life (no output, no CPU time used by any of
+# its processes, nothing else its caller watches) before it gives up. Not a deadline: a command that
+# is slow but working, on a machine as loaded as it gets, is waited for however long it takes.
+STALLED_AFTER = 600.0
+
+
+def cpu_ticks(pids) -> int:
+    """CPU time (clock ticks, user + system, the reaped children's included) of processes `pids`."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    return total
+
+
+def process_group(pgid: int) -> list[int]:
+    """The processes of process group `pgid` (a command started with start_new_session=True)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return found
+
+
+def wait_while_progressing(done: Callable[[], bool], progress: Callable[[], object], what: Callable[[], str],
+                           poll: float = 0.002, check_every: float = 1.0,
+                           stalled_after: float | None = None) -> None:
+    """Poll `done()` until it is true. Fails only when `progress()` (any value that changes while
+    the awaited work goes on: output length, CPU time, files) stayed the same for `stalled_after`
+    seconds; `what()` then says what was seen."""
+    stalled_after = STALLED_AFTER if stalled_after is None else stalled_after
+    last, last_change = progress(), time.monotonic()
+    next_check = last_change + check_every
+    while not done():
+        now = time.monotonic()
+        if now >= next_check:
+            current = progress()
+            if current != last:
+                last, last_change = current, now
+            elif now - last_change > stalled_after:
+                pytest.fail(f"no progress for {stalled_after:.0f} s:\n{what()}")
+            next_check = now + check_every
+        time.sleep(poll)
+
+
 def file_stats(root: Path) -> dict[str, tuple[int, int]]:
     """Relative path -> (size, mtime in ns) of every file below `root`: what changed between two calls."""
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
@@ -239,3 +317,43 @@ def pipeline_repo(pristine_pipeline_repo, tmp_path_factory) -> Path:
     """A copy of `pristine_pipeline_repo` that the tests of one session (one xdist worker) share:
     they may run more commands in it (test_full_pipeline runs a `dvc exp run` in it)."""
     return copy_repo(pristine_pipeline_repo, tmp_path_factory.mktemp("pipeline") / "repo")
+
+
+# -- scheduling (make test: pytest-xdist --dist loadgroup) -------------------------------------------
+# Tests are handed to the two workers one by one in collection order (a test with an xdist_group
+# mark goes with the rest of its group, to one worker, so that a module fixture is built once).
+# The longest go first, so that none starts near the end while the other worker idles, and the
+# order keeps the workers apart at the start: the first needs `pristine_pipeline_repo` (it builds
+# `featurized_repo`, then the pipeline) while the second worker runs the tests that build
+# repositories of their own, instead of waiting for that build. The unit tests fill in at the end.
+# Seconds on 2 idle cores, roughly; the order within a module is otherwise kept.
+LONGEST_FIRST = (
+    "test_reliability.py::test_queued_experiments",  # needs pristine_pipeline_repo
+    "test_reliability_input.py::test_bad_files",  # its own repository
+    "test_reliability_stop.py::test_trying_other_configurations",
+    "test_keyword_pipeline.py::",  # its own corpus
+    "test_reliability.py::test_two_runs_from_scratch",  # group "scratch": the pipeline again from scratch
+    "test_reliability.py::test_pipeline_writes_only",
+    "test_reliability.py::test_pretrain_killed",
+    "test_reliability.py::test_stage_killed",
+    "test_reliability_stop.py::",
+    "test_benchmarks.py::",
+    "test_ddp.py::",
+    "test_mlflow_ui.py::",
+    "test_reliability_dataloss.py::",
+    "test_pretrain_stage.py::",
+    "test_full_pipeline.py::",
+    "test_interop.py::test_import_probe",
+    "test_data_pipeline.py::",
+)
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> tuple[int, int]:
+        for i, prefix in enumerate(LONGEST_FIRST):
+            if prefix in item.nodeid:
+                return i, 0
+        return len(LONGEST_FIRST), 0 if item.get_closest_marker("slow") else 1
+
+    order = {id(item): n for n, item in enumerate(items)}
+    items.sort(key=lambda item: (*rank(item), order[id(item)]))

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-pytestmark = pytest.mark.slow  # runs the benchmark scripts
+from .conftest import communicate
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("benchmarks")]  # runs the benchmark scripts, on one worker
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -54,13 +56,13 @@ def runs(tmp_path_factory):
     }
     env = {**os.environ, **ONE_THREAD}
     procs = {name: subprocess.Popen([sys.executable, str(BENCH / args[0]), *args[1:]], cwd=ROOT, env=env, text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, process_group=0)
              for name, args in commands.items()}
     results = {}
 
     def result(name: str) -> dict:
         if name not in results:
-            out, err = procs[name].communicate(timeout=180)
+            out, err = communicate(procs[name], name)
             assert procs[name].returncode == 0, f"{name} failed:\n{out[-2000:]}\n{err[-4000:]}"
             results[name] = json.loads(out)
         return results[name]

@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -14,6 +13,8 @@ import pytest
 
 from mockingjay.checkpoint import load_model_dir
 from mockingjay.featstore import RaggedWriter
+
+from .conftest import run
 
 pytestmark = pytest.mark.slow  # trains end to end in two torchrun processes
 
@@ -93,7 +94,7 @@ def test_two_gloo_ranks_share_data_and_stay_identical(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(script), str(features), str(tmp_path), str(steps)]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    completed = run(command, Path.cwd(), env)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
 
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

@@ -23,7 +23,7 @@ import pytest
 
 from .conftest import cli_env
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mlflow-ui")]  # module fixtures: one worker
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"

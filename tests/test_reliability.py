@@ -9,6 +9,7 @@ MLflow SQLite store read back with MLflow's client.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,7 +26,8 @@ from typing import Callable
 import pytest
 import yaml
 
-from .conftest import PARAMS, TINY_PIPELINE, cli_env, copy_repo, file_stats, make_repo, mlflow_runs, run
+from .conftest import (PARAMS, TINY_PIPELINE, cli_env, copy_repo, cpu_ticks, file_stats, make_repo, mlflow_runs,
+                       process_group, run, wait_while_progressing)
 
 pytestmark = pytest.mark.slow
 
@@ -52,14 +54,30 @@ class Watched:
     def output(self) -> str:
         return b"".join(self.chunks).decode(errors="replace")
 
-    def wait_for(self, condition: Callable[[], bool], timeout: float = 300) -> None:
-        """Poll until `condition()`; fails if the command ends first (it finished before the kill)."""
-        deadline = time.monotonic() + timeout
-        while not condition():
+    @property
+    def tail(self) -> str:
+        """The last few KiB of the output: what a condition polled every few ms reads (the whole
+        output of a progress bar that reports every step grows large)."""
+        chunks, size = [], 0
+        for chunk in reversed(self.chunks[-64:]):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size >= 4096:
+                break
+        return b"".join(reversed(chunks)).decode(errors="replace")
+
+    def wait_for(self, condition: Callable[[], bool]) -> None:
+        """Poll until `condition()`; fails if the command ends first (it finished before the kill),
+        or if it stalls: neither prints nor uses CPU time for conftest.STALLED_AFTER seconds."""
+        def done() -> bool:
+            if condition():
+                return True
             ended = self.proc.poll()
             assert ended is None, f"ended (status {ended}) before the kill:\n{self.output[-3000:]}"
-            assert time.monotonic() < deadline, f"timed out waiting:\n{self.output[-3000:]}"
-            time.sleep(0.002)
+            return False
+
+        wait_while_progressing(done, lambda: (sum(map(len, self.chunks)), cpu_ticks(process_group(self.proc.pid))),
+                               lambda: self.output[-3000:])
 
     def kill(self) -> None:
         os.killpg(self.proc.pid, signal.SIGKILL)
@@ -137,7 +155,7 @@ def test_pretrain_killed_at_a_random_step_resumes_and_ends_as_the_uninterrupted_
     killed = Watched(["dvc", "repro", "-f", "-s", "pretrain"], repo, env={"TQDM_MININTERVAL": "0"})
 
     def step() -> int:
-        found = re.findall(rf"(\d+)/{total} \[", killed.output)
+        found = re.findall(rf"(\d+)/{total} \[", killed.tail)
         return int(found[-1]) if found else 0
 
     killed.wait_for(lambda: step() >= kill_step)
@@ -239,6 +257,7 @@ def scratch(tmp_path_factory):
     return {"repo": repo, "before": before, "after": file_stats(repo), "home": home, "tmp": tmp}
 
 
+@pytest.mark.xdist_group("scratch")  # one worker builds the module fixture `scratch`
 def test_two_runs_from_scratch_give_identical_metrics(scratch, pristine_pipeline_repo):
     first, second = pristine_pipeline_repo, scratch["repo"]
     names = sorted(p.name for p in (first / "metrics").glob("*.json"))
@@ -269,6 +288,7 @@ def declared_outputs(dvc_yaml: Path) -> tuple[list[str], list[str]]:
     return everything, cached
 
 
+@pytest.mark.xdist_group("scratch")  # one worker builds the module fixture `scratch`
 def test_pipeline_writes_only_its_declared_outputs_and_the_mlflow_store(scratch):
     repo, before, after = scratch["repo"], scratch["before"], scratch["after"]
     outputs, cached = declared_outputs(repo / "dvc.yaml")
@@ -318,28 +338,25 @@ def test_queued_experiments_run_in_parallel_land_in_mlflow_and_reuse_unchanged_s
         queued = run(["dvc", "exp", "run", "--queue", "-n", name, *pretrain_change,
                       "-S", "probe.phone.epochs=2", "-S", "probe.speaker.epochs=20"], repo)
         assert queued.returncode == 0, queued.stderr
+    # One worker per experiment (-j 3): a DVC queue worker runs one experiment at a time, so with
+    # -j 2 the third waited in the queue until a worker was free, and then depended on DVC's idle
+    # monitor not retiring the workers meanwhile (every 10 s each worker asks itself, over the
+    # filesystem broker with a 1 s timeout, whether it is busy, and falls back to the queue's
+    # contents when a loaded machine answers late). With a worker each, nothing waits in the queue.
     # The celery workers that `dvc queue start` daemonises inherit its stdout: read through a pipe,
     # a worker that hangs in its own shutdown after its last task (seen once in CI) would block the
     # test, so the output goes to a file and the workers are stopped at the end whatever happens.
     with open(tmp_path / "queue-start.log", "w") as log:
-        starter = subprocess.Popen(["dvc", "queue", "start", "-j", "2"], cwd=repo, env=cli_env(), stdout=log,
-                                   stderr=subprocess.STDOUT)
+        starter = subprocess.Popen(["dvc", "queue", "start", "-j", str(len(experiments))], cwd=repo, env=cli_env(),
+                                   stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            status = run(["dvc", "queue", "status"], repo)
-            if not re.search(r"\b(Queued|Running)\b", status.stdout) or time.monotonic() > deadline:
-                break
-            time.sleep(2)
-        if re.search(r"\b(Queued|Running)\b", status.stdout):
-            run(["dvc", "queue", "kill", *experiments], repo)
-            pytest.fail(f"experiments still running after 300 s:\n{status.stdout}")
+        status = wait_for_queue(repo, starter, tmp_path / "queue-start.log")
     finally:
         stop_queue_workers(repo, starter)
     assert starter.returncode in (0, -signal.SIGKILL), (tmp_path / "queue-start.log").read_text()
     logs = {name: run(["dvc", "queue", "logs", name], repo).stdout for name in experiments}
     for name in experiments:
-        assert re.search(rf"\b{name}\s+.*\bSuccess\b", status.stdout), status.stdout
+        assert re.search(rf"\b{name}\s+.*\bSuccess\b", status), status
         assert "database is locked" not in logs[name] and "Traceback" not in logs[name], logs[name][-3000:]
     shown = run(["dvc", "exp", "show", "--json"], repo)
     assert all(name in shown.stdout for name in experiments)
@@ -368,15 +385,65 @@ def test_queued_experiments_run_in_parallel_land_in_mlflow_and_reuse_unchanged_s
     assert a_start < b_end and b_start < a_end, f"the experiments did not overlap in time: {spans}"
 
 
+def queue_processes(repo: Path) -> dict[int, bytes]:
+    """pid -> command line of the processes working in `repo` (queue workers, `dvc exp exec-run`
+    and the stages they run)."""
+    return {pid: cmdline for pid in processes_in(repo, timeout=0)
+            if (cmdline := _cmdline(pid)) is not None}
+
+
+def _cmdline(pid: int) -> bytes | None:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+
+
+def wait_for_queue(repo: Path, starter: subprocess.Popen, start_log: Path) -> str:
+    """Wait until `dvc queue status` shows no task Queued or Running; returns that status.
+
+    Waits as long as the experiments make progress (their processes use CPU time, their logs grow,
+    the status changes). `dvc queue status` is itself a DVC process (seconds of CPU time on a busy
+    machine), so it is asked only when no experiment process is running (one just ended) or every
+    30 s. A task still `Queued` once `dvc queue start` has finished and no worker is alive would
+    never run: that fails at once, with the worker logs."""
+    seen = {"status": "", "asked": 0.0}
+
+    def status() -> str:
+        seen["status"], seen["asked"] = run(["dvc", "queue", "status"], repo).stdout, time.monotonic()
+        return seen["status"]
+
+    def logs() -> str:
+        files = sorted((repo / ".dvc/tmp/exps").rglob("*.out"))
+        return "\n".join(f"== {f.relative_to(repo)}\n{f.read_text(errors='replace')[-2000:]}" for f in files)
+
+    def done() -> bool:
+        processes = queue_processes(repo)
+        running = any(b"exec-run" in cmdline for cmdline in processes.values())
+        if time.monotonic() - seen["asked"] < (30 if running else 2):
+            return False
+        if not re.search(r"\b(Queued|Running)\b", status()):
+            return True
+        workers = [pid for pid, cmdline in queue_processes(repo).items() if b"queue-worker" in cmdline]
+        if starter.poll() is not None and not workers and re.search(r"\bQueued\b", seen["status"]):
+            pytest.fail(f"a task is Queued and no queue worker is alive:\n{seen['status']}\n"
+                        f"dvc queue start:\n{start_log.read_text()}\n{logs()}")
+        return False
+
+    def progress():
+        outputs = sorted((str(f), f.stat().st_size) for f in (repo / ".dvc/tmp/exps").rglob("*.out"))
+        return cpu_ticks(queue_processes(repo)), outputs, seen["status"]
+
+    wait_while_progressing(done, progress, lambda: f"{seen['status']}\n{logs()}", poll=0.5)
+    return seen["status"]
+
+
 def stop_queue_workers(repo: Path, starter: subprocess.Popen) -> None:
-    """Kill what `dvc queue start` left running: its celery workers (pid files) and itself."""
-    for pid_file in (repo / ".dvc/tmp/exps/celery").glob("*.pid"):
-        try:
-            pid = int(pid_file.read_text().split()[0])
-            if b"queue-worker" in Path(f"/proc/{pid}/cmdline").read_bytes():  # not a reused pid
+    """Kill what `dvc queue start` left running: its celery workers and itself."""
+    for pid, cmdline in queue_processes(repo).items():
+        if b"queue-worker" in cmdline:
+            with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-        except (ValueError, IndexError, OSError):
-            pass
     try:
         starter.wait(timeout=30)
     except subprocess.TimeoutExpired:

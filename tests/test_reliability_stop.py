@@ -44,7 +44,7 @@ def repo(featurized_repo, tmp_path) -> Path:
 
 
 def progress_step(watched: Watched, total: int) -> int:
-    found = re.findall(rf"(\d+)/{total} \[", watched.output)
+    found = re.findall(rf"(\d+)/{total} \[", watched.tail)
     return int(found[-1]) if found else 0
 
 
