@@ -1,6 +1,7 @@
 # make demo: set up .venv and run the whole pipeline (dvc repro) on the bundled corpus.
 # make test: set up .venv if missing, install the Debian packages the browser test needs if they
-#            are missing (system-deps; apt-get, as root or through sudo), and run the test suite.
+#            are missing (system-deps; apt-get, as root or through sudo), lint (ruff check), and run the suite.
+# make lint / lint-fix: ruff's checks (pyproject.toml [tool.ruff]) / apply its automatic fixes.
 # make test-fast: the unit tests only (not the `slow` end-to-end and benchmark tests), for the edit loop.
 # make lock: re-resolve pyproject.toml's dependencies to their newest releases and rewrite
 #            requirements.lock (exact pins with hashes), which .venv installs from.
@@ -9,7 +10,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo study test test-fast venv lock system-deps bench clean-venv
+.PHONY: demo study test test-fast lint lint-fix venv lock system-deps bench clean-venv
 
 # tests/test_mlflow_ui.py drives headless Chromium through chromedriver (Debian chromium, chromium-driver).
 SYSTEM_BINS := /usr/bin/chromium /usr/bin/chromedriver
@@ -23,11 +24,18 @@ demo: venv
 study: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro studies/multispeaker/dvc.yaml
 
-test: venv system-deps
+test: venv system-deps lint
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 test-fast: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow"
+
+# Lint (pyflakes, pycodestyle, import order; pyproject.toml [tool.ruff]) before the suite runs.
+lint: venv
+	$(BIN)/ruff check .
+
+lint-fix: venv
+	$(BIN)/ruff check --fix .
 
 venv: $(VENV)/.installed
 

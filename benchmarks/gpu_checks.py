@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mockingjay.model import ModelConfig, MockingjayForMAM  # noqa: E402
+from mockingjay.model import MockingjayForMAM, ModelConfig  # noqa: E402
 
 
 def small_config(**overrides) -> ModelConfig:

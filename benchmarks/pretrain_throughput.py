@@ -41,7 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mockingjay.batching import FeatureDataset  # noqa: E402
 from mockingjay.masking import MaskConfig, mam_l1_loss, mask_batch  # noqa: E402
 from mockingjay.model import (  # noqa: E402
-    SDPA_PRIORITY, MockingjayForMAM, ModelConfig, preset_config, set_attention_priority)
+    SDPA_PRIORITY,
+    MockingjayForMAM,
+    ModelConfig,
+    preset_config,
+    set_attention_priority,
+)
 
 # Audio seconds count 10 ms frames (the default hop), --features stores included, so that the
 # model-only and real-loop figures, one synthetic and one not, compare frame for frame.

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchlib import store_frame_rate  # noqa: E402
+
 from mockingjay.checkpoint import list_checkpoints, load_model_dir  # noqa: E402
 from mockingjay.featstore import RaggedArray  # noqa: E402
 from mockingjay.masking import MASK_PRESETS  # noqa: E402

@@ -14,14 +14,13 @@ Every directory is written into a hidden temporary sibling (`.step-000100.tmp-<p
 fsynced, then renamed into place: a crash leaves at most a temporary directory, which readers
 ignore. `trainer_state.pt` holds only tensors, numbers, strings, lists and dicts, so it loads with
 `torch.load(weights_only=True)`. Each `model.safetensors` records the model config it was saved
-with (metadata `model_config`, `model_config_sha256`): loading refuses a config.json edited since.
+with (metadata `model_config`): loading refuses a config.json edited since.
 A failed write raises an OSError naming the file. `latest_checkpoint` verifies the newest checkpoint and falls back
 to the previous one, with a warning naming it, when it is truncated or incomplete (s3prl#332).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -182,27 +181,27 @@ def _named(err: OSError, file: str | Path) -> OSError:
 
 # The model config a weights file was saved with, in its safetensors metadata: an edited
 # config.json (num_heads 8 for weights trained with 4 has the same tensor shapes) would otherwise
-# load silently and compute other features.
+# load silently and compute other features. One key only: safetensors writes its metadata map in
+# no fixed order, so a second key would make the same weights a different file from run to run
+# (DVC hashes, bitwise-resume checks).
 _CONFIG_METADATA = "model_config"
-_FINGERPRINT_METADATA = "model_config_sha256"
 
 
 def _model_metadata(model_section: dict[str, Any]) -> dict[str, str]:
-    canonical = json.dumps(model_section, sort_keys=True, separators=(",", ":"))
-    return {_CONFIG_METADATA: canonical, _FINGERPRINT_METADATA: hashlib.sha256(canonical.encode()).hexdigest()}
+    return {_CONFIG_METADATA: json.dumps(model_section, sort_keys=True, separators=(",", ":"))}
 
 
 def _check_model_metadata(path: Path, metadata: dict[str, str] | None) -> None:
     """The weights' recorded model config must be config.json's; files without one still load."""
-    stored = (metadata or {}).get(_FINGERPRINT_METADATA)
+    stored = (metadata or {}).get(_CONFIG_METADATA)
     if stored is None:
         return
     config = _read_config(path)["model"]
-    if _model_metadata(config)[_FINGERPRINT_METADATA] == stored:
+    if _model_metadata(config)[_CONFIG_METADATA] == stored:
         return
     try:
-        saved = json.loads(metadata[_CONFIG_METADATA])
-    except (KeyError, ValueError):
+        saved = json.loads(stored)
+    except ValueError:
         saved = {}
     differences = [f"{key}: weights {saved.get(key)!r} vs config.json {config.get(key)!r}"
                    for key in sorted(set(saved) | set(config)) if saved.get(key) != config.get(key)]
@@ -448,7 +447,7 @@ def release_model_dir(source: str | Path, out: str | Path, feature_config: dict[
     source = Path(source)
     weights = load_file(str(source / MODEL_FILE))
     with safe_open(str(source / MODEL_FILE), framework="pt") as stored:
-        metadata = {**(stored.metadata() or {}), "format": "pt"}
+        metadata = {k: v for k, v in (stored.metadata() or {}).items() if k == _CONFIG_METADATA}  # one key: see above
     payload = _read_config(source)
     payload["release"] = {"dtype": "float16", "from": str(source)}
 

@@ -13,7 +13,6 @@ import torch
 import torchaudio
 
 from .audio import audio_blocks
-
 from .feature_config import FeatureConfig
 
 

@@ -36,8 +36,17 @@ from torch import Tensor
 from mockingjay.extract import INPUT_STORE, layer_store_name
 from mockingjay.featstore import RaggedArray
 from mockingjay.phones import PHONES
-from mockingjay.probe_heads import (PHONE_PROBE, SPEAKER_PROBE, MLPSettings, ProbeConfig, ProbeError, RunningMoments,
-                                    layer_report, predict, train_heads)
+from mockingjay.probe_heads import (
+    PHONE_PROBE,
+    SPEAKER_PROBE,
+    MLPSettings,
+    ProbeConfig,
+    ProbeError,
+    RunningMoments,
+    layer_report,
+    predict,
+    train_heads,
+)
 from mockingjay.probe_plan import build_heads, fraction_masks, fraction_members, head_grid
 
 __all__ = ["PHONE_PROBE", "SPEAKER_PROBE", "ProbeConfig", "ProbeError", "open_representations", "probe_online",

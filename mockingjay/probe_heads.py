@@ -28,8 +28,14 @@ import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from torch import Tensor
 
-from mockingjay.probe_config import (KINDS, PHONE_PROBE, SPEAKER_PROBE, MLPSettings,  # noqa: F401  (re-exported)
-                                     ProbeConfig, ProbeError)
+from mockingjay.probe_config import (  # noqa: F401  (re-exported)
+    KINDS,
+    PHONE_PROBE,
+    SPEAKER_PROBE,
+    MLPSettings,
+    ProbeConfig,
+    ProbeError,
+)
 
 Batch = tuple[Tensor, Mapping[str, Tensor]]  # (labels [B] long, layer name -> inputs [B, H] float16 or float32)
 

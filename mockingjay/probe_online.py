@@ -38,13 +38,31 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mockingjay.extract import (DEFAULT_WINDOW_FRAMES, INPUT_STORE, EncodedBatch, encode_batches, encoder_of,
-                                 layer_store_name, length_sorted_batches, resolve_layers)
+from mockingjay.extract import (
+    DEFAULT_WINDOW_FRAMES,
+    INPUT_STORE,
+    EncodedBatch,
+    encode_batches,
+    encoder_of,
+    layer_store_name,
+    length_sorted_batches,
+    resolve_layers,
+)
 from mockingjay.featstore import RaggedArray
 from mockingjay.phones import PHONES
 from mockingjay.probe import SPLITS, labelled_frames, probe_utterances
-from mockingjay.probe_heads import (PHONE_PROBE, SPEAKER_PROBE, Batch, LayerHeads, ProbeConfig, ProbeError,
-                                    RunningMoments, layer_report, predict, train_heads)
+from mockingjay.probe_heads import (
+    PHONE_PROBE,
+    SPEAKER_PROBE,
+    Batch,
+    LayerHeads,
+    ProbeConfig,
+    ProbeError,
+    RunningMoments,
+    layer_report,
+    predict,
+    train_heads,
+)
 
 
 class _FrameLabels:

@@ -31,7 +31,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mockingjay.probe_heads import KINDS, LayerHeads, MLPSettings, ProbeConfig, ProbeError, TorchHeads
+from mockingjay.probe_heads import (
+    KINDS,
+    LayerHeads,
+    MLPSettings,
+    ProbeConfig,
+    ProbeError,
+    TorchHeads,
+)
 
 SPLITS = ("train", "dev", "test")
 INPUT_NAME = "input"

@@ -28,11 +28,18 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mockingjay.batching import FeatureDataset, LengthBucketBatchSampler, make_loader
-from mockingjay.checkpoint import (capture_rng_state, latest_checkpoint, load_trainer_state,
-                                   load_weights, restore_rng_state, save_checkpoint, save_model_dir)
+from mockingjay.checkpoint import (
+    capture_rng_state,
+    latest_checkpoint,
+    load_trainer_state,
+    load_weights,
+    restore_rng_state,
+    save_checkpoint,
+    save_model_dir,
+)
 from mockingjay.device import resolve_device  # noqa: F401  (also importable as trainer.resolve_device)
-from mockingjay.masking import MaskConfig, mam_l1_loss, mask_batch
 from mockingjay.distributed import setup_distributed
+from mockingjay.masking import MaskConfig, mam_l1_loss, mask_batch
 from mockingjay.model import MockingjayForMAM, ModelConfig
 from mockingjay.schedule import warmup_linear_decay
 from mockingjay.train_config import TrainConfig, TrainData

@@ -44,8 +44,18 @@ from mockingjay.phones import (
 )
 
 from . import tracking
-from .common import (PARAMS_OPTION, StageError, atomic_output_dir, audio_folders, check_output_dir, check_output_file,
-                     cli_errors, section, worker_count, write_json)
+from .common import (
+    PARAMS_OPTION,
+    StageError,
+    atomic_output_dir,
+    audio_folders,
+    check_output_dir,
+    check_output_file,
+    cli_errors,
+    section,
+    worker_count,
+    write_json,
+)
 
 
 @dataclass(frozen=True)

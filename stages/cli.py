@@ -11,7 +11,18 @@ import typer
 if not sys.stderr.isatty():
     os.environ.setdefault("TQDM_MININTERVAL", "10")
 
-from . import align, checkpoints, extract, featurize, interop, prepare, pretrain, probe, report, tracking  # noqa: E402
+from . import (  # noqa: E402
+    align,
+    checkpoints,
+    extract,
+    featurize,
+    interop,
+    prepare,
+    pretrain,
+    probe,
+    report,
+    tracking,
+)
 from .common import cli_errors  # noqa: E402
 
 app = typer.Typer(

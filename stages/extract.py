@@ -23,8 +23,16 @@ from mockingjay.feature_config import frames_per_second
 from mockingjay.manifest import SPLITS
 
 from . import tracking
-from .common import (PARAMS_OPTION, StageError, atomic_output_dir, check_output_dir, check_output_file, cli_errors,
-                     section, write_json)
+from .common import (
+    PARAMS_OPTION,
+    StageError,
+    atomic_output_dir,
+    check_output_dir,
+    check_output_file,
+    cli_errors,
+    section,
+    write_json,
+)
 from .runtime import ExtractConfig, check_model_features, resolve_device, window_frames
 
 

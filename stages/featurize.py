@@ -43,8 +43,18 @@ from mockingjay.feature_config import FeatureConfig, feature_config, num_frames
 from mockingjay.manifest import SPLITS, ManifestRow, read_manifest
 
 from . import tracking
-from .common import (PARAMS_OPTION, StageError, atomic_output_dir, audio_folders, check_output_dir, check_output_file,
-                     cli_errors, section, worker_count, write_json)
+from .common import (
+    PARAMS_OPTION,
+    StageError,
+    atomic_output_dir,
+    audio_folders,
+    check_output_dir,
+    check_output_file,
+    cli_errors,
+    section,
+    worker_count,
+    write_json,
+)
 
 CHUNK_AUDIO_SEC = 60.0  # audio seconds per task sent to a worker (~25 ms of work); fewer, larger
 # tasks cost the main process less, and small corpora still get >= 8 tasks per worker
@@ -107,8 +117,7 @@ class Streamed:
     target) float16 blocks; `stats` holds its global-CMVN sums once they are consumed."""
 
     def __init__(self, row: ManifestRow, extractor, collect: bool):
-        from mockingjay.features import GlobalCMVN
-        from mockingjay.features import stream_features
+        from mockingjay.features import GlobalCMVN, stream_features
 
         config = extractor.config
         self.stats = (GlobalCMVN(config.dim), GlobalCMVN(config.target_dim)) if collect else None

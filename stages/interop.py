@@ -24,7 +24,6 @@ import typer
 from . import tracking
 from .common import StageError, check_inputs_apart, check_writable, cli_errors
 
-
 # What a torch checkpoint starts with: a zip archive (torch >= 1.6) or a pickle's PROTO opcode
 # (the legacy format, protocol 2 and up).
 _ZIP_MAGIC = b"PK\x03\x04"

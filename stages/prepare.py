@@ -30,8 +30,17 @@ from mockingjay.manifest import (
 )
 
 from . import tracking
-from .common import (PARAMS_OPTION, StageError, atomic_output_dir, check_output_dir, check_output_file, cli_errors, section,
-                     worker_count, write_json)
+from .common import (
+    PARAMS_OPTION,
+    StageError,
+    atomic_output_dir,
+    check_output_dir,
+    check_output_file,
+    cli_errors,
+    section,
+    worker_count,
+    write_json,
+)
 
 
 def _validate_one(item: tuple[UtteranceSource, bool], sample_rate: int, min_duration_sec: float,

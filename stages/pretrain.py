@@ -41,8 +41,19 @@ from mockingjay.resume_state import TRAIN_LOG
 from mockingjay.train_config import TrainConfig, TrainData
 
 from . import tracking
-from .common import (PARAMS_OPTION, StageError, StageInterrupted, check_inputs_apart, check_output_file, cli_errors,
-                     read_feature_config, section, stop_signals_deferred, write_json, write_text_atomically)
+from .common import (
+    PARAMS_OPTION,
+    StageError,
+    StageInterrupted,
+    check_inputs_apart,
+    check_output_file,
+    cli_errors,
+    read_feature_config,
+    section,
+    stop_signals_deferred,
+    write_json,
+    write_text_atomically,
+)
 
 
 @dataclass(frozen=True)

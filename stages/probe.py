@@ -27,10 +27,26 @@ from mockingjay.manifest import SPLITS
 from mockingjay.probe_config import KINDS, SPEAKER_PROBE, MLPSettings, ProbeConfig, ProbeError
 
 from . import tracking
-from .common import (PARAMS_OPTION, StageError, atomic_output_dir, check_output_dir, check_output_file, cli_errors,
-                     section, write_json)
-from .probe_report import (compact_metrics, extra_probes, figure_extras, format_extra, format_table, log_runs,
-                           result_rows, write_plot_table)
+from .common import (
+    PARAMS_OPTION,
+    StageError,
+    atomic_output_dir,
+    check_output_dir,
+    check_output_file,
+    cli_errors,
+    section,
+    write_json,
+)
+from .probe_report import (
+    compact_metrics,
+    extra_probes,
+    figure_extras,
+    format_extra,
+    format_table,
+    log_runs,
+    result_rows,
+    write_plot_table,
+)
 from .runtime import check_model_features, resolve_device, window_frames
 
 TASKS = ("phone", "speaker", "keyword")
@@ -245,7 +261,12 @@ def _run_probes(config, mode, model_dir, features, representations, layers, incl
                               phone_include=selections["phone"][0] if "phone" in config.tasks else None,
                               utterance_tasks=utterance_tasks, window_frames=window)
         return {task: online[task] for task in config.tasks}
-    from mockingjay.probe import open_representations, pooled_utterances, probe_phones, probe_utterances
+    from mockingjay.probe import (
+        open_representations,
+        pooled_utterances,
+        probe_phones,
+        probe_utterances,
+    )
 
     reps = open_representations(representations, layers=layers, include_input=include_input,
                                 input_root=baseline_features)

@@ -4,8 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from mockingjay.batching import (FeatureDataset, LengthBucketBatchSampler, collate_features,
-                                 default_target_path, make_loader)
+from mockingjay.batching import (
+    FeatureDataset,
+    LengthBucketBatchSampler,
+    collate_features,
+    default_target_path,
+    make_loader,
+)
 from mockingjay.featstore import RaggedWriter
 
 

@@ -1,12 +1,11 @@
 """DDP on CPU: two gloo processes under torchrun train in lockstep on disjoint data."""
 
+import hashlib
 import json
 import os
 import sys
 import textwrap
 from pathlib import Path
-
-import hashlib
 
 import numpy as np
 import pytest

@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from mockingjay.extract import (ExtractError, extract_representations, layer_store_name, length_sorted_batches)
+from mockingjay.extract import (
+    ExtractError,
+    extract_representations,
+    layer_store_name,
+    length_sorted_batches,
+)
 from mockingjay.featstore import RaggedArray, RaggedWriter
 from mockingjay.feature_config import FEATURE_PRESETS, FeatureConfig, frames_per_second
 from mockingjay.model import MockingjayForMAM, ModelConfig

@@ -20,7 +20,12 @@ import torch
 import yaml
 
 from mockingjay.checkpoint import CheckpointError, load_config, save_model_dir
-from mockingjay.interop import InteropError, convert_checkpoint, export_checkpoint, import_checkpoint
+from mockingjay.interop import (
+    InteropError,
+    convert_checkpoint,
+    export_checkpoint,
+    import_checkpoint,
+)
 from mockingjay.model import MockingjayForMAM, ModelConfig
 from mockingjay.safe_load import Unloaded, UnsafeCheckpointError
 from stages.runtime import FEATURE_KEYS

@@ -10,22 +10,20 @@ import shutil
 
 import numpy as np
 import pytest
-import yaml
 import soundfile as sf
 import torch
+import yaml
 
 from mockingjay.audio import audio_blocks, checked_length, read_audio
 from mockingjay.extract import ExtractError, check_window_frames, extract_representations, windows
 from mockingjay.featstore import RaggedArray, RaggedWriter
-from mockingjay.feature_config import FeatureConfig
-from mockingjay.feature_config import feature_config
-from mockingjay.features import FeatureExtractor, featurize_wave, load_wave
-from mockingjay.features import stream_features
+from mockingjay.feature_config import FeatureConfig, feature_config
+from mockingjay.features import FeatureExtractor, featurize_wave, load_wave, stream_features
 from mockingjay.manifest import ManifestRow
-from stages.featurize import write_features
 from mockingjay.model import MockingjayForMAM, ModelConfig
 from mockingjay.probe import utterance_stats
 from mockingjay.probe_online import _FrameLabels, _Passes, _statistics_pass
+from stages.featurize import write_features
 
 from .conftest import ARCTIC_DIR, FSDD_DIR, run
 

@@ -11,8 +11,14 @@ import torch
 
 from mockingjay.featstore import RaggedArray, RaggedWriter
 from mockingjay.model import MockingjayForMAM, ModelConfig
-from mockingjay.probe import (ProbeConfig, ProbeError, open_representations, probe_online, probe_phones,
-                              probe_speakers)
+from mockingjay.probe import (
+    ProbeConfig,
+    ProbeError,
+    open_representations,
+    probe_online,
+    probe_phones,
+    probe_speakers,
+)
 
 SPLIT_SIZES = {"train": 40, "dev": 12, "test": 16}
 DIM, CLASSES = 16, 5

@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mockingjay.featstore import RaggedWriter
+from mockingjay.featstore import RaggedArray, RaggedWriter
 from mockingjay.probe import ProbeConfig, open_representations, probe_labels, probe_phones
 from mockingjay.probe_heads import MLPSettings
-from mockingjay.featstore import RaggedArray
 from mockingjay.probe_plan import Utterance, fraction_members, select_utterances
 
 SPLITS = {"train": 60, "dev": 15, "test": 20}

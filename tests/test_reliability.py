@@ -26,8 +26,19 @@ from typing import Callable
 import pytest
 import yaml
 
-from .conftest import (PARAMS, TINY_PIPELINE, cli_env, copy_repo, cpu_ticks, file_stats, make_repo, mlflow_runs,
-                       process_group, run, wait_while_progressing)
+from .conftest import (
+    PARAMS,
+    TINY_PIPELINE,
+    cli_env,
+    copy_repo,
+    cpu_ticks,
+    file_stats,
+    make_repo,
+    mlflow_runs,
+    process_group,
+    run,
+    wait_while_progressing,
+)
 
 pytestmark = pytest.mark.slow
 

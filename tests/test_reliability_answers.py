@@ -15,16 +15,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 import yaml
 from safetensors.torch import save_model
 
-from mockingjay.checkpoint import CheckpointError, list_checkpoints, load_model_dir, save_checkpoint, save_model_dir
+from mockingjay.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_model_dir,
+    save_checkpoint,
+    save_model_dir,
+)
 from mockingjay.config import ParamError
 from mockingjay.corpora import CorpusSpec, is_safe_id, read_corpus
 from mockingjay.featstore import RaggedArray, RaggedWriter, StoreError
-from mockingjay.manifest import ManifestRow, find_duplicate_ids, read_manifest, validate_utterance, write_tsv
+from mockingjay.manifest import (
+    ManifestRow,
+    find_duplicate_ids,
+    read_manifest,
+    validate_utterance,
+    write_tsv,
+)
 from mockingjay.model import MockingjayForMAM, ModelConfig
 from mockingjay.probe import open_representations
 from mockingjay.safe_load import load_untrusted

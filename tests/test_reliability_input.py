@@ -15,8 +15,17 @@ import yaml
 from mockingjay.featstore import RaggedArray
 from mockingjay.manifest import read_manifest
 
-from .conftest import (ARCTIC_DIR, PARAMS, TINY_PIPELINE, copy_repo, file_stats, make_repo, mlflow_runs,
-                       plant_bad_files, run)
+from .conftest import (
+    ARCTIC_DIR,
+    PARAMS,
+    TINY_PIPELINE,
+    copy_repo,
+    file_stats,
+    make_repo,
+    mlflow_runs,
+    plant_bad_files,
+    run,
+)
 
 pytestmark = pytest.mark.slow
 

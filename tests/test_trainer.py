@@ -7,8 +7,13 @@ import pytest
 import torch
 
 import mockingjay.trainer as trainer_module
-from mockingjay.checkpoint import (latest_checkpoint, list_checkpoints, load_config, load_model_dir,
-                                   load_trainer_state)
+from mockingjay.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_config,
+    load_model_dir,
+    load_trainer_state,
+)
 from mockingjay.featstore import RaggedArray, RaggedWriter
 from mockingjay.masking import MaskConfig
 from mockingjay.model import ModelConfig
