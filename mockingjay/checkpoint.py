@@ -160,7 +160,13 @@ class _WholeWrites:
 def save_safetensors(save: Callable[..., None], what: Any, file: str | Path, metadata: dict[str, str]) -> None:
     """`save(what, file, metadata=...)` of safetensors, whose failed write is a SafetensorError
     ("Error while serializing: I/O error: File too large (os error 27)"): said as the OSError it
-    is, naming the file."""
+    is, naming the file.
+
+    At most one metadata key: safetensors writes its metadata map in no fixed order, so with two
+    keys the same weights become a different file from run to run (DVC hashes, bitwise checks)."""
+    if len(metadata) > 1:
+        raise ValueError(f"{file}: one safetensors metadata key at most (the file must be deterministic), "
+                         f"got {sorted(metadata)}")
     try:
         save(what, str(file), metadata=metadata)
     except OSError as err:
@@ -181,9 +187,7 @@ def _named(err: OSError, file: str | Path) -> OSError:
 
 # The model config a weights file was saved with, in its safetensors metadata: an edited
 # config.json (num_heads 8 for weights trained with 4 has the same tensor shapes) would otherwise
-# load silently and compute other features. One key only: safetensors writes its metadata map in
-# no fixed order, so a second key would make the same weights a different file from run to run
-# (DVC hashes, bitwise-resume checks).
+# load silently and compute other features. It is the file's only metadata key (save_safetensors).
 _CONFIG_METADATA = "model_config"
 
 
@@ -279,8 +283,8 @@ def save_checkpoint(
     payload = _config_payload(config)
 
     def write(tmp: Path) -> None:
-        save_safetensors(save_model, unwrap_model(model), tmp / MODEL_FILE,
-                         {"step": str(step), **_model_metadata(payload["model"])})
+        # the step is the directory's name and in trainer_state.pt: the one metadata key is the config
+        save_safetensors(save_model, unwrap_model(model), tmp / MODEL_FILE, _model_metadata(payload["model"]))
         _write_json(tmp / CONFIG_FILE, payload)
         save_torch(trainer_state, tmp / TRAINER_STATE_FILE)
 
@@ -442,12 +446,12 @@ def release_model_dir(source: str | Path, out: str | Path, feature_config: dict[
     """A copy of model directory `source` for distribution: float16 weights (half the bytes; the
     model computes in float32 after loading, which casts), its config.json with a `release`
     note, and `feature_config.json`, the settings of the features it was trained on."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     source = Path(source)
-    weights = load_file(str(source / MODEL_FILE))
-    with safe_open(str(source / MODEL_FILE), framework="pt") as stored:
-        metadata = {k: v for k, v in (stored.metadata() or {}).items() if k == _CONFIG_METADATA}  # one key: see above
+    with safe_open(str(source / MODEL_FILE), framework="pt") as stored:  # one read: tensors and metadata
+        weights = {name: stored.get_tensor(name) for name in stored.keys()}
+        metadata = {k: v for k, v in (stored.metadata() or {}).items() if k == _CONFIG_METADATA}
     payload = _read_config(source)
     payload["release"] = {"dtype": "float16", "from": str(source)}
 
