@@ -281,47 +281,23 @@ def stream_features(path: str, extractor: FeatureExtractor, segment=None, dtype=
     """Blocks of `featurize_wave(load_wave(path, ...))`'s two outputs, (features, None) and (None,
     target) in frame order per output, in `dtype`; `stats` accumulates global-CMVN sums as there."""
     config = extractor.config
-    moments = None
+    scales: list = [None, None]
     if config.cmvn == "utterance":  # first pass: the file's mean and std per dimension
-        moments = [_Moments(), _Moments()]
+        moments = [GlobalCMVN(config.dim), GlobalCMVN(config.target_dim)]
         for blocks in _raw_blocks(path, extractor, segment, block_sec):
             for i, block in enumerate(blocks):
                 if block is not None:
                     moments[i].update(block)
+        scales = [m.stats(eps=1e-5) if m.count else None for m in moments]  # (mean, std + eps)
     for blocks in _raw_blocks(path, extractor, segment, block_sec):
         out = []
         for i, block in enumerate(blocks):
             if block is not None:
-                if moments is not None:  # as utterance_cmvn: (x - mean) / (std + eps) in float32
-                    block = block - moments[i].mean
-                    block /= moments[i].std + np.float32(1e-5)
+                if scales[i] is not None:  # as utterance_cmvn: (x - mean) / (std + eps) in float32
+                    block = block - scales[i][0]
+                    block /= scales[i][1]
                 if stats is not None:
                     stats[i].update(block)
                 block = as_dtype(block, dtype)
             out.append(block)
         yield out[0], out[1]
-
-
-class _Moments:
-    """Count, mean and sum of squared deviations over blocks of rows (Chan et al.), in float64."""
-
-    def __init__(self):
-        self.count, self._mean, self._m2 = 0, 0.0, 0.0
-
-    def update(self, rows: np.ndarray) -> None:
-        rows = np.asarray(rows, np.float64)
-        n, mean = len(rows), rows.mean(0)
-        m2 = np.square(rows - mean).sum(0)
-        total = self.count + n
-        delta = mean - self._mean
-        self._mean = self._mean + delta * n / total
-        self._m2 = self._m2 + m2 + np.square(delta) * self.count * n / total
-        self.count = total
-
-    @property
-    def mean(self) -> np.ndarray:
-        return np.asarray(self._mean, np.float32)
-
-    @property
-    def std(self) -> np.ndarray:
-        return np.sqrt(self._m2 / self.count).astype(np.float32)
