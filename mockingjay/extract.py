@@ -212,7 +212,7 @@ def encode_batches(
                 # The inference-mode block closes before the yield: a generator suspended inside it
                 # would leave the consumer's code running in inference mode too.
                 with torch.inference_mode():
-                    lengths = torch.from_numpy(feature_store.lengths[whole].astype(np.int64))
+                    lengths = torch.from_numpy(lengths_all[fits])
                     states = encode(_padded_batch(feature_store, whole, lengths.numpy(), device), lengths)
                 yield EncodedBatch(whole, lengths, states)
             for item in indices[~fits]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import typer
 
-from mockingjay.config import from_section, to_flat_dict
+from mockingjay.config import to_flat_dict
 from mockingjay.featstore import RaggedArray
 from mockingjay.feature_config import frames_per_second
 from mockingjay.manifest import SPLITS
@@ -30,10 +30,9 @@ from .common import (
     check_output_dir,
     check_output_file,
     cli_errors,
-    section,
     write_json,
 )
-from .runtime import ExtractConfig, check_model_features, resolve_device, window_frames
+from .runtime import check_model_features, extract_config, resolve_device, window_frames
 
 
 def totals(summaries: dict[str, dict], layers: list[int], frame_rate: float) -> dict:
@@ -59,7 +58,7 @@ def main(
     force: bool = typer.Option(False, "--force", help="replace --out even if this stage did not make it"),
 ) -> None:
     """Run the frozen model over every split and store each layer's representations (float16)."""
-    config = from_section(ExtractConfig, section(params, "extract"), "extract")
+    config = extract_config(params)
     check_output_dir(out, "extract", force, inputs=[params, model, features])
     check_output_file(metrics, "--metrics")
     from mockingjay.checkpoint import load_model_dir
@@ -73,7 +72,7 @@ def main(
         layers = resolve_layers(config.layers, model_config.num_layers)
     except ExtractError as err:
         raise StageError(f"extract.layers: {err}") from err
-    window = window_frames(params, model_config.downsample_rate)
+    window = window_frames(config, model_config.downsample_rate)
     summaries = {}
     with tracking.stage_run("extract", {**to_flat_dict(config), "model": str(model)}) as mlflow, atomic_output_dir(out, "extract", force) as tmp:
         for split in SPLITS:

@@ -47,7 +47,7 @@ from .probe_report import (
     result_rows,
     write_plot_table,
 )
-from .runtime import check_model_features, resolve_device, window_frames
+from .runtime import check_model_features, extract_config, resolve_device, window_frames
 
 TASKS = ("phone", "speaker", "keyword")
 @dataclass(frozen=True)
@@ -173,7 +173,7 @@ def main(
         model_record = load_config(model_dir)["model"]
         num_layers = model_record["num_layers"]
         if mode == "online":  # long utterances go through the model in the windows extract would use
-            window = window_frames(params, model_record.get("downsample_rate", 1))
+            window = window_frames(extract_config(params), model_record.get("downsample_rate", 1))
     else:
         num_layers = _stored_layers(representations)
     layers, include_input = parse_layer(layer or config.layers, num_layers)

@@ -78,12 +78,15 @@ class ExtractConfig:
             raise ValueError(f"window_frames: must be an integer >= 16 (or null = no windows), got {self.window_frames}")
 
 
-def window_frames(params: Path, downsample_rate: int) -> int | None:
+def extract_config(params: Path) -> ExtractConfig:
+    return from_section(ExtractConfig, section(params, "extract"), "extract")
+
+
+def window_frames(config: ExtractConfig, downsample_rate: int) -> int | None:
     """`extract.window_frames`, checked against the model (its steps stack `downsample_rate` frames):
     extract and online probing encode long utterances in the same windows."""
     from mockingjay.extract import ExtractError, check_window_frames
 
-    config = from_section(ExtractConfig, section(params, "extract"), "extract")
     if config.window_frames is not None:
         try:
             check_window_frames(config.window_frames, downsample_rate)
