@@ -277,14 +277,14 @@ def main(
         except ValueError as err:
             raise ParamError(f"--device: {err}") from err
     train_stores = [features / "train", features / "dev"]
-    target_stores = None
+    target_stores, heldout_target = None, None
     if settings.target == "linear":
-        target_stores = [features / "train_target", features / "dev_target"]
+        target_stores, heldout_target = [features / "train_target", features / "dev_target"], features / "test_target"
     # Open every store now (fails naming the store if featurize did not finish or a value is NaN or
     # inf, which would only show up later as a NaN loss), and check that the longest utterance fits
     # one batch before any run starts, not when the trainer builds its sampler.
     stores = [RaggedArray(store, finite=True) for store in (*train_stores, features / "test")]
-    for store in target_stores or []:
+    for store in [*(target_stores or []), *([heldout_target] if heldout_target else [])]:
         RaggedArray(store, finite=True)
     longest = max((int(store.lengths.max()) for store in stores if len(store)), default=0)
     if train_config.max_length is not None:
@@ -308,8 +308,7 @@ def main(
         run = tracking.stage_run("pretrain", flat, system_metrics=True) if rank == 0 else contextlib.nullcontext()
         with run as mlflow:
             logger = _Logger(mlflow, state / TRAIN_LOG if rank == 0 else None)
-            data = TrainData(train_stores, features / "test", target_stores,
-                             features / "test_target" if target_stores else None, frame_rate=settings.frame_rate)
+            data = TrainData(train_stores, features / "test", target_stores, heldout_target, frame_rate=settings.frame_rate)
             result = _train(model_config, mask_config, train_config, data, state, out / "model", logger, provenance)
             if rank != 0:
                 return
