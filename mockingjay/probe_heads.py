@@ -25,9 +25,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from torch import Tensor
 
+from mockingjay import scores
 from mockingjay.probe_config import (  # noqa: F401  (re-exported)
     KINDS,
     PHONE_PROBE,
@@ -237,15 +237,14 @@ def layer_report(layer: LayerHeads, grid: Sequence[tuple[float, float]], truth: 
     """
     chosen = layer.chosen
     learning_rate, weight_decay = grid[chosen]
-    matrix = confusion_matrix(truth, predicted, labels=list(range(len(class_names))))
+    matrix = scores.confusion_matrix(truth, predicted, len(class_names))
     extra = {}
     if isinstance(layer, TorchHeads) and layer.kind == "weighted_sum":
         extra["layer_weights"] = layer.layer_weights()
     return {
         **extra,
-        "accuracy": float(accuracy_score(truth, predicted)) if len(truth) else float("nan"),
-        "macro_f1": (float(f1_score(truth, predicted, average="macro", zero_division=0))
-                     if len(truth) else float("nan")),
+        "accuracy": scores.accuracy(truth, predicted),
+        "macro_f1": scores.macro_f1(truth, predicted),
         "majority_rate": float(np.mean(truth == majority_class)) if len(truth) else float("nan"),
         "dev_accuracy": float(layer.best_dev[chosen]),
         "dev_loss": float(layer.best_loss[chosen]),

@@ -319,9 +319,26 @@ def pipeline_repo(pristine_pipeline_repo, tmp_path_factory) -> Path:
     return copy_repo(pristine_pipeline_repo, tmp_path_factory.mktemp("pipeline") / "repo")
 
 
+def pytest_configure(config):
+    """Give each test process and every command it starts (they inherit its environment) its share
+    of the cores. Two xdist workers on two cores, each running torch with a thread per core,
+    oversubscribe the machine, and OpenMP's spinning threads then cost more than they give
+    (measured: two tiny pipelines side by side took 98 s with the default threads, 83 s with one
+    each). Set here, in the controller before it starts the workers and in each worker, so torch
+    reads it when first imported; a value the user set is kept."""
+    workers = getattr(config, "workerinput", {}).get("workercount") or config.getoption("numprocesses", None)
+    workers = workers if isinstance(workers, int) and workers > 0 else 1
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, str(max(1, len(os.sched_getaffinity(0)) // workers)))
+
+
 # -- scheduling (make test: pytest-xdist --dist loadgroup) -------------------------------------------
 # Tests are handed to the two workers one by one in collection order (a test with an xdist_group
-# mark goes with the rest of its group, to one worker, so that a module fixture is built once).
+# mark goes with the rest of its group, to one worker, so that the group's fixture is built once).
+# This order interleaves modules, and pytest tears a module-scoped fixture down whenever the next
+# test is from another module, so a fixture that builds something costly (a pipeline run, a
+# server) is session-scoped, built at most once per worker: a module-scoped `scratch` pipeline was
+# built twice in one run (93 s each).
 # The longest go first, so that none starts near the end while the other worker idles, and the
 # order keeps the workers apart at the start: the first needs `pristine_pipeline_repo` (it builds
 # `featurized_repo`, then the pipeline) while the second worker runs the tests that build
@@ -341,7 +358,6 @@ LONGEST_FIRST = (
     "test_ddp.py::",
     "test_mlflow_ui.py::",
     "test_reliability_dataloss.py::",
-    "test_pretrain_stage.py::",
     "test_full_pipeline.py::",
     "test_interop.py::test_import_probe",
     "test_data_pipeline.py::",

@@ -24,7 +24,7 @@ ARCTIC = FIXTURES / "cmu_arctic"
 FSDD = FIXTURES / "fsdd"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": see conftest.py, scheduling
 def aligner() -> PhoneAligner:
     return PhoneAligner()
 

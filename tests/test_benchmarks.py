@@ -42,7 +42,7 @@ def tiny_manifest(path: Path, count: int = 6) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": see conftest.py, scheduling
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     manifest = tiny_manifest(tmp / "manifest.tsv")

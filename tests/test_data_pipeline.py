@@ -17,7 +17,7 @@ from .conftest import copy_repo, mlflow_runs, run
 
 pytestmark = pytest.mark.slow
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": see conftest.py, scheduling
 def repo(featurized_repo, tmp_path_factory) -> Path:
     """A private copy: these tests change params."""
     return copy_repo(featurized_repo, tmp_path_factory.mktemp("data") / "repo")

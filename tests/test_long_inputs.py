@@ -43,7 +43,7 @@ def long_recording(path, files=ARCTIC, repeats: int = 1):
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": see conftest.py, scheduling
 def real_store(tmp_path_factory):
     """Log-mel of real audio: 3 digits (short), 3 sentences (a little over WINDOW), and 6 sentences one
     after the other (~20 s, ~2100 frames: 11 windows), with random frame labels."""

@@ -120,7 +120,7 @@ def stop(server: subprocess.Popen) -> None:
             pass
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": see conftest.py, scheduling
 def browser(tmp_path_factory):
     """Headless Chromium through the system chromedriver; selenium-manager never downloads anything."""
     missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
@@ -152,7 +152,7 @@ def browser(tmp_path_factory):
             driver.quit()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": see conftest.py, scheduling
 def mlflow_ui(pipeline_repo, tmp_path_factory) -> Store:
     """`mlflow ui` on a free loopback port against the end-to-end test's store."""
     workdir = tmp_path_factory.mktemp("mlflow-ui")  # its cwd, so nothing lands in the repositories

@@ -75,19 +75,19 @@ def labels_of(root: Path) -> dict[str, RaggedArray]:
     return {split: RaggedArray(root / "labels" / split) for split in SPLIT_SIZES}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": see conftest.py, scheduling
 def corpus(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     root = tmp_path_factory.mktemp("probe_corpus")
     return root, make_corpus(root)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": see conftest.py, scheduling
 def phone_result(corpus) -> dict:
     root, _ = corpus
     return probe_phones(open_representations(root / "reps"), labels_of(root), PHONE, NAMES, progress=False)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": see conftest.py, scheduling
 def speaker_result(corpus) -> dict:
     root, speakers = corpus
     return probe_speakers(open_representations(root / "reps"), speakers, SPEAKER, progress=False)
@@ -269,3 +269,26 @@ def test_online_mode_honours_selections_and_utterance_tasks(tmp_path, corpus):
     for name in ("input", "layer_01", "layer_02"):
         assert online["speaker"]["layers"][name]["accuracy"] == pytest.approx(
             extracted["layers"][name]["accuracy"], abs=0.07), name
+
+
+def test_scores_equal_scikit_learn_to_the_last_bit():
+    """mockingjay.scores replaces scikit-learn's metrics in the probes (an import of 2 s per
+    command): the same definitions and float operations, so every reported figure is unchanged."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+    from mockingjay import scores
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        count, classes = int(rng.integers(1, 2000)), int(rng.integers(2, 50))
+        truth = rng.integers(0, classes, count)
+        predicted = np.where(rng.random(count) < rng.random(), truth, rng.integers(0, classes, count))
+        if trial % 3 == 0:  # classes that are predicted but never true, and the reverse
+            predicted = rng.integers(0, max(1, classes // 3), count)
+        assert scores.accuracy(truth, predicted) == float(accuracy_score(truth, predicted))
+        assert scores.macro_f1(truth, predicted) == float(f1_score(truth, predicted, average="macro", zero_division=0))
+        expected = confusion_matrix(truth, predicted, labels=list(range(classes)))
+        got = scores.confusion_matrix(truth, predicted, classes)
+        assert got.dtype == expected.dtype and np.array_equal(got, expected)
+    empty = np.zeros(0, dtype=np.int64)
+    assert np.isnan(scores.accuracy(empty, empty)) and np.isnan(scores.macro_f1(empty, empty))

@@ -161,6 +161,7 @@ def test_pretrain_killed_at_a_random_step_resumes_and_ends_as_the_uninterrupted_
     reference_weights = (repo / "models/pretrain/model/model.safetensors").read_bytes()
     reference_lock = lock_hashes(pristine_pipeline_repo)["models/pretrain"]
     shutil.rmtree(repo / "models/checkpoints")
+    before = {r.info.run_id for r in mlflow_runs(repo)}
 
     # TQDM_MININTERVAL=0: the progress bar reports every step (the CLI sets 10 s when not on a terminal).
     killed = Watched(["dvc", "repro", "-f", "-s", "pretrain"], repo, env={"TQDM_MININTERVAL": "0"})
@@ -190,6 +191,27 @@ def test_pretrain_killed_at_a_random_step_resumes_and_ends_as_the_uninterrupted_
     assert without_timing(metrics) == without_timing(reference)  # held-out and final losses, bit for bit
     assert (repo / "models/pretrain/model/model.safetensors").read_bytes() == reference_weights
     assert lock_hashes(repo)["models/pretrain"] == reference_lock
+    # the loss plot spans the whole run: the steps logged before the kill (kept) and after it, none twice
+    plot = (repo / "plots/pretrain_loss.tsv").read_text().splitlines()
+    assert plot[0].split("\t")[:2] == ["step", "loss"]
+    assert [int(line.split("\t")[0]) for line in plot[1:]] == list(range(train["log_every"], total + 1, train["log_every"]))
+    assert len(list(state.glob("step-*"))) <= train["keep_checkpoints"]
+
+    # MLflow: the killed run and the one that finished it; the second logged only the steps it trained
+    new = [r for r in mlflow_runs(repo) if r.data.tags.get("mockingjay.stage") == "pretrain" and r.info.run_id not in before]
+    (done,) = [r for r in new if r.info.status == "FINISHED"]
+    assert done.data.tags["resumed_from"].endswith(f"step-{complete[-1]:06d}")
+    assert done.data.params["model.hidden_size"] == "32" and done.data.params["train.learning_rate"] == "0.002"
+    for key in ("loss", "learning_rate", "grad_norm", "audio_seconds_per_second", "heldout_loss_final"):
+        assert key in done.data.metrics, key
+    assert any(k.startswith("system/") for k in done.data.metrics), "system metrics were not logged"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    history = client.get_metric_history(done.info.run_id, "loss")
+    assert history and all(h.step > complete[-1] for h in history)
+    artifacts = {a.path for a in client.list_artifacts(done.info.run_id)}
+    assert {"reconstruction.png", "loss_curve.png", "config.json"} <= artifacts
 
 
 def newer(path: Path) -> Callable[[], bool]:
@@ -250,7 +272,7 @@ def test_stage_killed_mid_output_is_redone_and_never_taken_as_done(pristine_pipe
 # -- a second run from scratch: determinism and where the stages write ---------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": see conftest.py, scheduling
 def scratch(tmp_path_factory):
     """The pipeline of `pristine_pipeline_repo` (same params) run again from scratch in a new
     repository, with HOME, the XDG folders, TMPDIR and DVC's site cache pointed at empty folders."""

@@ -134,7 +134,7 @@ def test_bad_files_are_each_named_and_skip_runs_the_whole_pipeline_reporting_eve
 # -- invalid parameters ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": see conftest.py, scheduling
 def finished(pristine_pipeline_repo, tmp_path_factory) -> Path:
     """A finished pipeline; the commands below must leave every file in it as it was."""
     return copy_repo(pristine_pipeline_repo, tmp_path_factory.mktemp("invalid") / "repo")

@@ -152,16 +152,27 @@ def test_trying_other_configurations_keeps_every_resume_state_until_removed(repo
     names = {}
     for label, total in steps.items():
         set_train(repo, total_steps=total, log_every=1)
-        result = run(["mockingjay", "pretrain"], repo)
+        result = run(["mockingjay", "pretrain", *(RECORDS if label == "a" else [])], repo)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "starting afresh" in result.stderr
         names[label] = re.search(r"starting afresh in models/checkpoints/(config-\w+)", result.stderr).group(1)
+        if label == "a":
+            metrics = json.loads((repo / "metrics/pretrain.json").read_text())
+            plot = (repo / "plots/pretrain_loss.tsv").read_text()
     assert "kept the resume state of 2 other configuration(s)" in result.stderr
     assert "training.total_steps=3" in result.stderr and "training.total_steps=4" in result.stderr
     set_train(repo, total_steps=steps["a"], log_every=1)  # back to the first configuration: its state is still there
-    back = run(["mockingjay", "pretrain"], repo)
+    back = run(["mockingjay", "pretrain", *RECORDS], repo)
     assert back.returncode == 0, back.stderr[-3000:]
     assert f"resumed at step 3 from models/checkpoints/{names['a']}/step-000003" in back.stderr
+    # A finished run resumed at its last step (DVC reruns the stage when an upstream hash changes):
+    # its outputs still report the whole run, not an empty one.
+    assert "no step trained in this run" in back.stderr
+    resumed = json.loads((repo / "metrics/pretrain.json").read_text())
+    for key in ("steps", "heldout_loss_initial", "heldout_loss_final", "train_loss_final"):
+        assert resumed[key] == metrics[key], key
+    assert resumed["audio_seconds_per_second"] is None and metrics["audio_seconds_per_second"] > 0
+    assert (repo / "plots/pretrain_loss.tsv").read_text() == plot
 
     listed = run(["mockingjay", "checkpoints", "list"], repo)
     assert listed.returncode == 0, listed.stderr
@@ -172,3 +183,19 @@ def test_trying_other_configurations_keeps_every_resume_state_until_removed(repo
     assert sorted(p.name for p in (repo / "models/checkpoints").glob("config-*")) == sorted([names["a"], names["c"]])
     missing = run(["mockingjay", "checkpoints", "remove", names["b"]], repo)
     assert missing.returncode == 1 and f"{names['b']}: no such resume state" in missing.stderr, missing.stderr
+
+
+def test_other_features_of_the_same_shape_start_afresh(repo):
+    set_train(repo, total_steps=8)
+    first = run(["mockingjay", "pretrain"], repo)
+    assert first.returncode == 0, first.stderr
+    # other features with the same shape (no CMVN instead of per-utterance): not resumed
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["featurize"]["cmvn"] = "none"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    featurized = run(["mockingjay", "featurize"], repo)
+    assert featurized.returncode == 0, featurized.stderr
+    other_features = run(["mockingjay", "pretrain"], repo)
+    assert other_features.returncode == 0, other_features.stderr
+    assert "starting afresh" in other_features.stderr and "resumed at step" not in other_features.stderr
+    assert len(list((repo / "models/checkpoints").glob("config-*"))) == 2  # the first run's state is kept

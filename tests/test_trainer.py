@@ -40,7 +40,7 @@ def write_corpus(path: Path, count: int, seed: int, poison: bool = False) -> Non
         store.data.flush()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": see conftest.py, scheduling
 def corpus(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("features")
     write_corpus(root / "train", 48, seed=0)
