@@ -18,7 +18,6 @@ from mockingjay.manifest import read_manifest
 from .conftest import (
     ARCTIC_DIR,
     PARAMS,
-    TINY_PIPELINE,
     copy_repo,
     file_stats,
     make_repo,
@@ -75,19 +74,10 @@ DETAILS = {
     "dup.flac": "utterance id 'bad_dup' occurs 2 times",
 }
 
-SMALL_RUN = {
-    "pretrain": {**TINY_PIPELINE["pretrain"], "train": {**TINY_PIPELINE["pretrain"]["train"],
-                                                        "total_steps": 2, "log_every": 1, "checkpoint_every": 2}},
-    "extract": TINY_PIPELINE["extract"],
-    "probe": {**TINY_PIPELINE["probe"], "phone": {**TINY_PIPELINE["probe"]["phone"], "epochs": 2},
-              "speaker": {**TINY_PIPELINE["probe"]["speaker"], "epochs": 20}},
-}
 
-
-def test_bad_files_are_each_named_and_skip_runs_the_whole_pipeline_reporting_every_one(tmp_path):
+def test_bad_files_are_each_named_and_skip_runs_the_data_stages_reporting_every_one(tmp_path):
     bad_corpus = {"name": "bad", "format": "arctic", "path": "data/bad", "align": True}
-    params = {**PARAMS, "prepare": {**PARAMS["prepare"], "corpora": [*PARAMS["prepare"]["corpora"], bad_corpus]},
-              **SMALL_RUN}
+    params = {**PARAMS, "prepare": {**PARAMS["prepare"], "corpora": [*PARAMS["prepare"]["corpora"], bad_corpus]}}
     repo = make_repo(tmp_path / "repo", params)
     # data/bad is not a DVC dependency: DVC itself must not need to read the unreadable file.
     expected = plant_bad_files(repo / "data/bad")
@@ -104,7 +94,9 @@ def test_bad_files_are_each_named_and_skip_runs_the_whole_pipeline_reporting_eve
 
     params["prepare"]["on_error"] = "skip"
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    done = run([*as_user, "dvc", "repro"], repo)
+    # The data stages: pretrain, extract and probe read only the features (which hold none of the
+    # skipped files) and run on them like on any others (the pipeline tests), so they are left out.
+    done = run([*as_user, "dvc", "repro", "featurize"], repo)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for name, detail in DETAILS.items():  # one line per skipped file, naming it and saying why
         assert re.search(rf"prepare: skipped data/bad/{re.escape(name)}: .*{re.escape(detail)}", done.stderr), name
@@ -126,8 +118,7 @@ def test_bad_files_are_each_named_and_skip_runs_the_whole_pipeline_reporting_eve
     assert "bad_oov" not in RaggedArray(repo / "data/alignments/frame_labels").ids
     assert "arctic_aew_a0003" in RaggedArray(repo / "data/alignments/frame_labels").ids  # same audio, good text
 
-    assert (repo / "metrics/probe.json").is_file() and (repo / "models/pretrain/model/model.safetensors").is_file()
-    status = run(["dvc", "status"], repo)
+    status = run(["dvc", "status", "featurize"], repo)
     assert "up to date" in status.stdout, status.stdout
 
 
