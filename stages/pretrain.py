@@ -69,8 +69,8 @@ class PretrainConfig:
 
 def resolve_configs(section_values: dict, feature_dim: int, target_dim: int):
     """(ModelConfig, MaskConfig, TrainConfig) from params; every error names `pretrain.<...>`."""
-    from mockingjay.masking import MASK_PRESETS, MaskConfig
-    from mockingjay.model import PRESETS, ModelConfig, preset_config
+    from mockingjay.mask_config import MaskConfig, mask_preset_config
+    from mockingjay.model_config import PRESETS, ModelConfig, preset_config
 
     config = from_section(PretrainConfig, section_values, "pretrain")
     if config.preset not in PRESETS:
@@ -93,7 +93,7 @@ def resolve_configs(section_values: dict, feature_dim: int, target_dim: int):
     except (ValueError, TypeError) as err:
         raise ParamError(str(err).replace("ModelConfig.", "pretrain.model.")) from err
     try:
-        mask = MaskConfig.from_dict({**MASK_PRESETS[config.preset].to_dict(), **config.mask})
+        mask = mask_preset_config(config.preset, **config.mask)
     except (ValueError, TypeError) as err:
         raise ParamError(str(err).replace("MaskConfig.", "pretrain.mask.")) from err
     try:

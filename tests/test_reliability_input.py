@@ -168,10 +168,6 @@ def imported_modules(stderr: str) -> set[str]:
     return {m.group(1).split(".")[0] for m in re.finditer(r"^import time:.*\|\s*([\w.]+)$", stderr, re.M)}
 
 
-# Commands whose settings need no torch to validate: a mistake is reported before torch loads (~2 s).
-VALIDATED_WITHOUT_TORCH = ("prepare", "featurize", "probe")
-
-
 @pytest.mark.parametrize("case", list(INVALID))
 def test_invalid_param_is_named_before_any_work(finished, tmp_path, case):
     command, change, name = INVALID[case]
@@ -185,8 +181,8 @@ def test_invalid_param_is_named_before_any_work(finished, tmp_path, case):
                  env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert result.returncode == 2, result.stderr
     assert "typer" in imported_modules(result.stderr)  # the import log is there to be read
-    if command[0] in VALIDATED_WITHOUT_TORCH:
-        assert not {"torch", "mlflow"} & imported_modules(result.stderr)
+    # every command validates its settings without torch: a mistake is reported before it loads (~2 s)
+    assert not {"torch", "mlflow"} & imported_modules(result.stderr)
     assert f"error: invalid parameter: {name}" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # no output, not even a folder
