@@ -87,6 +87,13 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
     return value
 
 
+def unknown_fields(cls: type, values: Any) -> tuple[list[str], list[str]]:
+    """(the keys of mapping `values` that are not fields of dataclass `cls`, sorted; its fields, in
+    order): the one unknown-key check, which each caller words for its audience."""
+    fields = [f.name for f in dataclasses.fields(cls)]
+    return sorted(set(values) - set(fields)), fields
+
+
 def from_section(cls: type[T], section: Any, name: str) -> T:
     """Build dataclass `cls` from a params mapping; unknown keys and bad types name the parameter.
 
@@ -97,8 +104,7 @@ def from_section(cls: type[T], section: Any, name: str) -> T:
         section = {}
     if not isinstance(section, dict):
         raise ParamError(f"{name}: expected a mapping, got {section!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(section) - set(fields))
+    unknown, fields = unknown_fields(cls, section)
     if unknown:
         raise ParamError(f"{name}: unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)

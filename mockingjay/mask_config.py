@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from mockingjay.config import unknown_fields
+
 
 @dataclass(frozen=True)
 class MaskConfig:
@@ -66,8 +68,7 @@ class MaskConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MaskConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown, known = unknown_fields(cls, values)
         if unknown:
             raise ValueError(f"unknown MaskConfig keys {unknown}; valid keys: {sorted(known)}")
         return cls(**values)

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mockingjay.config import unknown_fields
+
 # The non-linearities s3prl's `hidden_act` names (BERT's ACT2FN; mockingjay.model.ACTIVATIONS
 # holds the functions); gelu is the exact erf form.
 ACTIVATION_NAMES = ("gelu", "relu", "swish")
@@ -74,8 +76,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown, known = unknown_fields(cls, values)
         if unknown:
             raise ValueError(f"unknown ModelConfig keys {unknown}; valid keys: {sorted(known)}")
         missing = sorted(f.name for f in dataclasses.fields(cls)

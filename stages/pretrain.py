@@ -34,7 +34,7 @@ from pathlib import Path
 import typer
 
 from mockingjay import resume_state
-from mockingjay.config import ParamError, from_section, to_flat_dict
+from mockingjay.config import ParamError, from_section, to_flat_dict, unknown_fields
 from mockingjay.featstore import RaggedArray
 from mockingjay.feature_config import FeatureConfig
 from mockingjay.resume_state import TRAIN_LOG
@@ -137,8 +137,7 @@ def write_snapshots(checkpoints: Path, steps: list[int], out: Path) -> list[Path
 
 
 def _check_keys(values: dict, cls, name: str) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    unknown, known = unknown_fields(cls, values)
     if unknown:
         raise ParamError(f"{name}: unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
 
