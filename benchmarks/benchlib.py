@@ -96,7 +96,7 @@ def store_summary(path: Path) -> dict:
     frames = int(store.lengths.sum())
     return {"utterances": len(store), "frames": frames, "dim": store.dim,
             "audio_hours": round(frames / store_frame_rate(store) / 3600, 4),
-            "bytes": int((Path(path) / "data.bin").stat().st_size),
+            "bytes": int(store.data.nbytes),  # the data file's size (RaggedArray checks it)
             "uniform_length": bool(len(store) and store.lengths.min() == store.lengths.max())}
 
 

@@ -129,10 +129,11 @@ def previous_write(rows, config: FeatureConfig, out: Path, workers: int) -> None
 
     from mockingjay.featstore import RaggedWriter
     from mockingjay.manifest import SPLITS
+    from mockingjay.store_layout import labels_store
 
     paths = [r.path for r in rows]
     writers = {s: RaggedWriter(out / s, config.dim, "float16", {}) for s in SPLITS}
-    labels = {s: RaggedWriter(out / "labels" / s, 1, "int16", {}) for s in SPLITS}
+    labels = {s: RaggedWriter(labels_store(out, s), 1, "int16", {}) for s in SPLITS}
     with ProcessPoolExecutor(workers, initializer=_previous_init, initargs=(config,)) as pool:
         for row, feats in zip(rows, pool.map(_previous_featurize, paths, chunksize=8)):
             writers[row.split].append(row.utt_id, feats)
@@ -245,9 +246,10 @@ def reference_features(path: str, config: FeatureConfig, mel: torch.nn.Module, c
 def check_against_reference(store_dir: Path, rows, config: FeatureConfig) -> dict:
     """How far the stored float16 features are from the direct torch computation (float32)."""
     from mockingjay.featstore import RaggedArray
+    from mockingjay.store_layout import feature_config_file
 
     stores = {s: RaggedArray(store_dir / s) for s in ("train", "dev", "test")}
-    resolved = json.loads((store_dir / "feature_config.json").read_text())
+    resolved = json.loads(feature_config_file(store_dir).read_text())
     mel = reference_mel(config)
     worst, exact, values = 0.0, 0, 0
     for row in rows:

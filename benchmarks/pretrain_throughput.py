@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mockingjay.batching import FeatureDataset  # noqa: E402
+from mockingjay.featstore import is_store  # noqa: E402
 from mockingjay.masking import MaskConfig, mam_l1_loss, mask_batch  # noqa: E402
 from mockingjay.model import (  # noqa: E402
     SDPA_PRIORITY,
@@ -229,9 +230,9 @@ def model_only(args) -> dict:
 def resolve_feature_stores(path: Path) -> list[Path]:
     """A featurize output folder -> its train (+ dev) stores, as the pretrain stage reads; a store -> itself."""
     path = Path(path)
-    if (path / "meta.json").is_file():
+    if is_store(path):
         return [path]
-    stores = [path / split for split in ("train", "dev") if (path / split / "meta.json").is_file()]
+    stores = [path / split for split in ("train", "dev") if is_store(path / split)]
     if not stores:
         raise SystemExit(f"{path}: neither a feature store nor a featurize output folder with train/")
     return stores

@@ -46,6 +46,7 @@ import torch  # noqa: E402
 from mockingjay.config import from_section, load_params  # noqa: E402
 from mockingjay.featstore import RaggedArray  # noqa: E402
 from mockingjay.probe import open_representations, probe_phones, probe_speakers, read_speakers  # noqa: E402
+from mockingjay.store_layout import utterances_table  # noqa: E402
 from stages.probe import ProbeStageConfig  # noqa: E402
 
 SPLITS = ("train", "dev", "test")
@@ -54,7 +55,7 @@ SPLITS = ("train", "dev", "test")
 def compute_seconds(data: Path, layers: list[int] | None, include_input: bool, config: ProbeStageConfig) -> dict:
     reps = open_representations(data / "data/representations", layers=layers, include_input=include_input)
     labels = {split: RaggedArray(data / "data/features/labels" / split) for split in SPLITS}
-    speakers = read_speakers(data / "data/features/utterances.tsv")
+    speakers = read_speakers(utterances_table(data / "data/features"))
     started = time.perf_counter()
     phone = probe_phones(reps, labels, config.phone.training(), progress=False)
     middle = time.perf_counter()

@@ -253,7 +253,9 @@ def part_featurize(args, sizes: list[int], tmp: Path) -> dict:
 
 
 def base_stores(args, tmp: Path) -> tuple[list[Path], str]:
-    stores = [args.features / s for s in ("train", "dev") if (args.features / s / "meta.json").is_file()]
+    from mockingjay.featstore import is_store
+
+    stores = [args.features / s for s in ("train", "dev") if is_store(args.features / s)]
     if stores and not args.quick:
         return stores, str(args.features)
     # No featurize output (or a smoke run): a synthetic stand-in of the bundled corpus's shape.

@@ -30,6 +30,7 @@ from mockingjay.featstore import RaggedArray  # noqa: E402
 from mockingjay.masking import MASK_PRESETS  # noqa: E402
 from mockingjay.model import preset_config  # noqa: E402
 from mockingjay.probe import ProbeConfig, probe_online, read_speakers  # noqa: E402
+from mockingjay.store_layout import labels_store, utterances_table  # noqa: E402
 from mockingjay.trainer import TrainConfig, TrainData, train  # noqa: E402
 
 SPLITS = ("train", "dev", "test")
@@ -58,8 +59,8 @@ def main() -> None:
                                max_length=1500, log_every=max(1, args.steps // 10), checkpoint_every=args.probe_every,
                                keep_checkpoints=1000, device=device, progress=False)
     features = {split: RaggedArray(args.features / split) for split in SPLITS}
-    labels = {split: RaggedArray(args.features / "labels" / split) for split in SPLITS}
-    speakers = read_speakers(args.features / "utterances.tsv")
+    labels = {split: RaggedArray(labels_store(args.features, split)) for split in SPLITS}
+    speakers = read_speakers(utterances_table(args.features))
     phone = ProbeConfig(epochs=args.probe_epochs, batch_size=1024)
     speaker = ProbeConfig(epochs=300, batch_size=0, learning_rates=(1e-2,))
     with tempfile.TemporaryDirectory() as tmp:

@@ -23,11 +23,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mockingjay.featstore import RaggedArray
+from mockingjay.featstore import RaggedArray, is_store
+from mockingjay.store_layout import target_store
 
 BatchItem = tuple[int, int, int]  # (utterance index, first frame, end frame)
-
-TARGET_SUFFIX = "_target"
 
 
 class LengthBucketBatchSampler:
@@ -171,9 +170,8 @@ class LengthBucketBatchSampler:
 
 def default_target_path(input_path: str | Path) -> Path | None:
     """The target store beside an input store (`train` -> `train_target`), if one exists."""
-    path = Path(input_path)
-    candidate = path.with_name(path.name + TARGET_SUFFIX)
-    return candidate if (candidate / "meta.json").is_file() else None
+    candidate = target_store(input_path)
+    return candidate if is_store(candidate) else None
 
 
 class FeatureBatch(NamedTuple):

@@ -11,7 +11,8 @@ Layout::
         config.json         as above
 
 Every directory is written into a hidden temporary sibling (`.step-000100.tmp-<pid>`), each file
-fsynced, then renamed into place: a crash leaves at most a temporary directory, which readers
+fsynced, then renamed into place (`mockingjay.atomic`; the weights and trainer-state writers and
+the RNG states are `mockingjay.tensor_files`'): a crash leaves at most a temporary directory, which readers
 ignore. `trainer_state.pt` holds only tensors, numbers, strings, lists and dicts, so it loads with
 `torch.load(weights_only=True)`. Each `model.safetensors` records the model config it was saved
 with (metadata `model_config`): loading refuses a config.json edited since.
@@ -23,17 +24,19 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_model, save_model
+
+from mockingjay import atomic
+from mockingjay.store_layout import feature_config_file
+from mockingjay.tensor_files import save_safetensors, save_torch
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -64,125 +67,6 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             model = model.module
         else:
             return model
-
-
-# -- atomic writes; torch's and safetensors' failed writes said as the OSErrors they are -----
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _umask_file_mode() -> int:
-    mask = os.umask(0)  # the only way to read the umask is to set it: put it straight back
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def write_directory_atomically(final: Path, write: Callable[[Path], None]) -> Path:
-    """Run `write(tmp_dir)`, fsync what it wrote, then rename `tmp_dir` to `final`.
-
-    Every file gets the mode a plain `open()` would give it (0666 less the umask): safetensors
-    writes through a private temporary file (mode 0600), which left `model.safetensors` unreadable
-    to the group and others while every other output was 0644.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    mode = _umask_file_mode()
-    try:
-        write(tmp)
-        for file in tmp.iterdir():
-            if file.is_file():
-                os.chmod(file, mode)
-            _fsync_path(file)
-        _fsync_path(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if final.exists():  # e.g. the same step written again after a resume: replace it
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync_path(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def save_torch(obj: Any, file: str | Path) -> None:
-    """`torch.save` through a file object of ours, so that a failed write (full disk, file size
-    limit) raises the OSError it is, naming the file. Given a path, torch writes through its own
-    C++ writer and says only `enforce fail at inline_container.cc ... unexpected pos`."""
-    writer = None
-    try:
-        with open(file, "wb", buffering=0) as f:
-            writer = _WholeWrites(f)
-            torch.save(obj, writer)
-    except OSError as err:
-        raise _named(err, file) from None
-    except RuntimeError:
-        if writer is None or writer.error is None:
-            raise
-        raise _named(writer.error, file) from None  # torch swallowed it into `unexpected pos`
-
-
-class _WholeWrites:
-    """A file whose `write` writes every byte or raises the OSError, and keeps it: torch's writer
-    reports some failed writes (a partial write at a file size limit) as its own RuntimeError."""
-
-    def __init__(self, f):
-        self._fd = f.fileno()
-        self.error: OSError | None = None
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        try:
-            while view:
-                view = view[os.write(self._fd, view):]
-        except OSError as err:
-            self.error = err
-            raise
-        return memoryview(data).nbytes
-
-    def flush(self) -> None:
-        pass
-
-
-def save_safetensors(save: Callable[..., None], what: Any, file: str | Path, metadata: dict[str, str]) -> None:
-    """`save(what, file, metadata=...)` of safetensors, whose failed write is a SafetensorError
-    ("Error while serializing: I/O error: File too large (os error 27)"): said as the OSError it
-    is, naming the file.
-
-    At most one metadata key: safetensors writes its metadata map in no fixed order, so with two
-    keys the same weights become a different file from run to run (DVC hashes, bitwise checks)."""
-    if len(metadata) > 1:
-        raise ValueError(f"{file}: one safetensors metadata key at most (the file must be deterministic), "
-                         f"got {sorted(metadata)}")
-    try:
-        save(what, str(file), metadata=metadata)
-    except OSError as err:
-        raise _named(err, file) from None
-    except Exception as err:  # noqa: BLE001 - safetensors_rust.SafetensorError has no importable base here
-        code = re.search(r"os error (\d+)|Os \{ code: (\d+)", str(err))
-        if code is None:
-            raise
-        errno = int(code.group(1) or code.group(2))
-        raise OSError(errno, os.strerror(errno), str(file)) from None
-
-
-def _named(err: OSError, file: str | Path) -> OSError:
-    if err.filename is not None or err.errno is None:
-        return err
-    return type(err)(err.errno, err.strerror, str(file))
 
 
 # The model config a weights file was saved with, in its safetensors metadata: an edited
@@ -216,53 +100,35 @@ def _check_model_metadata(path: Path, metadata: dict[str, str] | None) -> None:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    atomic.write_json(path, payload, sort_keys=True, default=None)
+
+
+def _umask_file_mode() -> int:
+    mask = os.umask(0)  # the only way to read the umask is to set it: put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_directory_atomically(final: Path, write: Callable[[Path], None]) -> Path:
+    """`atomic.write_directory_atomically`, every file given the mode a plain `open()` would give
+    it (0666 less the umask): safetensors writes through a private temporary file (mode 0600),
+    which left `model.safetensors` unreadable to the group and others while every other output
+    was 0644."""
+    mode = _umask_file_mode()
+
+    def write_with_modes(tmp: Path) -> None:
+        write(tmp)
+        for file in tmp.iterdir():
+            if file.is_file():
+                os.chmod(file, mode)
+
+    return atomic.write_directory_atomically(final, write_with_modes)
 
 
 def _config_payload(config: dict[str, Any]) -> dict[str, Any]:
     if "model" not in config:
         raise ValueError("config must have a 'model' section (ModelConfig.to_dict())")
     return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **config}
-
-
-# -- RNG states as weights_only-safe values ---------------------------------------------------
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """Python, numpy, torch and CUDA RNG states as tensors, ints and lists only."""
-    version, python_state, gauss = random.getstate()
-    name, keys, position, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
-    state: dict[str, Any] = {
-        "python": {"version": version, "state": list(python_state), "gauss": gauss},
-        "numpy": {
-            "name": name,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "position": int(position),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached_gaussian),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        # This process's own GPU only: asking for every device would open a context on each.
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    python = state["python"]
-    random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
-    numpy_state = state["numpy"]
-    np.random.set_state((
-        numpy_state["name"],
-        numpy_state["keys"].numpy().astype(np.uint32),
-        numpy_state["position"],
-        numpy_state["has_gauss"],
-        numpy_state["cached_gaussian"],
-    ))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 # -- training checkpoints ---------------------------------------------------------------------
@@ -459,6 +325,6 @@ def release_model_dir(source: str | Path, out: str | Path, feature_config: dict[
         save_safetensors(save_file, {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in weights.items()},
                          tmp / MODEL_FILE, metadata)
         _write_json(tmp / CONFIG_FILE, payload)
-        _write_json(tmp / "feature_config.json", feature_config)
+        _write_json(feature_config_file(tmp), feature_config)
 
     return write_directory_atomically(Path(out), write)

@@ -24,16 +24,14 @@ sees each window as an utterance of its own, as in pretraining, where utterances
 Memory stays bounded whatever the corpus size: utterances are batched in length-sorted order
 (little padding) with at most `batch_frames` padded frames per batch, and each batch's results go
 straight to disk. Because every output store has exactly the feature store's row layout, item i
-is written at the feature store's row offset of item i (preallocated file, positioned writes):
-output order equals input order without holding the corpus, or a reorder buffer, in memory.
+is written at the feature store's row offset of item i (`featstore.PresizedWriter`: preallocated
+file, positioned writes): output order equals input order without holding the corpus, or a
+reorder buffer, in memory. The store names are `store_layout.py`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -44,21 +42,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mockingjay.featstore import _DATA, _INDEX, _META, RaggedArray
+from mockingjay.featstore import PresizedWriter, RaggedArray
 from mockingjay.feature_config import frames_per_second
 from mockingjay.model import upsample_to_frames
+from mockingjay.store_layout import INPUT_STORE, layer_store_name
 
-INPUT_STORE = "input"
 ProgressCallback = Callable[[int, int], None]  # (frames done, total frames)
 
 
 class ExtractError(ValueError):
     """Extraction cannot run as asked (layer index out of range, feature dims mismatch)."""
-
-
-def layer_store_name(index: int) -> str:
-    """Directory name of hidden state `index`: 0 -> "layer_00" (input representation)."""
-    return f"layer_{index:02d}"
 
 
 def encoder_of(model: nn.Module) -> nn.Module:
@@ -241,62 +234,6 @@ def _padded_batch(store: RaggedArray, indices: np.ndarray, lengths: np.ndarray, 
     return features.to(device, non_blocking=True)
 
 
-class _PresizedStoreWriter:
-    """Writes a ragged store whose row layout (ids, offsets, lengths) copies `template`.
-
-    The data file is created at its final size and every item is written at its template offset,
-    in any order; `close()` checks that every item arrived, then publishes the directory
-    atomically (the same temporary-sibling-then-rename protocol as `RaggedWriter`).
-    """
-
-    def __init__(self, path: Path, template: RaggedArray, dim: int, attrs: dict):
-        self.path, self.template, self.dim, self.attrs = path, template, dim, attrs
-        self.dtype = np.dtype(np.float16)
-        self._tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        if self._tmp.exists():
-            shutil.rmtree(self._tmp)
-        self._tmp.mkdir(parents=True)
-        self._row_bytes = dim * self.dtype.itemsize
-        self._file = open(self._tmp / _DATA, "wb")
-        self._file.truncate(int(template.lengths.sum()) * self._row_bytes)  # sparse until written
-        self._written = np.zeros(len(template), dtype=bool)
-
-    def write(self, item: int, rows: np.ndarray, start: int = 0) -> None:
-        """Rows [start, start + len(rows)) of `item`; the item counts as written with its last rows
-        (windows of a long utterance arrive in order)."""
-        length = int(self.template.lengths[item])
-        if rows.ndim != 2 or rows.shape[1] != self.dim or start + rows.shape[0] > length:
-            raise ExtractError(f"item {self.template.ids[item]!r}: got {list(rows.shape)} rows at frame {start} for "
-                               f"[{length}, {self.dim}]")
-        self._file.seek((int(self.template.offsets[item]) + start) * self._row_bytes)
-        self._file.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
-        if start + rows.shape[0] == length:
-            self._written[item] = True
-
-    def close(self) -> Path:
-        self._file.close()
-        if not self._written.all():
-            missing = self.template.ids[int(np.flatnonzero(~self._written)[0])]
-            self.abort()
-            raise ExtractError(f"{self.path}: item {missing!r} was never written")
-        with open(self._tmp / _INDEX, "w") as f:
-            for item_id, offset, length in zip(self.template.ids, self.template.offsets, self.template.lengths):
-                f.write(f"{item_id}\t{offset}\t{length}\n")
-        meta = {"dtype": self.dtype.name, "dim": self.dim, "items": len(self.template),
-                "rows": int(self.template.lengths.sum()), "attrs": self.attrs}
-        (self._tmp / _META).write_text(json.dumps(meta, indent=2) + "\n")
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        os.replace(self._tmp, self.path)
-        RaggedArray(self.path)  # validates sizes and index: fail here, not in the probe
-        return self.path
-
-    def abort(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-        shutil.rmtree(self._tmp, ignore_errors=True)
-
-
 def _progress_reporter(progress: bool | ProgressCallback,
                        total_frames: int) -> tuple[ProgressCallback, Callable[[], None]]:
     if callable(progress):
@@ -350,14 +287,14 @@ def extract_representations(
     batches = length_sorted_batches(feature_store.lengths, batch_frames)
     common = {"source": str(feature_store.path), "frame_rate": "features",
               "downsample_rate": config.downsample_rate, "model_config": config.to_dict()}
-    writers: dict[str, _PresizedStoreWriter] = {}
+    writers: dict[str, PresizedWriter] = {}
     if include_input:
-        writers[INPUT_STORE] = _PresizedStoreWriter(out_dir / INPUT_STORE, feature_store, feature_store.dim,
-                                                    {**common, "kind": "input", "layer": None})
+        writers[INPUT_STORE] = PresizedWriter(out_dir / INPUT_STORE, feature_store, feature_store.dim,
+                                               {**common, "kind": "input", "layer": None})
     for index in layers:
         name = layer_store_name(index)
-        writers[name] = _PresizedStoreWriter(out_dir / name, feature_store, config.hidden_size,
-                                             {**common, "kind": "representation", "layer": index})
+        writers[name] = PresizedWriter(out_dir / name, feature_store, config.hidden_size,
+                                       {**common, "kind": "representation", "layer": index})
     total_frames = int(feature_store.lengths.sum())
     report, finish = _progress_reporter(progress, total_frames)
     started = time.perf_counter()

@@ -11,19 +11,27 @@ again and memory stays flat whatever the corpus size. Every value must be finite
 anything above 65504 into inf, and one NaN or inf gives a probe below the majority rate with no
 error. The writer refuses an item that holds one, and readers for training and probing open
 stores with `finite=True`, which checks the whole store once (vectorised, in chunks). A store is written into a
-temporary sibling directory and renamed into place when complete, so a reader never
+temporary sibling directory and renamed into place when complete (`mockingjay.atomic`), so a reader never
 sees a half-written store (a crash leaves only the temporary directory behind).
+
+This module is the only one that names, writes, reads or fingerprints these files: `RaggedWriter`
+appends items in order, `PresizedWriter` writes items in any order into the row layout of another
+store, `RaggedArray` reads, `is_store` and `fingerprint` look at a store without opening it. Which
+store lives where in a stage's folder is `store_layout.py`'s.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import shutil
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+from mockingjay.atomic import publish_directory, temporary_directory, write_json
 
 _META = "meta.json"
 _INDEX = "index.tsv"
@@ -32,6 +40,31 @@ _DATA = "data.bin"
 
 class StoreError(RuntimeError):
     """A store directory is missing, incomplete or inconsistent."""
+
+
+def is_store(path: str | Path) -> bool:
+    """True when `path` holds a complete store (its meta file is written last, on publishing)."""
+    return (Path(path) / _META).is_file()
+
+
+def fingerprint(stores: Iterable[str | Path]) -> str:
+    """sha256 (hex) of the stores' indexes in order: their utterance ids, offsets and lengths. Two
+    stores of the same utterances with the same lengths share it, whatever the values."""
+    digest = hashlib.sha256()
+    for store in stores:
+        digest.update((Path(store) / _INDEX).read_bytes())
+    return digest.hexdigest()
+
+
+def _publish(tmp: Path, path: Path, ids: Sequence[str], offsets: Iterable[int], lengths: Iterable[int],
+             dtype: np.dtype, dim: int, rows: int, attrs: dict) -> Path:
+    """Write the index and meta of the data file already in `tmp`, then rename `tmp` to `path`."""
+    with open(tmp / _INDEX, "w") as f:
+        for item_id, offset, length in zip(ids, offsets, lengths):
+            f.write(f"{item_id}\t{offset}\t{length}\n")
+    meta = {"dtype": dtype.name, "dim": dim, "items": len(ids), "rows": rows, "attrs": attrs}
+    write_json(tmp / _META, meta, default=None)
+    return publish_directory(tmp, path)
 
 
 def _split_of(path: Path) -> str:
@@ -61,10 +94,7 @@ class RaggedWriter:
         self.dim = int(dim)
         self.dtype = np.dtype(dtype)
         self.attrs = dict(attrs or {})
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        if self._tmp.exists():
-            shutil.rmtree(self._tmp)
-        self._tmp.mkdir(parents=True)
+        self._tmp = temporary_directory(self.path)
         self._data = open(self._tmp / _DATA, "wb")
         self._ids: list[str] = []
         self._offsets: list[int] = []
@@ -105,21 +135,8 @@ class RaggedWriter:
 
     def close(self) -> Path:
         self._data.close()
-        with open(self._tmp / _INDEX, "w") as f:
-            for item_id, offset, length in zip(self._ids, self._offsets, self._lengths):
-                f.write(f"{item_id}\t{offset}\t{length}\n")
-        meta = {
-            "dtype": self.dtype.name,
-            "dim": self.dim,
-            "items": len(self._ids),
-            "rows": self._rows,
-            "attrs": self.attrs,
-        }
-        (self._tmp / _META).write_text(json.dumps(meta, indent=2) + "\n")
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        os.replace(self._tmp, self.path)
-        return self.path
+        return _publish(self._tmp, self.path, self._ids, self._offsets, self._lengths, self.dtype, self.dim,
+                        self._rows, self.attrs)
 
     def abort(self) -> None:
         self._data.close()
@@ -133,6 +150,56 @@ class RaggedWriter:
             self.close()
         else:
             self.abort()
+
+
+class PresizedWriter:
+    """Writes a store whose row layout (ids, offsets, lengths) copies `template`'s, items in any order.
+
+    The data file is created at its final size (sparse until written) and every item is written at
+    its template offset, so a writer fed in another order (extraction's length-sorted batches) needs
+    no reorder buffer. `close()` checks that every item arrived, then publishes the store as
+    `RaggedWriter` does and opens it once to validate sizes and index. `abort()` removes it.
+    """
+
+    def __init__(self, path: str | Path, template: RaggedArray, dim: int, attrs: dict | None = None,
+                 dtype: str = "float16"):
+        self.path, self.template, self.dim = Path(path), template, int(dim)
+        self.attrs = dict(attrs or {})
+        self.dtype = np.dtype(dtype)
+        self._tmp = temporary_directory(self.path)
+        self._row_bytes = self.dim * self.dtype.itemsize
+        self._file = open(self._tmp / _DATA, "wb")
+        self._file.truncate(int(template.lengths.sum()) * self._row_bytes)
+        self._written = np.zeros(len(template), dtype=bool)
+
+    def write(self, item: int, rows: np.ndarray, start: int = 0) -> None:
+        """Rows [start, start + len(rows)) of item number `item`; the item counts as written with its
+        last rows (windows of a long utterance arrive in order)."""
+        length = int(self.template.lengths[item])
+        if rows.ndim != 2 or rows.shape[1] != self.dim or start + rows.shape[0] > length:
+            raise ValueError(f"{self.path}: item {self.template.ids[item]!r}: got {list(rows.shape)} rows at frame "
+                             f"{start} for [{length}, {self.dim}]")
+        self._file.seek((int(self.template.offsets[item]) + start) * self._row_bytes)
+        self._file.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
+        if start + rows.shape[0] == length:
+            self._written[item] = True
+
+    def close(self) -> Path:
+        self._file.close()
+        if not self._written.all():
+            missing = self.template.ids[int(np.flatnonzero(~self._written)[0])]
+            self.abort()
+            raise StoreError(f"{self.path}: item {missing!r} was never written")
+        template = self.template
+        _publish(self._tmp, self.path, template.ids, template.offsets, template.lengths, self.dtype, self.dim,
+                 int(template.lengths.sum()), self.attrs)
+        RaggedArray(self.path)  # validates sizes and index: fail here, not in the probe
+        return self.path
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        shutil.rmtree(self._tmp, ignore_errors=True)
 
 
 class RaggedArray:

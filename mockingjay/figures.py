@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from .masking import MaskConfig, mask_batch  # noqa: E402
+from .store_layout import INPUT_STORE, LAYER_PREFIX  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
@@ -84,10 +85,10 @@ def plot_probe_accuracy(rows: list[dict], path: Path, extra: dict[str, dict[str,
                    if t in ("phone", "speaker", "keyword") else 9)
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        layers = sorted((r for r in rows if r["task"] == task and r["layer"] != "input"), key=lambda r: r["layer"])
+        layers = sorted((r for r in rows if r["task"] == task and r["layer"] != INPUT_STORE), key=lambda r: r["layer"])
         ax.plot([r["layer"] for r in layers], [r["accuracy"] * 100 for r in layers], marker="o", color="C0",
                 label="hidden state")
-        baseline = [r for r in rows if r["task"] == task and r["layer"] == "input"]
+        baseline = [r for r in rows if r["task"] == task and r["layer"] == INPUT_STORE]
         if baseline:
             ax.axhline(baseline[0]["accuracy"] * 100, linestyle="--", color="C3", label="log-mel input")
         ax.axhline(rows[[r["task"] for r in rows].index(task)]["majority_rate"] * 100, linestyle=":", color="grey",
@@ -109,7 +110,7 @@ def plot_layer_weights(weights: dict[str, dict[str, float]], path: Path) -> Path
     for ax, (task, layer_weights) in zip(axes[0], weights.items()):
         names = list(layer_weights)
         ax.bar(range(len(names)), [layer_weights[n] for n in names], color="C2")
-        ax.set_xticks(range(len(names)), [n.replace("layer_", "") for n in names])
+        ax.set_xticks(range(len(names)), [n.removeprefix(LAYER_PREFIX) for n in names])
         ax.set_title(f"{task}: weighted-sum layer weights")
         ax.set_xlabel("hidden state")
         ax.set_ylim(0, 1)

@@ -24,7 +24,6 @@ paths hand the heads exactly the same numbers in the same order, so they give id
 from __future__ import annotations
 
 import csv
-import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -33,7 +32,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mockingjay.extract import INPUT_STORE, layer_store_name
 from mockingjay.featstore import RaggedArray
 from mockingjay.phones import PHONES
 from mockingjay.probe_heads import (
@@ -48,13 +46,13 @@ from mockingjay.probe_heads import (
     train_heads,
 )
 from mockingjay.probe_plan import build_heads, fraction_masks, fraction_members, head_grid
+from mockingjay.store_layout import INPUT_STORE, layer_indices, layer_store_name
 
 __all__ = ["PHONE_PROBE", "SPEAKER_PROBE", "ProbeConfig", "ProbeError", "open_representations", "probe_online",
            "probe_labels", "probe_phones", "probe_speakers", "probe_utterances", "read_speakers", "utterance_stats"]
 
 SPLITS = ("train", "dev", "test")
 Representations = Mapping[str, Mapping[str, RaggedArray]]  # split -> store name -> store
-_LAYER_DIR = re.compile(r"^layer_(\d+)$")
 
 
 def open_representations(root: str | Path, layers: Sequence[int] | None = None, include_input: bool = True,
@@ -67,7 +65,7 @@ def open_representations(root: str | Path, layers: Sequence[int] | None = None, 
     Raises ProbeError naming the valid range when a requested layer was not extracted.
     """
     root = Path(root)
-    found = sorted(int(m.group(1)) for p in (root / splits[0]).glob("layer_*") if (m := _LAYER_DIR.match(p.name)))
+    found = layer_indices(root / splits[0])
     if layers is None:
         layers = found
     for index in layers:

@@ -10,8 +10,9 @@ take a plain `ProbeConfig`.
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
+
+from mockingjay.store_layout import is_store_name
 
 KINDS = ("linear", "mlp", "weighted_sum")
 
@@ -90,7 +91,7 @@ class MLPSettings:
     def validate(self) -> None:
         if self.weight_decays is not None and (not self.weight_decays or min(self.weight_decays) < 0):
             raise ProbeError(f"weight_decays: need at least one, all >= 0, or null; got {self.weight_decays}")
-        bad = [n for n in self.layers if n != "input" and not re.fullmatch(r"layer_\d\d", n)]
+        bad = [n for n in self.layers if not is_store_name(n)]
         if bad:
             raise ProbeError(f"layers: expected store names like input or layer_03, got {bad}")
         if self.hidden_size < 1:

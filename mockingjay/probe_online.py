@@ -40,11 +40,9 @@ from torch import Tensor, nn
 
 from mockingjay.extract import (
     DEFAULT_WINDOW_FRAMES,
-    INPUT_STORE,
     EncodedBatch,
     encode_batches,
     encoder_of,
-    layer_store_name,
     length_sorted_batches,
     resolve_layers,
 )
@@ -63,6 +61,7 @@ from mockingjay.probe_heads import (
     predict,
     train_heads,
 )
+from mockingjay.store_layout import INPUT_STORE, layer_store_name
 
 
 class _FrameLabels:

@@ -2,8 +2,8 @@
 
 A probe task trains, in one pass over its data, a set of heads keyed by name:
 
-* `linear`: the paper's linear softmax on one layer (`LayerHeads`), keyed by the layer name
-  (`input`, `layer_00`, ...) at label fraction 1 and `<layer>@<fraction>` below it;
+* `linear`: the paper's linear softmax on one layer (`LayerHeads`), keyed by the layer's store
+  name (`input`, `layer_00`, ...: `store_layout.py`) at label fraction 1 and `<layer>@<fraction>` below it;
 * `weighted_sum`: a softmax-weighted sum of the hidden states (`layer_00` .. `layer_NN`, not the
   log-mel input, whose width differs) into one linear softmax, keyed `weighted_sum[@fraction]`;
 * `mlp`: one hidden layer on one layer, keyed `mlp:<layer>`, trained on all labels (its cost is
@@ -39,9 +39,9 @@ from mockingjay.probe_heads import (
     ProbeError,
     TorchHeads,
 )
+from mockingjay.store_layout import INPUT_STORE
 
 SPLITS = ("train", "dev", "test")
-INPUT_NAME = "input"
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def build_heads(names: Sequence[str], moments: Mapping[str, tuple[np.ndarray, np
     heads: dict[str, LayerHeads | TorchHeads] = {}
     epochs: dict[str, int] = {}
     described: dict[str, tuple[str, str, float]] = {}
-    hidden = [n for n in names if n != INPUT_NAME]
+    hidden = [n for n in names if n != INPUT_STORE]
     for fraction in fractions:
         if "linear" in kinds:
             for name in names:

@@ -26,6 +26,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
+from mockingjay.atomic import publish_directory
+
 STATE_PREFIX = "config-"
 TRAIN_LOG = "train_log.jsonl"
 LOCK_FILE = ".lock"
@@ -85,7 +87,7 @@ def adopt_legacy(checkpoints: Path, stored_config: dict[str, Any]) -> Path:
     tmp.mkdir()
     for entry in legacy_entries(checkpoints):
         os.replace(entry, tmp / entry.name)
-    os.replace(tmp, dest)  # the state appears under its name whole, or stays in the hidden folder
+    publish_directory(tmp, dest)  # the state appears under its name whole, or stays in the hidden folder
     return dest
 
 

@@ -29,11 +29,9 @@ from tqdm import tqdm
 
 from mockingjay.batching import FeatureDataset, LengthBucketBatchSampler, make_loader
 from mockingjay.checkpoint import (
-    capture_rng_state,
     latest_checkpoint,
     load_trainer_state,
     load_weights,
-    restore_rng_state,
     save_checkpoint,
     save_model_dir,
 )
@@ -42,6 +40,7 @@ from mockingjay.distributed import setup_distributed
 from mockingjay.masking import MaskConfig, mam_l1_loss, mask_batch
 from mockingjay.model import MockingjayForMAM, ModelConfig
 from mockingjay.schedule import warmup_linear_decay
+from mockingjay.tensor_files import capture_rng_state, restore_rng_state
 from mockingjay.train_config import TrainConfig, TrainData
 
 Callback = Callable[[dict[str, Any]], None]

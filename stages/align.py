@@ -42,6 +42,7 @@ from mockingjay.phones import (
     segments_to_frame_labels,
     write_lab,
 )
+from mockingjay.store_layout import frame_labels_store
 
 from . import tracking
 from .common import (
@@ -181,7 +182,7 @@ def main(
         results.update(align_rows(to_align, workers, corpus_lexicons(params)))
         (tmp / "lab").mkdir()
         attrs = {"hop_length": features.hop_length, "sample_rate": features.sample_rate, "phones": list(PHONES)}
-        with RaggedWriter(tmp / "frame_labels", 1, "int16", attrs) as writer:
+        with RaggedWriter(frame_labels_store(tmp), 1, "int16", attrs) as writer:
             for row in sorted(rows, key=lambda r: r.utt_id):
                 result = results[row.utt_id]
                 count = num_frames(row.num_samples, features.hop_length)

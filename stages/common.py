@@ -8,7 +8,6 @@ import difflib
 import functools
 import json
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -18,7 +17,10 @@ from typing import Any, Callable, Iterator
 
 import typer
 
+# write_json and write_text_atomically: the stages import them from here (mockingjay.atomic owns them)
+from mockingjay.atomic import atomic_directory, write_json, write_text_atomically  # noqa: F401
 from mockingjay.config import ParamError, load_params
+from mockingjay.store_layout import feature_config_file
 
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="params file to read the stage's section from")
 
@@ -269,18 +271,15 @@ def check_writable(path: Path, option: str) -> None:
 
 @contextlib.contextmanager
 def atomic_output_dir(path: Path, stage: str | None = None, force: bool = False) -> Iterator[Path]:
-    """Build an output folder beside its final place and move it there only when complete.
+    """Build an output folder beside its final place (`.<name>.partial`) and move it there only when
+    complete (`mockingjay.atomic.atomic_directory`: fsynced, renamed; removed on any error).
 
     The folder gets the marker file of `stage`; what it replaces is checked again at the end (the
     folder may have changed during the work): only an empty folder or one this stage made, unless
     `force`. Callers check the folder with `check_output_dir` before any work.
     """
     path = Path(os.path.abspath(path))  # "./" has no name to build a sibling from
-    tmp = path.with_name(f".{path.name}.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(path, "partial") as tmp:
         yield tmp
         write_json(tmp / OUTPUT_MARKER, {"made_by": f"mockingjay {stage}" if stage else "mockingjay"})
         if path.is_dir() and not force:
@@ -289,31 +288,6 @@ def atomic_output_dir(path: Path, stage: str | None = None, force: bool = False)
             if not ours and any(path.iterdir()):
                 raise StageError(f"{path} became a non-empty folder the stage did not make while it ran; "
                                  "left as it is (pass --force to replace it)")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write beside `path`, then rename: a reader sees the old file or the new one, never half. A
-    failed write (a full disk) removes the half-written temporary and names it in the OSError."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        if err.filename is None and err.errno is not None:  # a failed write() names no file
-            raise OSError(err.errno, err.strerror, str(tmp)) from None
-        raise
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, payload: Any) -> None:
-    write_text_atomically(path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def worker_count(requested: int) -> int:
@@ -328,7 +302,7 @@ def worker_count(requested: int) -> int:
 
 def read_feature_config(features_dir: Path) -> dict:
     """The featurize stage's resolved settings (feature_config.json, global CMVN stats included)."""
-    config_path = features_dir / "feature_config.json"
+    config_path = feature_config_file(features_dir)
     if not config_path.is_file():
         raise StageError(f"{config_path} not found; run the featurize stage first")
     return json.loads(config_path.read_text())

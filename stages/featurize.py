@@ -41,6 +41,14 @@ from mockingjay.config import from_section, to_flat_dict
 from mockingjay.featstore import RaggedArray, RaggedWriter
 from mockingjay.feature_config import FeatureConfig, feature_config, num_frames
 from mockingjay.manifest import SPLITS, ManifestRow, read_manifest
+from mockingjay.store_layout import (
+    feature_config_file,
+    frame_labels_store,
+    labels_dir,
+    labels_store,
+    target_store,
+    utterances_table,
+)
 
 from . import tracking
 from .common import (
@@ -214,7 +222,7 @@ def compute_features(
 def load_frame_labels(alignments: Path | None, config: FeatureConfig) -> RaggedArray | None:
     if alignments is None:
         return None
-    store_path = alignments / "frame_labels"
+    store_path = frame_labels_store(alignments)
     labels = RaggedArray(store_path)
     hop = labels.attrs.get("hop_length")
     if hop != config.hop_length or labels.attrs.get("sample_rate") != config.sample_rate:
@@ -257,14 +265,14 @@ def write_features(
     from mockingjay.features import GlobalCMVN
 
     attrs = {"feature_config": config.to_dict(), "kind": "input"}
-    (out / "labels").mkdir()
+    labels_dir(out).mkdir()
     writers = {s: RaggedWriter(out / s, config.dim, "float16", attrs) for s in SPLITS}
     target_writers = (
-        {s: RaggedWriter(out / f"{s}_target", config.target_dim, "float16", {**attrs, "kind": "target"}) for s in SPLITS}
+        {s: RaggedWriter(target_store(out / s), config.target_dim, "float16", {**attrs, "kind": "target"}) for s in SPLITS}
         if config.target == "linear"
         else {}
     )
-    label_writers = {s: RaggedWriter(out / "labels" / s, 1, "int16", {"hop_length": config.hop_length}) for s in SPLITS}
+    label_writers = {s: RaggedWriter(labels_store(out, s), 1, "int16", {"hop_length": config.hop_length}) for s in SPLITS}
     cmvn, target_cmvn = GlobalCMVN(config.dim), GlobalCMVN(config.target_dim)
     table = []
     bar = tqdm(total=round(sum(r.duration for r in rows), 1), desc="featurize", unit="audio-s", file=sys.stderr, disable=not progress)
@@ -318,9 +326,9 @@ def write_features(
             t_mean, t_std = target_cmvn.stats()
             resolved["global_cmvn_target"] = {"mean": t_mean.tolist(), "std": t_std.tolist()}
             for split in SPLITS:
-                normalize_in_place(out / f"{split}_target", t_mean, t_std)
-    write_json(out / "feature_config.json", resolved)
-    with open(out / "utterances.tsv", "w", newline="", encoding="utf-8") as f:
+                normalize_in_place(target_store(out / split), t_mean, t_std)
+    write_json(feature_config_file(out), resolved)
+    with open(utterances_table(out), "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, delimiter="\t", lineterminator="\n")
         writer.writerow(["utt_id", "split", "corpus", "speaker", "num_frames", "labelled", "keyword"])
         writer.writerows(table)
@@ -368,7 +376,7 @@ def main(
         write_json(tmp / "summary.json", {k: v for k, v in summary.items() if k not in RUN_FACTS})
         mlflow.log_metrics({k: float(v) for k, v in summary.items()})
         mlflow.log_artifact(str(tmp / "summary.json"))
-        mlflow.log_artifact(str(tmp / "feature_config.json"))
+        mlflow.log_artifact(str(feature_config_file(tmp)))
     if metrics:
         write_json(metrics, summary)
     print(

@@ -108,8 +108,10 @@ def export_main(
         raise StageError(f"{dest} exists; pass --force to replace it")
     check_inputs_apart(dest, [src], "DEST")
     check_writable(dest, "DEST")
-    from mockingjay.checkpoint import load_config, load_model_dir, save_torch
+    from mockingjay.atomic import write_file_atomically
+    from mockingjay.checkpoint import load_config, load_model_dir
     from mockingjay.interop import LAYOUTS, export_checkpoint
+    from mockingjay.tensor_files import save_torch
 
     if layout not in LAYOUTS:
         raise StageError(f"--layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
@@ -117,13 +119,7 @@ def export_main(
     checkpoint, notes = export_checkpoint(model, load_config(src), layout)
     _print_report("notes", notes)
     with tracking.stage_run("export-checkpoint", {"src": str(src), "dest": str(dest), "layout": layout}) as mlflow:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.partial")
-        try:
-            save_torch(checkpoint, tmp)
-            tmp.replace(dest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # a failed or interrupted write leaves no half file behind
-            raise
+        # a failed or interrupted write leaves no half file behind
+        write_file_atomically(dest, lambda tmp: save_torch(checkpoint, tmp), dest.with_name(f".{dest.name}.partial"))
         mlflow.log_metric("bytes_written", float(dest.stat().st_size))
     print(f"export-checkpoint: {src} -> {dest} ({layout} layout)", file=sys.stderr)

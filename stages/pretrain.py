@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -35,9 +34,10 @@ import typer
 
 from mockingjay import resume_state
 from mockingjay.config import ParamError, from_section, to_flat_dict, unknown_fields
-from mockingjay.featstore import RaggedArray
+from mockingjay.featstore import RaggedArray, fingerprint
 from mockingjay.feature_config import FeatureConfig
 from mockingjay.resume_state import TRAIN_LOG
+from mockingjay.store_layout import target_store
 from mockingjay.train_config import TrainConfig, TrainData
 
 from . import tracking
@@ -244,10 +244,7 @@ def _read_log(path: Path) -> list[dict]:
 def data_fingerprint(stores: list[Path]) -> str:
     """sha256 of the stores' indexes (utterance ids and lengths): a checkpoint trained on other data
     is not resumed, even when every setting matches."""
-    digest = hashlib.sha256()
-    for store in stores:
-        digest.update((store / "index.tsv").read_bytes())
-    return digest.hexdigest()
+    return fingerprint(stores)
 
 
 @cli_errors
@@ -278,7 +275,7 @@ def main(
     train_stores = [features / "train", features / "dev"]
     target_stores, heldout_target = None, None
     if settings.target == "linear":
-        target_stores, heldout_target = [features / "train_target", features / "dev_target"], features / "test_target"
+        target_stores, heldout_target = [target_store(store) for store in train_stores], target_store(features / "test")
     # Open every store now (fails naming the store if featurize did not finish or a value is NaN or
     # inf, which would only show up later as a NaN loss), and check that the longest utterance fits
     # one batch before any run starts, not when the trainer builds its sampler.

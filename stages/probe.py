@@ -25,6 +25,7 @@ from mockingjay.config import ParamError, from_section, to_flat_dict
 from mockingjay.featstore import RaggedArray
 from mockingjay.manifest import SPLITS
 from mockingjay.probe_config import KINDS, SPEAKER_PROBE, MLPSettings, ProbeConfig, ProbeError
+from mockingjay.store_layout import labels_store, layer_indices, utterances_table
 
 from . import tracking
 from .common import (
@@ -133,10 +134,10 @@ def parse_layer(value, num_layers: int) -> tuple[list[int] | None, bool]:
 
 
 def _stored_layers(representations: Path) -> int:
-    names = [p.name for p in (representations / "train").glob("layer_*")]
-    if not names:
+    indices = layer_indices(representations / "train")
+    if not indices:
         raise StageError(f"{representations}/train holds no layer stores; run the extract stage first")
-    return max(int(n.split("_")[1]) for n in names)
+    return max(indices)
 
 
 @cli_errors
@@ -177,7 +178,7 @@ def main(
     else:
         num_layers = _stored_layers(representations)
     layers, include_input = parse_layer(layer or config.layers, num_layers)
-    labels = {split: RaggedArray(features / "labels" / split) for split in SPLITS}
+    labels = {split: RaggedArray(labels_store(features, split)) for split in SPLITS}
 
     run_params = {**to_flat_dict(config), "mode": mode, "layer": layer or config.layers, "model": str(model_dir),
                   "baseline_features": str(baseline_features) if baseline_features else "extracted input"}
@@ -229,7 +230,7 @@ def _run_probes(config, mode, model_dir, features, representations, layers, incl
     from mockingjay.probe_plan import read_utterances, select_utterances, test_corpora_sets
 
     device = resolve_device(config.device)
-    utterances = read_utterances(features / "utterances.tsv")
+    utterances = read_utterances(utterances_table(features))
     speakers = {utt: info.speaker for utt, info in utterances.items()}
     selections = {}
     for task in config.tasks:

@@ -4,27 +4,31 @@ figures' extra lines, and the MLflow runs (a parent with every accuracy, a child
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
+
+from mockingjay.atomic import write_text_atomically
+from mockingjay.store_layout import INPUT_STORE, layer_index, layer_store_name
 
 
 def result_rows(results: dict) -> list[dict]:
     rows = []
     for task, result in results.items():
         for name, layer in result["layers"].items():
-            rows.append({"task": task, "layer": "input" if name == "input" else int(name.split("_")[1]),
+            rows.append({"task": task, "layer": name if name == INPUT_STORE else layer_index(name),
                          "accuracy": layer["accuracy"], "macro_f1": layer["macro_f1"],
                          "majority_rate": layer["majority_rate"]})
     return rows
 
 
 def format_table(rows: list[dict], results: dict) -> str:
-    layers = sorted({r["layer"] for r in rows}, key=lambda v: (v != "input", v if v != "input" else -1))
+    layers = sorted({r["layer"] for r in rows}, key=lambda v: (v != INPUT_STORE, v if v != INPUT_STORE else -1))
     tasks = list(results)
     cell = {(r["task"], r["layer"]): r for r in rows}
     header = f"{'layer':<10}" + "".join(f"{t + ' acc':>13}{t + ' F1':>12}" for t in tasks)
     lines = [header, "-" * len(header)]
     for layer in layers:
-        name = "log-mel" if layer == "input" else f"{layer}"
+        name = "log-mel" if layer == INPUT_STORE else f"{layer}"
         line = f"{name:<10}"
         for task in tasks:
             r = cell.get((task, layer))
@@ -52,7 +56,7 @@ def figure_extras(results: dict) -> dict[str, dict[str, float]]:
                 continue
             if probe["kind"] == "weighted_sum":
                 extras.setdefault(task, {})["weighted sum"] = probe["accuracy"]
-            elif probe["kind"] == "mlp" and probe["layer"] != "input":
+            elif probe["kind"] == "mlp" and probe["layer"] != INPUT_STORE:
                 best = extras.setdefault(task, {}).get("MLP, best layer", 0.0)
                 extras[task]["MLP, best layer"] = max(best, probe["accuracy"])
     return extras
@@ -97,7 +101,7 @@ def format_extra(results: dict) -> str:
     lines = []
     for task, result in results.items():
         for probe in extra_probes(result):
-            layer = "log-mel" if probe["layer"] == "input" else probe["layer"]
+            layer = "log-mel" if probe["layer"] == INPUT_STORE else probe["layer"]
             weights = ""
             if probe.get("layer_weights"):
                 weights = "  weights " + " ".join(f"{w:.2f}" for w in probe["layer_weights"].values())
@@ -116,10 +120,10 @@ def write_plot_table(path: Path, rows: list[dict], results: dict | None = None) 
     baseline (and the weighted sum, one value per task) repeated so each draws as a flat line."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tasks = sorted({r["task"] for r in rows})
-    baseline = {r["task"]: r["accuracy"] for r in rows if r["layer"] == "input"}
+    baseline = {r["task"]: r["accuracy"] for r in rows if r["layer"] == INPUT_STORE}
     weighted = {task: p["accuracy"] for task, result in (results or {}).items() for p in extra_probes(result)
                 if p["kind"] == "weighted_sum" and p["fraction"] == 1.0}
-    layers = sorted({r["layer"] for r in rows if r["layer"] != "input"})
+    layers = sorted({r["layer"] for r in rows if r["layer"] != INPUT_STORE})
     cell = {(r["task"], r["layer"]): r["accuracy"] for r in rows}
     header, getters = ["layer"], []
     for t in tasks:
@@ -128,22 +132,23 @@ def write_plot_table(path: Path, rows: list[dict], results: dict | None = None) 
         if t in weighted:
             header.append(f"{t}_weighted_sum")
             getters.append(lambda layer, t=t: weighted[t])
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-        writer.writerow(header)
-        for layer in layers:
-            values = [get(layer) for get in getters]
-            writer.writerow([layer] + [f"{v:.4f}" if v is not None else "" for v in values])
+    table = io.StringIO()
+    writer = csv.writer(table, delimiter="\t", lineterminator="\n")
+    writer.writerow(header)
+    for layer in layers:
+        values = [get(layer) for get in getters]
+        writer.writerow([layer] + [f"{v:.4f}" if v is not None else "" for v in values])
+    write_text_atomically(path, table.getvalue())
 
 
 def log_runs(mlflow, results: dict, rows: list[dict]) -> None:
     summary = {}
     for r in rows:
-        name = "input" if r["layer"] == "input" else f"layer_{r['layer']:02d}"
+        name = INPUT_STORE if r["layer"] == INPUT_STORE else layer_store_name(r["layer"])
         summary[f"{r['task']}_accuracy.{name}"] = r["accuracy"]
     best = {}
     for task in results:
-        layer_rows = [r for r in rows if r["task"] == task and r["layer"] != "input"]
+        layer_rows = [r for r in rows if r["task"] == task and r["layer"] != INPUT_STORE]
         if layer_rows:
             top = max(layer_rows, key=lambda r: r["accuracy"])
             best[f"{task}_accuracy.best_layer"] = top["accuracy"]

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import typer
 
+from mockingjay.store_layout import INPUT_STORE, feature_config_file, layer_index, layer_names
+
 from .common import StageError, cli_errors, write_json, write_text_atomically
 
 TASK_ORDER = ("phone", "speaker", "keyword")
@@ -41,21 +43,21 @@ def headline_of(results: dict, pretrain: dict, curve: dict[int, dict] | None = N
             continue
         result = results[task]
         layers = result["layers"]
-        hidden = sorted(n for n in layers if n.startswith("layer_"))
+        hidden = layer_names(layers)
         probes = result.get("probes", [])
         weighted = [p for p in probes if p["kind"] == "weighted_sum" and p["fraction"] == 1.0]
-        mlp = [p["accuracy"] for p in probes if p["kind"] == "mlp" and p["layer"] != "input"]
+        mlp = [p["accuracy"] for p in probes if p["kind"] == "mlp" and p["layer"] != INPUT_STORE]
         entry = {
-            "logmel": layers["input"]["accuracy"] if "input" in layers else None,
+            "logmel": layers[INPUT_STORE]["accuracy"] if INPUT_STORE in layers else None,
             "majority": next(iter(layers.values()))["majority_rate"],
             "layers": [layers[n]["accuracy"] for n in hidden],
             "weighted_sum": weighted[0]["accuracy"] if weighted else None,
             "mlp_best": max(mlp) if mlp else None,
             "test_examples": result["examples"]["test"],
         }
-        if baseline and task in baseline and "input" in baseline[task]:  # log-mel with global CMVN
-            entry["logmel_global_cmvn"] = baseline[task]["input"]["accuracy"]
-        mlp_input = [p["accuracy"] for p in probes if p["kind"] == "mlp" and p["layer"] == "input"]
+        if baseline and task in baseline and INPUT_STORE in baseline[task]:  # log-mel with global CMVN
+            entry["logmel_global_cmvn"] = baseline[task][INPUT_STORE]["accuracy"]
+        mlp_input = [p["accuracy"] for p in probes if p["kind"] == "mlp" and p["layer"] == INPUT_STORE]
         if mlp_input:
             entry["mlp_logmel"] = mlp_input[0]
         if weighted:
@@ -70,8 +72,8 @@ def headline_of(results: dict, pretrain: dict, curve: dict[int, dict] | None = N
         if fractions:
             fractions["1"] = {"layers": {n: layers[n]["accuracy"] for n in layers},
                               "weighted_sum": entry["weighted_sum"]}
-            entry["label_fractions"] = {f: {"logmel": g["layers"].get("input"),
-                                            "best_layer": max((v for n, v in g["layers"].items() if n != "input"),
+            entry["label_fractions"] = {f: {"logmel": g["layers"].get(INPUT_STORE),
+                                            "best_layer": max((v for n, v in g["layers"].items() if n != INPUT_STORE),
                                                               default=None),
                                             "weighted_sum": g.get("weighted_sum")}
                                         for f, g in sorted(fractions.items(), key=lambda kv: float(kv[0]))}
@@ -100,7 +102,7 @@ def _curve_points(curve_dir: Path | None, steps_per_hour: float | None) -> dict[
         metrics = json.loads(path.read_text())
         point: dict = {}
         for task, layers in metrics.items():
-            hidden = sorted(n for n in layers if n.startswith("layer_"))
+            hidden = layer_names(layers)
             if hidden:
                 point[task] = layers[hidden[-1]]["accuracy"]
         if steps_per_hour:
@@ -115,7 +117,7 @@ def _last_layer(results: dict) -> dict:
     for task, result in results.items():
         if not isinstance(result, dict) or "layers" not in result:
             continue
-        hidden = sorted(n for n in result["layers"] if n.startswith("layer_"))
+        hidden = layer_names(result["layers"])
         if hidden:
             point[task] = result["layers"][hidden[-1]]["accuracy"]
     return point
@@ -161,7 +163,7 @@ def release_main(
     """Copy a model as float16 safetensors + config.json + feature_config.json (for committing)."""
     from mockingjay.checkpoint import release_model_dir
 
-    feature_config = _read_json(features / "feature_config.json")
+    feature_config = _read_json(feature_config_file(features))
     path = release_model_dir(model, out, feature_config)
     size = sum(p.stat().st_size for p in path.iterdir())
     print(f"release: {path} ({size / 1e6:.1f} MB, float16)", file=sys.stderr)
@@ -244,15 +246,15 @@ def runs_table(first: dict, second: dict, names: tuple[str, str]) -> str:
 def demo_table(probe_metrics: dict) -> str:
     """Markdown: accuracy and macro-F1 per layer and task (metrics/probe.json), in %."""
     tasks = [t for t in TASK_ORDER if t in probe_metrics]
-    names = [n for n in probe_metrics[tasks[0]] if n == "input" or n.startswith("layer_")]
+    names = [n for n in probe_metrics[tasks[0]] if n == INPUT_STORE or layer_index(n) is not None]
     if any("weighted_sum" in probe_metrics[t] for t in tasks):
         names.append("weighted_sum")
     lines = ["| layer | " + " | ".join(f"{t} acc | {t} macro-F1" for t in tasks) + " |",
              "|" + "---|" * (2 * len(tasks) + 1)]
-    labels = {"input": "log-mel input (baseline)", "weighted_sum": "weighted sum of hidden states"}
+    labels = {INPUT_STORE: "log-mel input (baseline)", "weighted_sum": "weighted sum of hidden states"}
     for name in names:
-        label = labels.get(name) or (f"{int(name[6:])} (input representation)" if name == "layer_00"
-                                     else str(int(name[6:])))
+        label = labels.get(name) or (f"{layer_index(name)} (input representation)" if layer_index(name) == 0
+                                     else str(layer_index(name)))
         cells = [probe_metrics[t].get(name, {}) for t in tasks]
         lines.append(f"| {label} | " + " | ".join(f"{_percent(c.get('accuracy'))} | {_percent(c.get('macro_f1'))}"
                                                   for c in cells) + " |")

@@ -8,19 +8,18 @@ import torch
 from mockingjay.checkpoint import (
     CheckpointError,
     CheckpointWarning,
-    capture_rng_state,
     latest_checkpoint,
     list_checkpoints,
     load_config,
     load_model_dir,
     load_trainer_state,
     load_weights,
-    restore_rng_state,
     save_checkpoint,
     save_model_dir,
     write_directory_atomically,
 )
 from mockingjay.model import MockingjayForMAM, ModelConfig
+from mockingjay.tensor_files import capture_rng_state, restore_rng_state
 
 CONFIG = ModelConfig(input_dim=6, target_dim=6, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32)
 

@@ -1,7 +1,9 @@
-"""Representation extraction: store layout, values equal to a direct encoder forward, errors."""
+"""Representation extraction: store layout, values equal to a direct encoder forward, errors; the
+one owner of the store's files and of the folders' names."""
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,12 +14,27 @@ import torch
 from mockingjay.extract import (
     ExtractError,
     extract_representations,
-    layer_store_name,
     length_sorted_batches,
 )
-from mockingjay.featstore import RaggedArray, RaggedWriter
+from mockingjay.featstore import (
+    PresizedWriter,
+    RaggedArray,
+    RaggedWriter,
+    StoreError,
+    fingerprint,
+    is_store,
+)
 from mockingjay.feature_config import FEATURE_PRESETS, FeatureConfig, frames_per_second
 from mockingjay.model import MockingjayForMAM, ModelConfig
+from mockingjay.store_layout import (
+    INPUT_STORE,
+    is_store_name,
+    layer_index,
+    layer_indices,
+    layer_names,
+    layer_store_name,
+    target_store,
+)
 from stages.extract import totals
 
 DIM = 12
@@ -144,3 +161,105 @@ def test_stage_totals_use_the_feature_settings_frame_rate():
     total = totals(summaries, [0, 1, 2], rate)
     assert total["audio_seconds_per_second"] == 10.0  # 8000 frames = 100 s of audio in 10 s
     assert (total["utterances"], total["frames"], total["layers"], total["bytes_written"]) == (4, 8000, 3, 14)
+
+
+# -- one owner for the store's files and the folders' names ------------------------------------
+
+
+def test_presized_writer_in_any_order_equals_the_appending_writer(tmp_path):
+    template = feature_store(tmp_path / "features")
+    rows = [np.asarray(template[i], np.float32) * 2 for i in range(len(template))]
+    writer = PresizedWriter(tmp_path / "presized", template, DIM, {"kind": "x"})
+    for i in reversed(range(len(template))):
+        if len(rows[i]) > 2:  # in two pieces: the item counts as written with its last rows
+            writer.write(i, rows[i][:2])
+            writer.write(i, rows[i][2:], 2)
+        else:
+            writer.write(i, rows[i])
+    writer.close()
+    with RaggedWriter(tmp_path / "appended", DIM, "float16", {"kind": "x"}) as appended:
+        for item_id, item_rows in zip(template.ids, rows):
+            appended.append(item_id, item_rows)
+    for name in ("data.bin", "index.tsv", "meta.json"):
+        assert (tmp_path / "presized" / name).read_bytes() == (tmp_path / "appended" / name).read_bytes(), name
+    assert fingerprint([tmp_path / "presized"]) == fingerprint([tmp_path / "features"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["appended", "features", "presized"]  # no temporaries
+
+    incomplete = PresizedWriter(tmp_path / "incomplete", template, DIM)
+    incomplete.write(0, rows[0])
+    with pytest.raises(StoreError, match=r"incomplete: item 'utt01' was never written"):
+        incomplete.close()
+    assert not is_store(tmp_path / "incomplete") and not (tmp_path / "incomplete").exists()
+    wrong_shape = PresizedWriter(tmp_path / "shape", template, DIM)
+    with pytest.raises(ValueError, match=r"item 'utt00': got \[37, 3\] rows"):
+        wrong_shape.write(0, np.zeros((37, 3)))
+    wrong_shape.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["appended", "features", "presized"]
+
+
+def test_layer_store_names_round_trip_and_malformed_ones_are_refused(tmp_path):
+    for index in (0, 1, 9, 12, 99, 100):
+        assert layer_index(layer_store_name(index)) == index and is_store_name(layer_store_name(index))
+    assert layer_store_name(3) == "layer_03" and layer_store_name(12) == "layer_12"
+    for name in ("layer_3", "layer_003", "layer_", "layer_xx", "layer_-1", "Layer_03", "layer_03 ", "layer_\u0663\u0663",
+                 "weighted_sum", "mlp:layer_03", "layer_03@0.1", INPUT_STORE, "", "layer_weights"):
+        assert layer_index(name) is None, name
+    assert is_store_name(INPUT_STORE) and not is_store_name("layer_3") and not is_store_name("weighted_sum")
+    with pytest.raises(ValueError):
+        layer_store_name(-1)
+    assert layer_names(["input", "layer_10", "weighted_sum", "layer_02", "layer_3"]) == ["layer_02", "layer_10"]
+    for name in ("layer_00", "layer_02", "layer_3", "input", ".layer_01.tmp-12"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+    assert layer_indices(tmp_path / "train") == [0, 2] and layer_indices(tmp_path / "missing") == []
+    assert target_store(tmp_path / "features" / "dev") == tmp_path / "features" / "dev_target"
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# string constants (f-string pieces included, docstrings not) that only the owner module may hold
+OWNED = {
+    "mockingjay/featstore.py": lambda text: any(n in text for n in ("data.bin", "index.tsv", "meta.json")),
+    "mockingjay/store_layout.py": lambda text: (text.startswith("layer_") and not text[6:7].isalpha())
+    or text in ("_target", "train_target", "dev_target", "test_target", "labels", "frame_labels")
+    or any(n in text for n in ("utterances.tsv", "feature_config.json")),
+}
+
+
+def _constants(path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
+
+
+def test_only_the_owner_names_the_store_files_and_the_folder_layout():
+    """featstore.py alone names a store's files; store_layout.py alone builds and parses the stores'
+    names in a folder (a second `f"layer_{i:02d}"` or `name[6:]` drifts from the first)."""
+    allowed_elsewhere = {("mockingjay/probe_heads.py", "labels")}  # a confusion matrix's JSON key
+    found = []
+    for package in ("mockingjay", "stages", "benchmarks"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            where = str(path.relative_to(ROOT))
+            for line, text in _constants(path):
+                found += [f"{where}:{line}: {text!r} (owner {owner})" for owner, owns in OWNED.items()
+                          if where != owner and owns(text) and (where, text) not in allowed_elsewhere]
+    assert not found, "\n".join(found)
+
+
+def test_only_the_atomic_module_renames_into_place_and_fsyncs():
+    """Every atomic write goes through mockingjay/atomic.py (temporary beside, fsync, rename, fsync
+    the folder); resume_state.py moves an older layout's entries into the folder it then publishes."""
+    moves = {"mockingjay/resume_state.py": {"replace"}}
+    found = []
+    for package in ("mockingjay", "stages", "benchmarks"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            where = str(path.relative_to(ROOT))
+            if where == "mockingjay/atomic.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "os"
+                        and node.attr in ("replace", "rename", "renames", "fsync")
+                        and node.attr not in moves.get(where, ())):
+                    found.append(f"{where}:{node.lineno}: os.{node.attr}")
+    assert not found, "\n".join(found)
