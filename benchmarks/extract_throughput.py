@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchlib import machine, store_frame_rate, store_summary, width, write_synthetic_store
 from pretrain_throughput import CONFIGS  # BASE 3 layers, LARGE 12: the same models
 
+from mockingjay.device import autocast
 from mockingjay.extract import (
     _padded_batch,
-    autocast_for,
     encode_batches,
     extract_representations,
     length_sorted_batches,
@@ -129,7 +129,7 @@ def main(argv=None) -> dict:
                      torch.from_numpy(store.lengths[idx].astype(np.int64)).to(device)) for idx in batches]
 
         def forward_resident():
-            with torch.inference_mode(), autocast_for(device):
+            with torch.inference_mode(), autocast(device):
                 for features, lengths in resident:
                     encoder.extract_features(features, lengths, layers=layers)
 

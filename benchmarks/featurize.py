@@ -2,7 +2,7 @@
 
 End to end = what `mockingjay featurize` does between reading the manifest and finishing its
 output folder: decode, resample (8 kHz FSDD -> 16 kHz), log-mel (+ deltas), CMVN, float16
-stores written in manifest order (stages.featurize.write_features, the stage's own code). Each
+stores written in manifest order (mockingjay.featurize.write_features, the stage's own code). Each
 end-to-end run is a fresh Python process (torch already imported, as in the CLI, whose timer
 also starts after the imports), so its peak RSS is its own; the pool start-up is inside it.
 
@@ -86,7 +86,7 @@ def load_config(args) -> FeatureConfig:
 
 
 def load_rows(args) -> list[ManifestRow]:
-    from stages.featurize import sort_rows
+    from mockingjay.featurize import sort_rows
 
     if not args.manifest.is_file() and args.manifest == DEFAULT_MANIFEST:
         print(f"{args.manifest} missing: running `mockingjay prepare`", file=sys.stderr)
@@ -164,7 +164,7 @@ def e2e_child(args) -> None:
     out.mkdir(parents=True)
     c0, t0 = time.process_time(), time.perf_counter()
     if args.e2e_child == "current":
-        from stages.featurize import CHUNK_AUDIO_SEC, write_features
+        from mockingjay.featurize import CHUNK_AUDIO_SEC, write_features
 
         write_features(rows, config, out, workers, progress=False, chunk_sec=args.chunk_sec or CHUNK_AUDIO_SEC)
     else:
@@ -273,10 +273,10 @@ def check_against_reference(store_dir: Path, rows, config: FeatureConfig) -> dic
 def breakdown(rows, config: FeatureConfig, runs: int, audio_sec: float) -> dict:
     """Single-process pieces (one torch thread, as in a worker), on the given rows."""
     from mockingjay.audio import read_audio
-    from stages.featurize import _keep_freed_memory
+    from mockingjay.featurize import keep_freed_memory
 
     torch.set_num_threads(1)
-    _keep_freed_memory()  # as in a worker
+    keep_freed_memory()  # as in a worker
     ex = FeatureExtractor(config)
     resampled = [r for r in rows if r.sample_rate != config.sample_rate]
     resampled_sec = sum(r.duration for r in resampled)
@@ -308,14 +308,14 @@ def pool_startup(config: FeatureConfig, runs: int, method: str = "fork") -> floa
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from stages.featurize import _init_worker
+    from mockingjay.featurize import init_worker
 
     workers = len(os.sched_getaffinity(0))
     best = float("inf")
     for _ in range(runs):
         t0 = time.perf_counter()
         ctx = multiprocessing.get_context(method)
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(config,)) as pool:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(config,)) as pool:
             list(pool.map(_noop, range(workers)))
             best = min(best, time.perf_counter() - t0)
     return round(best, 4)
@@ -381,17 +381,17 @@ def ablations(rows, config: FeatureConfig, runs: int, audio_sec: float, args) ->
     res["float16_torch_half"] = with_rtf(timed(lambda: [torch.from_numpy(a).half().numpy() for a in arrays], runs), audio_sec)
 
     # pooled compute and transfer only (no writing): chunk sizes and the dtype sent back
-    from stages.featurize import _chunks, _init_worker
+    from mockingjay.featurize import chunks, init_worker
 
     workers = len(os.sched_getaffinity(0))
     ctx = multiprocessing.get_context("fork")
     pooled: dict = {}
     variants = [(c, d) for c in (2.5, 5.0, 15.0, 30.0, 60.0) for d in ("float16", "float32")]
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(config,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(config,)) as pool:
         list(pool.map(_noop, range(workers)))
         for _ in range(runs):  # interleaved, so a change in the machine's load hits every variant
             for chunk_sec, dtype in variants:
-                tasks = [[(r.path, r.sample_rate, dtype) for r in c] for c in _chunks(rows, chunk_sec)]
+                tasks = [[(r.path, r.sample_rate, dtype) for r in c] for c in chunks(rows, chunk_sec)]
                 t0 = time.perf_counter()
                 for result in pool.map(_ablation_chunk, tasks):
                     for a in result:
@@ -405,11 +405,12 @@ def ablations(rows, config: FeatureConfig, runs: int, audio_sec: float, args) ->
 
 
 def _ablation_chunk(tasks):
-    from stages import featurize as stage
+    from mockingjay.featurize import worker_extractor
 
+    extractor = worker_extractor()
     out = []
     for path, rate, dtype in tasks:
-        feats, _ = featurize_wave(load_wave(path, stage._extractor, rate), stage._extractor, np.dtype(dtype))
+        feats, _ = featurize_wave(load_wave(path, extractor, rate), extractor, np.dtype(dtype))
         out.append(feats)
     return out
 

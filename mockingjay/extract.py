@@ -31,7 +31,6 @@ reorder buffer, in memory. The store names are `store_layout.py`'s.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mockingjay.device import autocast
 from mockingjay.featstore import PresizedWriter, RaggedArray
 from mockingjay.feature_config import frames_per_second
 from mockingjay.model import upsample_to_frames
@@ -147,13 +147,6 @@ class EncodedBatch(NamedTuple):
         return np.zeros(len(self.indices), dtype=np.int64) if self.starts is None else self.starts
 
 
-def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (tensor cores, fp32 range); full fp32 everywhere else."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def encode_batches(
     model: nn.Module,
     feature_store: RaggedArray,
@@ -188,7 +181,7 @@ def encode_batches(
         if include_input:
             states[INPUT_STORE] = features.to(torch.float16)
         if layers:
-            with autocast_for(device):
+            with autocast(device):
                 output = encoder.extract_features(features, lengths.to(device), layers=layers)
             for index, hidden in zip(layers, output.hidden_states):
                 hidden = upsample_to_frames(hidden, config.downsample_rate, features.size(1))

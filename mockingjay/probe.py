@@ -13,6 +13,9 @@ Two ways to get representations:
 * online (`probe_online`, in `mockingjay.probe_online`): the frozen model runs on the fly, for
   corpora too large to extract.
 
+The frame-level phone probe is here; the utterance-level probe on pooled vectors, which the online
+probe shares, is `mockingjay.probe_utterance.probe_utterances` (re-exported here).
+
 Memory policy of the frame probe: the frame index (row and label of every labelled frame, 10 bytes
 a frame) is always in RAM. The representations are loaded into RAM (float16, only the labelled
 frames) when all selected layers of all splits fit in `max_ram_bytes` (the bundled corpus: about
@@ -41,11 +44,18 @@ from mockingjay.probe_heads import (
     ProbeConfig,
     ProbeError,
     RunningMoments,
-    layer_report,
     predict,
     train_heads,
 )
-from mockingjay.probe_plan import build_heads, fraction_masks, fraction_members, head_grid
+from mockingjay.probe_plan import (
+    build_heads,
+    extra_test_report,
+    fraction_masks,
+    fraction_members,
+    head_reports,
+    position_chunks,
+)
+from mockingjay.probe_utterance import probe_utterances
 from mockingjay.store_layout import INPUT_STORE, layer_indices, layer_store_name
 
 __all__ = ["PHONE_PROBE", "SPEAKER_PROBE", "ProbeConfig", "ProbeError", "open_representations", "probe_online",
@@ -158,37 +168,9 @@ class FrameSource:
         return torch.from_numpy(np.asarray(self.stores[split].data[self.rows[split][positions]]))
 
 
-def _chunks(count: int, size: int) -> Iterator[np.ndarray]:
-    for start in range(0, count, size):
-        yield np.arange(start, min(start + size, count))
-
-
 def _item_of(reference: RaggedArray, rows: np.ndarray) -> np.ndarray:
     """The utterance (item) index of each store row."""
     return np.searchsorted(reference.offsets, rows, side="right") - 1
-
-
-def _report_all(heads, described, config, mlp, truth, predicted, majority, class_names) -> tuple[dict, list]:
-    """({layer: report} of the linear heads at fraction 1, [report with kind/layer/fraction] of every head)."""
-    layers, probes = {}, []
-    for key, head in heads.items():
-        kind, layer, fraction = described[key]
-        report = layer_report(head, head_grid(head, config, mlp), truth, predicted[key], majority, class_names)
-        probes.append({"kind": kind, "layer": layer, "fraction": fraction, **report})
-        if kind == "linear" and fraction == 1.0:
-            layers[layer] = report
-    return layers, probes
-
-
-def _extra_report(heads, described, truth, predicted, majority) -> dict:
-    """{"examples": n, "heads": [{kind, layer, fraction, accuracy, majority_rate}]} of one extra test set."""
-    reports = []
-    for key in heads:
-        kind, layer, fraction = described[key]
-        accuracy = float(np.mean(predicted[key] == truth)) if len(truth) else float("nan")
-        reports.append({"kind": kind, "layer": layer, "fraction": fraction, "accuracy": accuracy,
-                        "majority_rate": float(np.mean(truth == majority)) if len(truth) else float("nan")})
-    return {"examples": int(len(truth)), "heads": reports}
 
 
 def probe_phones(
@@ -258,7 +240,7 @@ def probe_phones(
     moments = {}
     for name, source in sources.items():
         running = RunningMoments(representations["train"][name].dim)
-        for positions in _chunks(len(rows["train"]), 65_536):
+        for positions in position_chunks(len(rows["train"]), 65_536):
             running.update(source.gather("train", positions))
         moments[name] = running.mean_std()
     heads, epochs, described = build_heads(names, moments, len(class_names), config, device, kinds, fractions, mlp)
@@ -274,17 +256,17 @@ def probe_phones(
         return batches("train", (np.sort(order[i : i + batch_size]) for i in range(0, train_count, batch_size)))
 
     def dev_batches() -> Iterator[tuple]:
-        return batches("dev", _chunks(len(rows["dev"]), config.eval_batch))
+        return batches("dev", position_chunks(len(rows["dev"]), config.eval_batch))
 
     train_heads(heads, epochs, train_batches, dev_batches, progress, "phone probe")
-    truth, predicted = predict(heads, batches("test", _chunks(len(rows["test"]), config.eval_batch)))
+    truth, predicted = predict(heads, batches("test", position_chunks(len(rows["test"]), config.eval_batch)))
     majority = int(np.bincount(frames["train"][1], minlength=len(class_names)).argmax())
-    layers, probes = _report_all(heads, described, config, mlp, truth, predicted, majority, class_names)
+    layers, probes = head_reports(heads, described, config, mlp, truth, predicted, majority, class_names)
     extra = {}
     for name in extra_tests or {}:
         key = f"test:{name}"
-        extra_truth, extra_predicted = predict(heads, batches(key, _chunks(len(rows[key]), config.eval_batch)))
-        extra[name] = _extra_report(heads, described, extra_truth, extra_predicted, majority)
+        extra_truth, extra_predicted = predict(heads, batches(key, position_chunks(len(rows[key]), config.eval_batch)))
+        extra[name] = extra_test_report(heads, described, extra_truth, extra_predicted, majority)
     return {
         **({"extra_tests": extra} if extra else {}),
         "task": "phone",
@@ -348,112 +330,6 @@ def pooled_utterances(representations: Representations) -> tuple[dict, dict]:
     vectors = {split: {name: utterance_stats(store) for name, store in representations[split].items()}
                for split in SPLITS}
     return vectors, ids
-
-
-def probe_utterances(
-    vectors: Mapping[str, Mapping[str, np.ndarray]],
-    ids: Mapping[str, Sequence[str]],
-    speakers: Mapping[str, str],
-    config: ProbeConfig = SPEAKER_PROBE,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-    task: str = "speaker",
-    include: Mapping[str, set[str]] | None = None,
-    kinds: Sequence[str] = ("linear",),
-    fractions: Sequence[float] = (1.0,),
-    mlp: MLPSettings = MLPSettings(),
-    extra_tests: Mapping[str, set[str]] | None = None,
-) -> dict:
-    """Utterance-level probe on utterance vectors ({split: {name: [N, D]}}, rows in `ids[split]` order);
-    `speakers` maps each utterance to its class (the speaker, or the keyword for task "keyword").
-
-    Classes are the train labels. Dev and test utterances of classes absent from train cannot
-    be classified: they are left out and listed in the result ("ignored").
-    """
-    started = time.perf_counter()
-    device = torch.device(device)
-    chosen_ids = {split: [i for i, utt in enumerate(ids[split]) if include is None or utt in include[split]]
-                  for split in SPLITS}
-    for split in SPLITS:
-        missing = next((ids[split][i] for i in chosen_ids[split] if ids[split][i] not in speakers), None)
-        if missing is not None:
-            raise ProbeError(f"{split}: utterance {missing!r} has no {task} label")
-    classes = sorted({speakers[ids["train"][i]] for i in chosen_ids["train"]})
-    if len(classes) < 2:
-        raise ProbeError(f"train: {len(classes)} {task} class(es); a {task} probe needs at least 2")
-    class_of = {label: i for i, label in enumerate(classes)}
-    sets = {split: split for split in SPLITS}
-    for name, wanted in (extra_tests or {}).items():
-        sets[f"test:{name}"] = "test"
-        chosen_ids[f"test:{name}"] = [i for i, utt in enumerate(ids["test"]) if utt in wanted and utt in speakers]
-    keep, targets, ignored = {}, {}, {}
-    for key, split in sets.items():
-        known = [i for i in chosen_ids[key] if speakers[ids[split][i]] in class_of]
-        unknown = sorted({speakers[ids[split][i]] for i in chosen_ids[key]} - set(class_of))
-        ignored[key] = {"utterances": len(chosen_ids[key]) - len(known), "classes": unknown}
-        if not known and key in SPLITS:
-            raise ProbeError(f"{key}: no utterance of a {task} class seen in train")
-        keep[key] = np.asarray(known, dtype=np.int64)
-        targets[key] = torch.tensor([class_of[speakers[ids[split][i]]] for i in known], device=device)
-    names = list(vectors["train"])
-    inputs = {key: {name: torch.from_numpy(vectors[split][name][keep[key]]).to(device) for name in names}
-              for key, split in sets.items()}
-    moments = {}
-    for name in names:
-        running = RunningMoments(inputs["train"][name].shape[1])
-        running.update(inputs["train"][name])
-        moments[name] = running.mean_std()
-    heads, epochs, described = build_heads(names, moments, len(classes), config, device, kinds, fractions, mlp)
-    train_ids = [ids["train"][i] for i in keep["train"]]
-    members = fraction_members(train_ids, fractions, config.seed)
-    masks = {f: torch.from_numpy(m).to(device)
-             for f, m in fraction_masks(members, train_ids, np.arange(len(train_ids))).items()}
-
-    def batches(split: str, positions: Iterator[np.ndarray]) -> Iterator[tuple]:
-        for chosen in positions:
-            index = torch.from_numpy(chosen).to(device)
-            batch_masks = {f: m[index] for f, m in masks.items()} if split == "train" else {}
-            yield targets[split][index], {name: inputs[split][name][index] for name in names}, batch_masks
-
-    generator = torch.Generator().manual_seed(config.seed)
-    count = len(keep["train"])
-    batch_size = config.batch_size or count
-
-    def train_batches(epoch: int) -> Iterator[tuple]:
-        order = torch.randperm(count, generator=generator).numpy() if batch_size < count else np.arange(count)
-        return batches("train", (np.sort(order[i : i + batch_size]) for i in range(0, count, batch_size)))
-
-    def dev_batches() -> Iterator[tuple]:
-        return batches("dev", _chunks(len(keep["dev"]), config.eval_batch))
-
-    train_heads(heads, epochs, train_batches, dev_batches, progress, f"{task} probe")
-    truth, predicted = predict(heads, batches("test", _chunks(len(keep["test"]), config.eval_batch)))
-    majority = int(np.bincount(targets["train"].cpu().numpy(), minlength=len(classes)).argmax())
-    layers, probes = _report_all(heads, described, config, mlp, truth, predicted, majority, classes)
-    extra = {}
-    for name in extra_tests or {}:
-        key = f"test:{name}"
-        if not len(keep[key]):  # e.g. a closed-set speaker probe on a corpus of unseen speakers
-            extra[name] = {"examples": 0, "heads": [], "note": f"no test utterance of a {task} class seen in train"}
-            continue
-        extra_truth, extra_predicted = predict(heads, batches(key, _chunks(len(keep[key]), config.eval_batch)))
-        extra[name] = _extra_report(heads, described, extra_truth, extra_predicted, majority)
-    return {
-        **({"extra_tests": extra} if extra else {}),
-        "task": task,
-        "classes": classes,
-        "examples": {split: int(len(keep[split])) for split in SPLITS},
-        "fraction_utterances": {f"{f:g}": len(m) for f, m in members.items()},
-        "majority_class": classes[majority],
-        "ignored": ignored,
-        "note": f"dev/test utterances of {task} classes absent from train are left out (see 'ignored')",
-        "config": config.to_dict(),
-        "pooling": "statistics: mean and standard deviation over frames, per layer",
-        "standardisation": "per layer, mean/std of the train split's pooled vectors",
-        "layers": layers,
-        "probes": probes,
-        "seconds": round(time.perf_counter() - started, 3),
-    }
 
 
 def probe_online(*args, **kwargs) -> dict:

@@ -17,6 +17,8 @@ train split (they use no labels); hyper-parameters are chosen on the whole dev s
 Selections say which utterances of each split take part in a task: its corpora, utterances with
 a label (keyword), and, speaker-independent, only dev/test utterances of speakers with no train
 utterance, i.e. speakers the probe (and, with `prepare` `split_by: speaker`, pretraining) never heard.
+
+The reports of the heads trained (`head_reports`, `extra_test_report`) are shaped here for every task.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,7 @@ from mockingjay.probe_heads import (
     ProbeConfig,
     ProbeError,
     TorchHeads,
+    layer_report,
 )
 from mockingjay.store_layout import INPUT_STORE
 
@@ -166,3 +169,32 @@ def fraction_masks(members: Mapping[float, set[str]], ids: Sequence[str], exampl
         in_subset = np.fromiter((utt in chosen for utt in ids), dtype=bool, count=len(ids))
         masks[fraction] = in_subset[example_items]
     return masks
+
+
+def position_chunks(count: int, size: int) -> Iterator[np.ndarray]:
+    """Positions 0 .. count - 1 in consecutive batches of at most `size` (evaluation order)."""
+    for start in range(0, count, size):
+        yield np.arange(start, min(start + size, count))
+
+
+def head_reports(heads, described, config, mlp, truth, predicted, majority, class_names) -> tuple[dict, list]:
+    """({layer: report} of the linear heads at fraction 1, [report with kind/layer/fraction] of every head)."""
+    layers, probes = {}, []
+    for key, head in heads.items():
+        kind, layer, fraction = described[key]
+        report = layer_report(head, head_grid(head, config, mlp), truth, predicted[key], majority, class_names)
+        probes.append({"kind": kind, "layer": layer, "fraction": fraction, **report})
+        if kind == "linear" and fraction == 1.0:
+            layers[layer] = report
+    return layers, probes
+
+
+def extra_test_report(heads, described, truth, predicted, majority) -> dict:
+    """{"examples": n, "heads": [{kind, layer, fraction, accuracy, majority_rate}]} of one extra test set."""
+    reports = []
+    for key in heads:
+        kind, layer, fraction = described[key]
+        accuracy = float(np.mean(predicted[key] == truth)) if len(truth) else float("nan")
+        reports.append({"kind": kind, "layer": layer, "fraction": fraction, "accuracy": accuracy,
+                        "majority_rate": float(np.mean(truth == majority)) if len(truth) else float("nan")})
+    return {"examples": int(len(truth)), "heads": reports}

@@ -10,7 +10,9 @@ The fingerprint is a hash of what must match for a checkpoint to be resumed: the
 and training settings (not logging or device knobs), the feature settings and the data
 fingerprint. Trying another configuration therefore starts in its own folder and leaves every
 other one as it was; coming back to a configuration resumes it. Folders are removed only on
-request (`remove_state`). Only json and the standard library here: listing needs no torch.
+request (`remove_state`). Whether a run resumes is decided here (`run_record`, `data_fingerprint`,
+`adopt_older_layout`, `resume_decision`); the pretrain stage reports it. Only json and the standard
+library here: listing needs no torch (checkpoint.py, which does, is imported where a checkpoint is read).
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from mockingjay import featstore
 from mockingjay.atomic import publish_directory
 
 STATE_PREFIX = "config-"
@@ -46,6 +50,19 @@ class ResumeStateError(RuntimeError):
 
 def training_record(training: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in training.items() if k not in IGNORED_TRAINING_KEYS}
+
+
+def run_record(model: dict[str, Any], mask: dict[str, Any], training: dict[str, Any],
+               provenance: dict[str, Any]) -> dict[str, Any]:
+    """What must match to resume, for the run about to start: the model, masking and training
+    settings (`to_dict()`s) and its provenance ({"features": ..., "data": {"fingerprint": ...}})."""
+    return {"model": model, "mask": mask, "training": training_record(training), **provenance}
+
+
+def data_fingerprint(stores: list[Path]) -> str:
+    """sha256 of the stores' indexes (utterance ids and lengths): a checkpoint trained on other data
+    is not resumed, even when every setting matches."""
+    return featstore.fingerprint(stores)
 
 
 def resume_record(stored: dict[str, Any]) -> dict[str, Any]:
@@ -89,6 +106,63 @@ def adopt_legacy(checkpoints: Path, stored_config: dict[str, Any]) -> Path:
         os.replace(entry, tmp / entry.name)
     publish_directory(tmp, dest)  # the state appears under its name whole, or stays in the hidden folder
     return dest
+
+
+def adopt_older_layout(checkpoints: Path) -> Path | None:
+    """Move the state an older version left at the top of `checkpoints` into its configuration's
+    folder (`adopt_legacy`); returns that folder, or None when there was nothing to move."""
+    from mockingjay.checkpoint import latest_checkpoint, load_config
+
+    if not legacy_entries(checkpoints):
+        return None
+    legacy = latest_checkpoint(checkpoints)
+    return None if legacy is None else adopt_legacy(checkpoints, load_config(legacy))
+
+
+@dataclass(frozen=True)
+class ResumeDecision:
+    """Where a run of one configuration keeps its state, and what it finds there."""
+
+    state: Path  # this configuration's folder (state_dir)
+    latest: Path | None  # its newest complete checkpoint, resumed; None: the run starts afresh
+    others: list[dict[str, Any]]  # the other configurations' states (list_states), kept as they are
+    aside: Path | None  # `<checkpoints>.previous`, state an older version moved aside: never resumed
+
+
+def resume_decision(checkpoints: Path, record: dict[str, Any]) -> ResumeDecision:
+    """Whether the run of `record` (`run_record`) resumes: only from a checkpoint of the same
+    configuration, feature settings and data, which is one in its own folder."""
+    from mockingjay.checkpoint import latest_checkpoint
+
+    checkpoints = Path(checkpoints)
+    state = state_dir(checkpoints, record)
+    latest = latest_checkpoint(state)
+    others = [s for s in list_states(checkpoints, record) if s["path"] != state]
+    aside = checkpoints.with_name(f"{checkpoints.name}.previous")
+    return ResumeDecision(state, latest, others, aside if aside.is_dir() else None)
+
+
+def read_train_log(path: Path) -> list[dict[str, Any]]:
+    """Records of a training log (TRAIN_LOG); a line cut short by a crash is skipped."""
+    records = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def is_model_dir(folder: Path) -> bool:
+    """A model directory (what pretrain and import-checkpoint write): its config.json says so, and it
+    holds nothing else a user could lose. (checkpoint.py's FORMAT_NAME and file names, spelled out
+    here: importing checkpoint.py loads torch, and the stage checks its folders before that.)"""
+    try:
+        made = json.loads((folder / "config.json").read_text()).get("format") == "mockingjay-mam"
+    except (OSError, ValueError, AttributeError):
+        return False
+    return made and {p.name for p in folder.iterdir()} <= {"config.json", "model.safetensors"}
 
 
 def _steps(folder: Path) -> list[int]:

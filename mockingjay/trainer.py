@@ -35,7 +35,7 @@ from mockingjay.checkpoint import (
     save_checkpoint,
     save_model_dir,
 )
-from mockingjay.device import resolve_device  # noqa: F401  (also importable as trainer.resolve_device)
+from mockingjay.device import autocast, autocast_dtype, resolve_device, wants_cuda
 from mockingjay.distributed import setup_distributed
 from mockingjay.masking import MaskConfig, mam_l1_loss, mask_batch
 from mockingjay.model import MockingjayForMAM, ModelConfig
@@ -111,11 +111,9 @@ class Trainer:
     # -- setup -------------------------------------------------------------------------------
     def _setup(self) -> None:
         cfg = self.config
-        wants_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-        self.dist = setup_distributed(wants_cuda)
+        self.dist = setup_distributed(wants_cuda(cfg.device))
         self.device = resolve_device(cfg.device, self.dist.local_rank)
-        self.autocast_dtype = torch.bfloat16 if (cfg.precision == "bf16" or (
-            cfg.precision == "auto" and self.device.type == "cuda")) else None
+        self.autocast_dtype = autocast_dtype(self.device, cfg.precision)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every rerun
         self.model = MockingjayForMAM(self.model_config).to(self.device)
         decay = [p for p in self.model.parameters() if p.ndim >= 2]
@@ -170,11 +168,6 @@ class Trainer:
         if self.callback is not None and self.dist.is_main:
             self.callback(record)
 
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
-
     def _batches(self):
         """Endless stream of batches; (epoch, batch_in_epoch) always points past the last one."""
         while True:
@@ -199,7 +192,7 @@ class Trainer:
         # Decided on the host from the collate's lengths: no padding lets attention skip its mask.
         unpadded = int(batch.lengths.min()) == inputs.size(1)
         masked = mask_batch(inputs, lengths, self.mask_config, self.model_config.downsample_rate, generator)
-        with self._autocast():
+        with autocast(self.device, self.config.precision):
             predictions = module(masked.inputs, None if unpadded else lengths)
         return mam_l1_loss(predictions, targets, masked.target_loss_mask(targets.size(-1)))
 

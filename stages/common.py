@@ -56,7 +56,8 @@ def section(params_file: Path, name: str) -> dict:
 # The errors of bad data, by the module that raises them (module -> class name).
 DATA_ERRORS = {"mockingjay.audio": "AudioError", "mockingjay.checkpoint": "CheckpointError",
                "mockingjay.corpora": "CorpusError", "mockingjay.featstore": "StoreError",
-               "mockingjay.resume_state": "ResumeStateError", "stages.tracking": "TrackingError"}
+               "mockingjay.featurize": "FeaturizeError", "mockingjay.resume_state": "ResumeStateError",
+               "stages.tracking": "TrackingError"}
 
 
 def _loaded_data_errors() -> tuple[type, ...]:

@@ -34,7 +34,7 @@ import typer
 
 from mockingjay import resume_state
 from mockingjay.config import ParamError, from_section, to_flat_dict, unknown_fields
-from mockingjay.featstore import RaggedArray, fingerprint
+from mockingjay.featstore import RaggedArray
 from mockingjay.feature_config import FeatureConfig
 from mockingjay.resume_state import TRAIN_LOG
 from mockingjay.store_layout import target_store
@@ -154,47 +154,31 @@ def _check_folders(features: Path, out: Path, checkpoints: Path, force: bool) ->
     if not force and checkpoints.is_dir() and not resume_state.is_checkpoints_folder(checkpoints):
         raise StageError(f"--checkpoints {checkpoints} holds files that are not resume state; the stage would write "
                          "among them. Choose another folder, or pass --force to use it anyway")
-    if not force and model_dir.is_dir() and any(model_dir.iterdir()) and not _is_model_dir(model_dir):
+    if not force and model_dir.is_dir() and any(model_dir.iterdir()) and not resume_state.is_model_dir(model_dir):
         raise StageError(f"--out {out}: {model_dir} is a folder that is not a model directory; the stage would replace "
                          "it and delete what it holds. Choose another --out, or pass --force to replace it")
 
 
-def _is_model_dir(folder: Path) -> bool:
-    """A model directory (what pretrain and import-checkpoint write): its config.json says so, and it
-    holds nothing else a user could lose."""
-    try:
-        made = json.loads((folder / "config.json").read_text()).get("format") == "mockingjay-mam"
-    except (OSError, ValueError, AttributeError):
-        return False
-    return made and {p.name for p in folder.iterdir()} <= {"config.json", "model.safetensors"}
-
-
 def _resume_state(checkpoints: Path, record: dict) -> Path:
     """This configuration's folder in `checkpoints`: says whether it resumes, and lists the others."""
-    from mockingjay.checkpoint import latest_checkpoint, load_config
-
-    if resume_state.legacy_entries(checkpoints):
-        legacy = latest_checkpoint(checkpoints)
-        if legacy is not None:
-            moved = resume_state.adopt_legacy(checkpoints, load_config(legacy))
-            print(f"pretrain: moved the resume state in {checkpoints} (older layout) to {moved}", file=sys.stderr)
-    state = resume_state.state_dir(checkpoints, record)
-    latest = latest_checkpoint(state)
-    if latest is None:
-        print(f"pretrain: no resume state for this configuration; starting afresh in {state}", file=sys.stderr)
+    moved = resume_state.adopt_older_layout(checkpoints)
+    if moved is not None:
+        print(f"pretrain: moved the resume state in {checkpoints} (older layout) to {moved}", file=sys.stderr)
+    decision = resume_state.resume_decision(checkpoints, record)
+    if decision.latest is None:
+        print(f"pretrain: no resume state for this configuration; starting afresh in {decision.state}", file=sys.stderr)
     else:
-        print(f"pretrain: resuming from {latest}", file=sys.stderr)
-    others = [s for s in resume_state.list_states(checkpoints, record) if s["path"] != state]
-    if others:
-        print(f"pretrain: kept the resume state of {len(others)} other configuration(s), resumed when one comes back "
-              "(`mockingjay checkpoints list`; `mockingjay checkpoints remove NAME` deletes one):", file=sys.stderr)
-        for other in others:
+        print(f"pretrain: resuming from {decision.latest}", file=sys.stderr)
+    if decision.others:
+        print(f"pretrain: kept the resume state of {len(decision.others)} other configuration(s), resumed when one "
+              "comes back (`mockingjay checkpoints list`; `mockingjay checkpoints remove NAME` deletes one):",
+              file=sys.stderr)
+        for other in decision.others:
             print(f"  {resume_state.describe(other)}", file=sys.stderr)
-    aside = checkpoints.with_name(f"{checkpoints.name}.previous")
-    if aside.is_dir():
-        print(f"pretrain: note: {aside} holds state an older version moved aside; it is not resumed (move its "
-              f"contents into {checkpoints} to adopt it)", file=sys.stderr)
-    return state
+    if decision.aside is not None:
+        print(f"pretrain: note: {decision.aside} holds state an older version moved aside; it is not resumed (move "
+              f"its contents into {checkpoints} to adopt it)", file=sys.stderr)
+    return decision.state
 
 
 class _Logger:
@@ -222,29 +206,11 @@ class _Logger:
         elif record.get("event") == "resume":
             print(f"pretrain: resumed at step {record['step']} from {record['path']}", file=sys.stderr)
             if self.log_path is not None:  # steps after the checkpoint are trained again: drop their records
-                self.train = [r for r in _read_log(self.log_path) if r["step"] <= record["step"]]
+                self.train = [r for r in resume_state.read_train_log(self.log_path) if r["step"] <= record["step"]]
                 write_text_atomically(self.log_path, "".join(json.dumps(r) + "\n" for r in self.train))
                 self._mode = "a"
             if self.mlflow is not None:
                 self.mlflow.set_tag("resumed_from", record["path"])
-
-
-def _read_log(path: Path) -> list[dict]:
-    """Records of a training log; a line cut short by a crash is skipped."""
-    records = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
-
-
-def data_fingerprint(stores: list[Path]) -> str:
-    """sha256 of the stores' indexes (utterance ids and lengths): a checkpoint trained on other data
-    is not resumed, even when every setting matches."""
-    return fingerprint(stores)
 
 
 @cli_errors
@@ -292,9 +258,9 @@ def main(
         )
     rank = int(os.environ.get("RANK", "0"))
     # the model's config.json and every checkpoint record what it was trained on
-    provenance = {"features": feature_config, "data": {"fingerprint": data_fingerprint(train_stores + (target_stores or []))}}
-    record = {"model": model_config.to_dict(), "mask": mask_config.to_dict(), "training": _train_record(train_config),
-              **provenance}
+    fingerprint = resume_state.data_fingerprint(train_stores + (target_stores or []))
+    provenance = {"features": feature_config, "data": {"fingerprint": fingerprint}}
+    record = resume_state.run_record(model_config.to_dict(), mask_config.to_dict(), train_config.to_dict(), provenance)
     flat = {**to_flat_dict({"model": model_config.to_dict(), "mask": mask_config.to_dict()}),
             **to_flat_dict({"train": train_config.to_dict()}), "preset": pretrain_section.get("preset", "tera-base")}
     # Rank 0 locks the folder for the whole run: a second run would prune, rewrite and log into the same state.
@@ -357,12 +323,6 @@ def _train(model_config, mask_config, train_config, data, checkpoints, model_dir
             raise StageError(str(err)) from err
         except ValueError as err:
             raise ParamError(f"pretrain.train: {err}") from err
-
-
-def _train_record(train_config) -> dict:
-    """What must match for a checkpoint to be resumed (everything but logging/device knobs)."""
-    return resume_state.training_record(train_config if isinstance(train_config, dict) else train_config.to_dict())
-
 
 
 def _write_loss_plot(path: Path, records: list[dict]) -> None:

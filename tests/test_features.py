@@ -229,7 +229,7 @@ def small_corpus() -> list[ManifestRow]:
 
 
 def test_stage_global_cmvn_gives_zero_mean_unit_variance_train_features(small_corpus, tmp_path):
-    from stages.featurize import sort_rows, write_features
+    from mockingjay.featurize import sort_rows, write_features
 
     config = config_for("tera", cmvn="global")
     rows = sort_rows(small_corpus)
@@ -256,7 +256,7 @@ def test_stage_global_cmvn_gives_zero_mean_unit_variance_train_features(small_co
 
 
 def test_stage_pool_output_equals_one_process_output(small_corpus, tmp_path):
-    from stages.featurize import sort_rows, write_features
+    from mockingjay.featurize import sort_rows, write_features
 
     config = config_for("s3prl", target="linear")
     rows = sort_rows(small_corpus)
@@ -283,12 +283,11 @@ def test_stage_pool_output_equals_one_process_output(small_corpus, tmp_path):
 def test_stage_names_an_unreadable_file(small_corpus, tmp_path):
     from dataclasses import replace
 
-    from stages.common import StageError
-    from stages.featurize import sort_rows, write_features
+    from mockingjay.featurize import FeaturizeError, sort_rows, write_features
 
     missing = str(tmp_path / "gone.wav")
     rows = sort_rows([*small_corpus[:3], replace(small_corpus[3], path=missing)])
     out = tmp_path / "features"
     out.mkdir()
-    with pytest.raises(StageError, match="gone.wav"):
+    with pytest.raises(FeaturizeError, match="gone.wav"):
         write_features(rows, config_for("tera"), out, workers=2, progress=False)

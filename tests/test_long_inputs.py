@@ -19,11 +19,11 @@ from mockingjay.extract import ExtractError, check_window_frames, extract_repres
 from mockingjay.featstore import RaggedArray, RaggedWriter
 from mockingjay.feature_config import FeatureConfig, feature_config
 from mockingjay.features import FeatureExtractor, featurize_wave, load_wave, stream_features
+from mockingjay.featurize import write_features
 from mockingjay.manifest import ManifestRow
 from mockingjay.model import MockingjayForMAM, ModelConfig
 from mockingjay.probe import utterance_stats
 from mockingjay.probe_online import _FrameLabels, _Passes, _statistics_pass
-from stages.featurize import write_features
 
 from .conftest import ARCTIC_DIR, FSDD_DIR, run
 

@@ -12,7 +12,7 @@ from mockingjay import resume_state
 from mockingjay.checkpoint import load_config, save_checkpoint
 from mockingjay.masking import MaskConfig
 from mockingjay.model import MockingjayForMAM, ModelConfig
-from mockingjay.resume_state import ResumeStateError, fingerprint, resume_record, training_record
+from mockingjay.resume_state import ResumeStateError, fingerprint, resume_record, run_record
 from mockingjay.trainer import TrainConfig
 
 MODEL = ModelConfig(input_dim=8, target_dim=8, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
@@ -29,8 +29,7 @@ def write_legacy(folder, train: TrainConfig, step: int) -> None:
 
 def stage_record(train: TrainConfig) -> dict:
     """The record `mockingjay pretrain` builds before it trains."""
-    return {"model": MODEL.to_dict(), "mask": MaskConfig().to_dict(), "training": training_record(train.to_dict()),
-            **PROVENANCE}
+    return run_record(MODEL.to_dict(), MaskConfig().to_dict(), train.to_dict(), PROVENANCE)
 
 
 def test_a_checkpoint_read_back_has_the_fingerprint_the_stage_computes_and_the_old_layout_is_adopted(tmp_path):
@@ -62,3 +61,19 @@ def test_the_lock_refuses_a_second_holder_naming_the_first_and_is_released(tmp_p
         pass
     with pytest.raises(ResumeStateError, match="no such resume state"):
         resume_state.remove_state(tmp_path, "config-0123456789ab")
+
+
+def test_a_run_resumes_only_its_own_configuration_and_is_told_of_the_others(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    train = TrainConfig(total_steps=5, device="cpu")
+    write_legacy(checkpoints, train, 3)
+    moved = resume_state.adopt_older_layout(checkpoints)
+    assert moved == resume_state.state_dir(checkpoints, stage_record(train))
+    assert resume_state.adopt_older_layout(checkpoints) is None  # nothing left at the top
+
+    same = resume_state.resume_decision(checkpoints, stage_record(dataclasses.replace(train, log_every=7)))
+    assert (same.state, same.latest, same.others, same.aside) == (moved, moved / "step-000003", [], None)
+    (tmp_path / "checkpoints.previous").mkdir()
+    other = resume_state.resume_decision(checkpoints, stage_record(dataclasses.replace(train, total_steps=6)))
+    assert other.latest is None and other.state != moved and other.aside == tmp_path / "checkpoints.previous"
+    assert [s["path"] for s in other.others] == [moved]
