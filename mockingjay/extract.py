@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mockingjay.featstore import _DATA, _INDEX, _META, RaggedArray
+from mockingjay.featstore import _DATA, _INDEX, _META, RaggedArray, _non_finite
 from mockingjay.feature_config import frames_per_second
 from mockingjay.model import upsample_to_frames
 
@@ -268,8 +268,12 @@ class _PresizedStoreWriter:
         if rows.ndim != 2 or rows.shape[1] != self.dim or start + rows.shape[0] > length:
             raise ExtractError(f"item {self.template.ids[item]!r}: got {list(rows.shape)} rows at frame {start} for "
                                f"[{length}, {self.dim}]")
+        with np.errstate(over="ignore"):  # above 65504 is inf in float16: refused below, as RaggedWriter does
+            data = np.ascontiguousarray(rows, dtype=self.dtype)
+        if not np.isfinite(data).all():
+            raise _non_finite(self.path, self.template.ids[item], data, self.dtype)
         self._file.seek((int(self.template.offsets[item]) + start) * self._row_bytes)
-        self._file.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
+        self._file.write(data.tobytes())
         if start + rows.shape[0] == length:
             self._written[item] = True
 
