@@ -179,8 +179,12 @@ class PresizedWriter:
         if rows.ndim != 2 or rows.shape[1] != self.dim or start + rows.shape[0] > length:
             raise ValueError(f"{self.path}: item {self.template.ids[item]!r}: got {list(rows.shape)} rows at frame "
                              f"{start} for [{length}, {self.dim}]")
+        with np.errstate(over="ignore"):  # after the cast values above 65504 are inf: refused just below
+            data = np.ascontiguousarray(rows, dtype=self.dtype)
+        if not np.isfinite(data).all():
+            raise _non_finite(self.path, self.template.ids[item], data, self.dtype)
         self._file.seek((int(self.template.offsets[item]) + start) * self._row_bytes)
-        self._file.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
+        self._file.write(data.tobytes())
         if start + rows.shape[0] == length:
             self._written[item] = True
 

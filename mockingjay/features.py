@@ -6,6 +6,7 @@ are in `feature_config.py`.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import numpy as np
@@ -14,6 +15,7 @@ import torchaudio
 
 from .audio import audio_blocks
 from .feature_config import FeatureConfig
+from .moments import Moments
 
 
 class FeatureExtractor(torch.nn.Module):
@@ -115,31 +117,15 @@ def utterance_cmvn(features, eps: float = 1e-5):
     return out
 
 
-class GlobalCMVN:
-    """Running sums for dataset-level CMVN (accumulated on the training split only)."""
-
-    def __init__(self, dim: int):
-        self.count = 0
-        self.sum = np.zeros(dim, dtype=np.float64)
-        self.sum_sq = np.zeros(dim, dtype=np.float64)
-
-    def update(self, features: np.ndarray) -> None:
-        feats = np.asarray(features, dtype=np.float64)
-        self.count += feats.shape[0]
-        self.sum += feats.sum(axis=0)
-        self.sum_sq += np.square(feats).sum(axis=0)
-
-    def merge(self, other: "GlobalCMVN") -> None:
-        self.count += other.count
-        self.sum += other.sum
-        self.sum_sq += other.sum_sq
+class GlobalCMVN(Moments):
+    """Running sums for dataset-level CMVN (accumulated on the training split only): mean and
+    std + eps, float32."""
 
     def stats(self, eps: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
         if self.count == 0:
             raise ValueError("no training frames to compute global CMVN statistics from")
-        mean = self.sum / self.count
-        var = np.maximum(self.sum_sq / self.count - np.square(mean), 0.0)
-        return mean.astype(np.float32), (np.sqrt(var) + eps).astype(np.float32)
+        mean, std = self.mean_std()
+        return mean.astype(np.float32), (std + eps).astype(np.float32)
 
 
 def load_wave(
@@ -260,7 +246,10 @@ def _raw_blocks(path: str, extractor: FeatureExtractor, segment, block_sec: floa
     log_mel = torch.zeros(0, config.n_mels)  # frames [first, first + len) of the file's log-mel
     first = done = 0
     target = None
-    for power in [*_padded_frames(audio_blocks(path, config.sample_rate, segment, block_sec), extractor), None]:
+    # chain, not [*blocks, None]: a list would hold the whole file's power spectrogram (the memory
+    # grew by 7.5 MiB a minute of audio; tests/test_long_inputs.py measures it)
+    powers = _padded_frames(audio_blocks(path, config.sample_rate, segment, block_sec), extractor)
+    for power in itertools.chain(powers, [None]):
         final = power is None
         if not final:
             target = torch.log_(power.sqrt().add_(config.log_offset)) if config.target == "linear" else None

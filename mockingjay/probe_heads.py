@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from mockingjay import scores
+from mockingjay.moments import Moments
 from mockingjay.probe_config import (  # noqa: F401  (re-exported)
     KINDS,
     PHONE_PROBE,
@@ -42,25 +43,14 @@ Batch = tuple[Tensor, Mapping[str, Tensor]]  # (labels [B] long, layer name -> i
 
 
 
-class RunningMoments:
-    """Per-dimension mean and standard deviation accumulated over chunks, in float64."""
-
-    def __init__(self, dim: int):
-        self.count = 0
-        self.total = np.zeros(dim, dtype=np.float64)
-        self.total_sq = np.zeros(dim, dtype=np.float64)
-
-    def update(self, rows: np.ndarray | Tensor) -> None:
-        rows = rows.double().cpu().numpy() if isinstance(rows, Tensor) else np.asarray(rows, dtype=np.float64)
-        self.count += rows.shape[0]
-        self.total += rows.sum(0)
-        self.total_sq += np.square(rows).sum(0)
+class RunningMoments(Moments):
+    """Per-dimension mean and standard deviation of a layer's training inputs, accumulated over
+    chunks in float64 (moments.py); a constant dimension is left unscaled."""
 
     def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
         if self.count == 0:
             raise ProbeError("no training examples to compute standardisation statistics from")
-        mean = self.total / self.count
-        std = np.sqrt(np.maximum(self.total_sq / self.count - mean**2, 0.0))
+        mean, std = super().mean_std()
         std[std < 1e-6] = 1.0  # constant dimensions: leave them unscaled rather than divide by ~0
         return mean.astype(np.float32), std.astype(np.float32)
 

@@ -6,7 +6,9 @@ online probing)."""
 from __future__ import annotations
 
 import csv
+import re
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -14,13 +16,14 @@ import soundfile as sf
 import torch
 import yaml
 
-from mockingjay.audio import audio_blocks, checked_length, read_audio
+from mockingjay.audio import STREAM_ABOVE_SEC, audio_blocks, checked_length, read_audio
+from mockingjay.checkpoint import save_model_dir
 from mockingjay.extract import ExtractError, check_window_frames, extract_representations, windows
 from mockingjay.featstore import RaggedArray, RaggedWriter
-from mockingjay.feature_config import FeatureConfig, feature_config
+from mockingjay.feature_config import FeatureConfig, feature_config, num_frames
 from mockingjay.features import FeatureExtractor, featurize_wave, load_wave, stream_features
 from mockingjay.featurize import write_features
-from mockingjay.manifest import ManifestRow
+from mockingjay.manifest import ManifestRow, write_tsv
 from mockingjay.model import MockingjayForMAM, ModelConfig
 from mockingjay.probe import utterance_stats
 from mockingjay.probe_online import _FrameLabels, _Passes, _statistics_pass
@@ -218,3 +221,70 @@ def test_a_long_file_is_checked_block_by_block_with_the_same_length(tmp_path):
     path = long_recording(tmp_path / "long.wav", ARCTIC[:4])
     audio = read_audio(path, 8_000)
     assert checked_length(path, 8_000) == (len(audio.samples), 16_000, 1)
+
+
+# A command's peak memory, measured from outside it: this runs `sys.argv[1:]` as its only child and, once
+# it has exited, prints the child's peak resident set (ru_maxrss: every page it held, shared libraries
+# and mapped files included) and the peak of its anonymous memory (RssAnon in /proc, sampled every 10 ms:
+# the arrays it allocates, which is what a file held whole would show as).
+PEAK_MEMORY = r"""
+import re, resource, subprocess, sys, time
+child, anon = subprocess.Popen(sys.argv[1:]), 0
+while child.poll() is None:
+    try:
+        with open(f"/proc/{child.pid}/status") as status:
+            anon = max(anon, int(re.search(r"RssAnon:\s+(\d+)", status.read()).group(1)))
+    except (OSError, AttributeError):  # exiting
+        pass
+    time.sleep(0.01)
+print(f"peak memory: rss {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss} anon {anon} KiB", file=sys.stderr)
+sys.exit(child.returncode)
+"""
+
+
+def peak_memory(args: list[str], cwd) -> dict[str, int]:
+    """Run a command to its end (conftest.run: it fails only if it stalls) on one torch thread and
+    return its peak memory in KiB: {"rss": ..., "anon": ...}."""
+    result = run([sys.executable, "-c", PEAK_MEMORY, *args], cwd, env={"OMP_NUM_THREADS": "1"})  # tiny tensors
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = re.search(r"peak memory: rss (\d+) anon (\d+) KiB", result.stderr)
+    return {"rss": int(found.group(1)), "anon": int(found.group(2))}
+
+
+@pytest.mark.slow
+def test_featurize_and_extract_hold_as_much_memory_for_a_file_four_times_longer(tmp_path):
+    """Issue 13: featurize peaked at 5.4 GB on a 3-hour file. Here the fixture sentences end to end
+    make one 5.5-minute and one 22-minute recording, both over audio.STREAM_ABOVE_SEC (streamed, in
+    60 s blocks); `mockingjay featurize` and then `mockingjay extract` (200-frame windows) run on each
+    as subprocesses. The longer file's 16.3 extra minutes are 61 MiB as float32 samples, and the
+    whole-file arrays (samples, spectrogram) several times that; each command's peak memory may
+    grow by less than half the samples' size, i.e. by nothing that scales with the file."""
+    one = np.concatenate([sf.read(f, dtype="float32")[0] for f in ARCTIC])  # 26 s of real speech
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "featurize": {"workers": 1},
+        "extract": {"window_frames": 200, "batch_frames": 2000, "device": "cpu"}}))
+    save_model_dir(tmp_path / "model", tiny_model(), tiny_model().encoder.config,
+                   {"features": FeatureConfig().to_dict()})
+    peaks, samples = {}, {}
+    (tmp_path / "audio").mkdir()
+    for name, minutes in (("short", 5.5), ("long", 22.0)):
+        wave = np.tile(one, int(np.ceil(minutes * 60 * 16_000 / len(one))))
+        samples[name] = len(wave)
+        assert len(wave) / 16_000 > STREAM_ABOVE_SEC
+        audio = tmp_path / "audio" / f"{name}.wav"
+        sf.write(audio, wave, 16_000)
+        del wave
+        write_tsv(tmp_path / f"{name}.tsv", [ManifestRow(name, str(audio), "c", "s", samples[name] / 16_000,
+                                                         samples[name], 16_000, 1, "", False, split="train")],
+                  ManifestRow)
+        peaks[name, "featurize"] = peak_memory(["mockingjay", "featurize", "--manifest", f"{name}.tsv",
+                                                "--no-labels", "--out", f"{name}/features"], tmp_path)
+        assert RaggedArray(tmp_path / name / "features" / "train").lengths.tolist() == [num_frames(samples[name], 160)]
+        peaks[name, "extract"] = peak_memory(["mockingjay", "extract", "--model", "model", "--features",
+                                              f"{name}/features", "--out", f"{name}/reps"], tmp_path)
+    extra_kib = (samples["long"] - samples["short"]) * 4 / 1024  # the extra audio once, as float32 samples
+    print(f"peak memory (KiB), {samples['short'] / 16_000:.0f} s vs {samples['long'] / 16_000:.0f} s: {peaks}")
+    for command in ("featurize", "extract"):
+        for kind in ("rss", "anon"):
+            growth = peaks["long", command][kind] - peaks["short", command][kind]
+            assert growth < extra_kib / 2, (command, kind, peaks)

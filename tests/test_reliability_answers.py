@@ -28,6 +28,7 @@ from mockingjay.checkpoint import (
 )
 from mockingjay.config import ParamError
 from mockingjay.corpora import CorpusSpec, is_safe_id, read_corpus
+from mockingjay.extract import extract_representations
 from mockingjay.featstore import RaggedArray, RaggedWriter, StoreError
 from mockingjay.manifest import (
     ManifestRow,
@@ -115,6 +116,50 @@ def test_pretrain_refuses_features_holding_inf_naming_the_store_before_training(
     assert one_line_error(result).startswith("error: features/train: split train, utterance 'train_2' "
                                              "has 0 NaN and 1 inf values")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["features"]
+
+
+def test_extract_refuses_representations_that_overflow_float16_naming_the_layer_and_utterance(tmp_path):
+    """A model whose last layer gives values above 65504 (an output LayerNorm bias of 70000): extract
+    stores float16, so they would be inf. The writer refuses the first item written (the longest),
+    naming the layer's store, the split and the utterance, and publishes no store."""
+    rng = np.random.default_rng(0)
+    with RaggedWriter(tmp_path / "features" / "dev", 8) as writer:
+        for i in range(3):
+            writer.append(f"dev_{i}", rng.standard_normal((20 + 10 * i, 8)))
+    model = MockingjayForMAM(TINY).eval()
+    with torch.no_grad():
+        model.encoder.layers[-1].output_norm.bias[3] = 70000.0
+    with pytest.raises(StoreError, match=r"reps/dev/layer_01: split dev, utterance 'dev_2' has 0 NaN and 40 inf "
+                                         r"values \(float16 holds at most 65504\)"):
+        extract_representations(model, RaggedArray(tmp_path / "features" / "dev"), tmp_path / "reps" / "dev",
+                                progress=False)
+    assert list((tmp_path / "reps" / "dev").iterdir()) == []  # no store, no temporary folder
+
+
+@pytest.mark.slow
+def test_extract_and_online_probe_refuse_features_holding_nan_naming_the_store(featurized_repo, tmp_path):
+    """The features of a real featurize run, one value of a dev utterance made NaN afterwards:
+    `mockingjay extract` and `mockingjay probe` in online mode (which reads the features itself)
+    each stop with one line naming the store, the split and the utterance, and write no output."""
+    shutil.copytree(featurized_repo / "data" / "features", tmp_path / "features")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"extract": {"device": "cpu"},
+                                                          "probe": {"mode": "online", "device": "cpu"}}))
+    settings = json.loads((tmp_path / "features" / "feature_config.json").read_text())
+    config = ModelConfig(input_dim=settings["n_mels"], target_dim=settings["n_mels"], hidden_size=32, num_layers=1,
+                         num_heads=4, intermediate_size=64)
+    save_model_dir(tmp_path / "model", MockingjayForMAM(config), config, {"features": settings})
+    spoilt = RaggedArray(tmp_path / "features" / "dev", mode="r+")
+    utterance = spoilt.ids[-1]
+    spoilt.get(utterance)[-1, -1] = np.nan
+    spoilt.data.flush()
+    expected = f"error: features/dev: split dev, utterance '{utterance}' has 1 NaN and 0 inf values"
+    commands = {"extract": ["--features", "features", "--out", "reps"],
+                "probe": ["--features", "features", "--report", "report", "--metrics", "probe.json"]}
+    for command, options in commands.items():
+        result = run(["mockingjay", command, "--model", "model", *options], tmp_path)
+        assert result.returncode == 1, result.stderr
+        assert one_line_error(result).startswith(expected), command
+    assert not {"reps", "report", "probe.json"} & {p.name for p in tmp_path.iterdir()}
 
 
 # -- 2 and 3. Misspelt sections, unknown keys, a num_heads that does not divide -----------------
