@@ -123,7 +123,7 @@ def from_section(cls: type[T], section: Any, name: str) -> T:
     return obj
 
 
-def _names_field(err: ValueError, fields: dict) -> bool:
+def _names_field(err: ValueError, fields: list[str]) -> bool:
     message = str(err)
     return any(message.startswith(f"{field}:") or message.startswith(f"{field} ") for field in fields)
 

@@ -333,22 +333,22 @@ def pytest_configure(config):
 
 
 # -- scheduling (make test: pytest-xdist --dist loadgroup) -------------------------------------------
-# Tests are handed to the two workers one by one in collection order (a test with an xdist_group
+# Tests are handed to the workers one by one in collection order (a test with an xdist_group
 # mark goes with the rest of its group, to one worker, so that the group's fixture is built once).
 # This order interleaves modules, and pytest tears a module-scoped fixture down whenever the next
 # test is from another module, so a fixture that builds something costly (a pipeline run, a
 # server) is session-scoped, built at most once per worker: a module-scoped `scratch` pipeline was
 # built twice in one run (93 s each).
-# The longest go first, so that none starts near the end while the other worker idles, and the
+# The longest go first, so that none starts near the end while the other workers idle, and the
 # order keeps the workers apart at the start: the first needs `pristine_pipeline_repo` (it builds
-# `featurized_repo`, then the pipeline) while the second worker runs the tests that build
-# repositories of their own, instead of waiting for that build. The unit tests fill in at the end.
-# Seconds on 2 idle cores, roughly; the order within a module is otherwise kept.
+# `featurized_repo`, then the pipeline) while the next ones run the tests that build repositories
+# of their own, instead of waiting for that build. The unit tests fill in at the end. The order
+# within a module is otherwise kept.
 LONGEST_FIRST = (
     "test_reliability.py::test_queued_experiments",  # needs pristine_pipeline_repo
     "test_reliability_input.py::test_bad_files",  # its own repository
-    "test_reliability_stop.py::test_trying_other_configurations",
     "test_keyword_pipeline.py::",  # its own corpus
+    "test_reliability_stop.py::test_trying_other_configurations",
     "test_reliability.py::test_two_runs_from_scratch",  # group "scratch": the pipeline again from scratch
     "test_reliability.py::test_pipeline_writes_only",
     "test_reliability.py::test_pretrain_killed",

@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -21,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import cli_env
+from .conftest import STALLED_AFTER, cli_env, cpu_ticks, process_group, wait_while_progressing
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mlflow-ui")]  # module fixtures: one worker
+# One test, so the module's server and browser are built once and stopped when it ends.
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -46,8 +46,6 @@ CHROMIUM_FLAGS = (
 )
 STAGES = ("prepare", "align", "featurize", "pretrain", "extract", "probe")
 PROBE_METRICS = ("phone_accuracy.layer_01", "phone_accuracy.input", "speaker_accuracy.layer_02")
-SERVER_START_TIMEOUT = 90
-RENDER_TIMEOUT = 30
 MIN_SCREENSHOT_BYTES = 10_000
 
 
@@ -90,21 +88,34 @@ def log_tail(path: Path, chars: int = 4000) -> str:
     return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
 
 
-def wait_until_serving(server: subprocess.Popen, url: str, log: Path, timeout: float) -> None:
-    """Poll the server's health endpoint on loopback (never through a proxy) until it answers."""
+def wait_until_serving(server: subprocess.Popen, url: str, log: Path) -> None:
+    """Poll the server's health endpoint on loopback (never through a proxy) until it answers, for as
+    long as the server is starting up (uses CPU time or logs): no deadline."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def serving() -> bool:
         if server.poll() is not None:
             pytest.fail(f"`mlflow ui` exited with {server.returncode} before serving:\n{log_tail(log)}")
         try:
             with opener.open(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
+                return response.status == 200
         except (urllib.error.URLError, ConnectionError, OSError):
-            pass
-        time.sleep(0.25)
-    pytest.fail(f"`mlflow ui` did not answer on {url} within {timeout}s:\n{log_tail(log)}")
+            return False
+
+    def starting() -> tuple[int, int]:  # CPU time of the server's processes but its job consumers
+        # (they poll all the time), and its log
+        pids = [pid for pid in process_group(server.pid) if b"huey" not in _cmdline(pid)]
+        return cpu_ticks(pids), log.stat().st_size
+
+    wait_while_progressing(serving, starting, lambda: f"`mlflow ui` did not answer on {url}:\n{log_tail(log)}",
+                           poll=0.25)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def stop(server: subprocess.Popen) -> None:
@@ -120,7 +131,7 @@ def stop(server: subprocess.Popen) -> None:
             pass
 
 
-@pytest.fixture(scope="session")  # not "module": see conftest.py, scheduling
+@pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     """Headless Chromium through the system chromedriver; selenium-manager never downloads anything."""
     missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
@@ -146,13 +157,13 @@ def browser(tmp_path_factory):
         service = Service(executable_path=str(CHROMEDRIVER), log_output=str(workdir / "chromedriver.log"))
         driver = webdriver.Chrome(service=service, options=options)
         try:
-            driver.set_page_load_timeout(RENDER_TIMEOUT)
+            driver.set_page_load_timeout(STALLED_AFTER)  # the waits below watch progress instead
             yield driver
         finally:
             driver.quit()
 
 
-@pytest.fixture(scope="session")  # not "module": see conftest.py, scheduling
+@pytest.fixture(scope="module")
 def mlflow_ui(pipeline_repo, tmp_path_factory) -> Store:
     """`mlflow ui` on a free loopback port against the end-to-end test's store."""
     workdir = tmp_path_factory.mktemp("mlflow-ui")  # its cwd, so nothing lands in the repositories
@@ -169,27 +180,43 @@ def mlflow_ui(pipeline_repo, tmp_path_factory) -> Store:
         server = subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
                                   start_new_session=True)
     try:
-        wait_until_serving(server, url, log, SERVER_START_TIMEOUT)
+        wait_until_serving(server, url, log)
         yield read_store(pipeline_repo, url)
     finally:
         stop(server)
 
 
-def wait_for(driver, condition, what: str, timeout: float = RENDER_TIMEOUT):
-    """Wait for `condition(driver)` to be truthy; on timeout keep a screenshot and show the page text."""
-    from selenium.common.exceptions import TimeoutException
+def page_state(driver) -> tuple[str, int]:
+    """What changes while a page is still loading or rendering: its URL and the size of its DOM.
+    (Not CPU time: the server's job consumers and an idle Chromium use some all the time.)"""
+    return driver.current_url, len(driver.page_source)
+
+
+def wait_for(driver, condition, what: str):
+    """Wait for `condition(driver)` to be truthy for as long as the page keeps changing (no deadline);
+    if it stays as it is, keep a screenshot and show the page text."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+
+    found = {}
+
+    def shown() -> bool:
+        try:
+            found["value"] = condition(driver)
+        except (NoSuchElementException, StaleElementReferenceException):  # the page re-rendered meanwhile
+            found["value"] = False
+        return bool(found["value"])
 
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition)
-    except TimeoutException:
+        wait_while_progressing(shown, lambda: page_state(driver), lambda: what, poll=0.2)
+    except pytest.fail.Exception:
         ARTIFACTS.mkdir(exist_ok=True)
         shot = ARTIFACTS / f"mlflow-ui-failed-{re.sub(r'[^a-z0-9]+', '-', what.lower()).strip('-')}.png"
         driver.save_screenshot(str(shot))
         body = driver.find_element(By.TAG_NAME, "body").text
-        pytest.fail(f"{what} did not show within {timeout}s at {driver.current_url} (screenshot {shot}); "
-                    f"page text:\n{body[:3000]}")
+        pytest.fail(f"{what} did not show at {driver.current_url}, and the page stopped changing "
+                    f"(screenshot {shot}); page text:\n{body[:3000]}")
+    return found["value"]
 
 
 def run_row(run_id: str, name: str):
@@ -248,7 +275,7 @@ def screenshot(driver, name: str) -> Path:
     return path
 
 
-def test_runs_table_shows_every_stage_run_and_the_probe_child_runs(browser, mlflow_ui):
+def test_runs_table_and_probe_run_page_show_every_stage_run_child_run_and_probe_metric(browser, mlflow_ui):
     from selenium.webdriver.common.by import By
 
     store = mlflow_ui
@@ -268,9 +295,7 @@ def test_runs_table_shows_every_stage_run_and_the_probe_child_runs(browser, mlfl
         wait_for(browser, run_row(child.info.run_id, name), f"the probe child run {name} in the runs table")
     screenshot(browser, "mlflow-ui-runs.png")
 
-
-def test_probe_run_page_shows_the_probe_metrics(browser, mlflow_ui):
-    store = mlflow_ui
+    # The probe run's own page: its metrics as the store has them.
     probe = store.stage_runs["probe"]
     browser.get(f"{store.url}/#/experiments/{store.experiment_id}/runs/{probe.info.run_id}?workflowType=machine_learning")
     rows = {}
