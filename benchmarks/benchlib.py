@@ -38,8 +38,11 @@ def machine() -> dict:
     """What the figures were taken on: cores, torch version, load average (1, 5, 15 min)."""
     import torch
 
-    info = {"cpus": len(os.sched_getaffinity(0)), "torch": torch.__version__,
-            "loadavg": [round(x, 2) for x in os.getloadavg()]}
+    info = {
+        "cpus": len(os.sched_getaffinity(0)),
+        "torch": torch.__version__,
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -50,11 +53,22 @@ def width(hidden_size: int | None) -> dict:
     presets are at 768; {} for None (the preset's own width)."""
     if not hidden_size:
         return {}
-    return {"hidden_size": hidden_size, "num_heads": max(1, hidden_size // 64), "intermediate_size": 4 * hidden_size}
+    return {
+        "hidden_size": hidden_size,
+        "num_heads": max(1, hidden_size // 64),
+        "intermediate_size": 4 * hidden_size,
+    }
 
 
-def write_synthetic_store(path: Path, count: int, max_frames: int, dim: int, min_frames: int | None = None,
-                          seed: int = 0, pool: int = 32) -> dict:
+def write_synthetic_store(
+    path: Path,
+    count: int,
+    max_frames: int,
+    dim: int,
+    min_frames: int | None = None,
+    seed: int = 0,
+    pool: int = 32,
+) -> dict:
     """A float16 feature store of `count` random utterances written with the featurize stage's writer.
 
     Lengths are all `max_frames` (min_frames None) or uniform in [min_frames, max_frames]. The
@@ -80,8 +94,12 @@ def repeat_store(source_paths: list[Path], path: Path, times: int) -> dict:
     from mockingjay.featstore import RaggedArray, RaggedWriter
 
     sources = [RaggedArray(p) for p in source_paths]
-    with RaggedWriter(path, sources[0].dim, "float16", {"repeat_of": [str(p) for p in source_paths],
-                                                        "times": times}) as writer:
+    with RaggedWriter(
+        path,
+        sources[0].dim,
+        "float16",
+        {"repeat_of": [str(p) for p in source_paths], "times": times},
+    ) as writer:
         for k in range(times):
             for store in sources:
                 for item_id, rows in zip(store.ids, store):
@@ -94,10 +112,14 @@ def store_summary(path: Path) -> dict:
 
     store = RaggedArray(path)
     frames = int(store.lengths.sum())
-    return {"utterances": len(store), "frames": frames, "dim": store.dim,
-            "audio_hours": round(frames / store_frame_rate(store) / 3600, 4),
-            "bytes": int(store.data.nbytes),  # the data file's size (RaggedArray checks it)
-            "uniform_length": bool(len(store) and store.lengths.min() == store.lengths.max())}
+    return {
+        "utterances": len(store),
+        "frames": frames,
+        "dim": store.dim,
+        "audio_hours": round(frames / store_frame_rate(store) / 3600, 4),
+        "bytes": int(store.data.nbytes),  # the data file's size (RaggedArray checks it)
+        "uniform_length": bool(len(store) and store.lengths.min() == store.lengths.max()),
+    }
 
 
 class StopBenchmark(Exception):
@@ -115,7 +137,9 @@ class IntervalTimer:
 
     def __init__(self, stop_at: int | None = None, world_size: int = 1):
         self.stop_at, self.world_size = stop_at, world_size
-        self.records: list[tuple[float, float, dict]] = []  # (wall, CPU seconds of this process, record)
+        self.records: list[
+            tuple[float, float, dict]
+        ] = []  # (wall, CPU seconds of this process, record)
         self.started = (time.perf_counter(), time.process_time())
 
     def __call__(self, record: dict) -> None:
@@ -128,7 +152,9 @@ class IntervalTimer:
     def steady(self, skip: int = 1) -> dict:
         """Rate over the intervals after the first `skip` ones (needs at least skip + 1 records)."""
         if len(self.records) <= skip:
-            raise RuntimeError(f"{len(self.records)} log intervals, need more than {skip} to time a steady state")
+            raise RuntimeError(
+                f"{len(self.records)} log intervals, need more than {skip} to time a steady state"
+            )
         t0, cpu0, first = self.records[skip - 1] if skip else (*self.started, {"step": 0})
         timed = self.records[skip:]
         seconds, audio, previous = 0.0, 0.0, t0
@@ -138,14 +164,17 @@ class IntervalTimer:
             previous = t
         steps = timed[-1][2]["step"] - first["step"]
         total = audio / seconds  # summed over ranks by the trainer
-        return {"steps_timed": steps, "seconds_timed": round(seconds, 4),
-                "ms_per_step": round(1000 * seconds / steps, 2),
-                # CPU time of this process (all its threads): more than ms_per_step x threads means
-                # extra work, less means waiting (for the device, other ranks or a busy machine)
-                "cpu_ms_per_step": round(1000 * (timed[-1][1] - cpu0) / steps, 2),
-                "audio_seconds_per_second": round(total / self.world_size, 1),
-                "audio_seconds_per_second_all_ranks": round(total, 1),
-                "final_loss": round(timed[-1][2]["loss"], 4)}
+        return {
+            "steps_timed": steps,
+            "seconds_timed": round(seconds, 4),
+            "ms_per_step": round(1000 * seconds / steps, 2),
+            # CPU time of this process (all its threads): more than ms_per_step x threads means
+            # extra work, less means waiting (for the device, other ranks or a busy machine)
+            "cpu_ms_per_step": round(1000 * (timed[-1][1] - cpu0) / steps, 2),
+            "audio_seconds_per_second": round(total / self.world_size, 1),
+            "audio_seconds_per_second_all_ranks": round(total, 1),
+            "final_loss": round(timed[-1][2]["loss"], 4),
+        }
 
 
 def memory_mb() -> dict:
@@ -160,8 +189,12 @@ def memory_mb() -> dict:
     except OSError:
         pass
     peak = fields.get("VmHWM", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"peak_rss_mb": round(peak, 1), "rss_mb": round(fields.get("VmRSS", 0.0), 1),
-            "rss_anon_mb": round(fields.get("RssAnon", 0.0), 1), "rss_file_mb": round(fields.get("RssFile", 0.0), 1)}
+    return {
+        "peak_rss_mb": round(peak, 1),
+        "rss_mb": round(fields.get("VmRSS", 0.0), 1),
+        "rss_anon_mb": round(fields.get("RssAnon", 0.0), 1),
+        "rss_file_mb": round(fields.get("RssFile", 0.0), 1),
+    }
 
 
 def reset_peak_rss() -> bool:
@@ -173,13 +206,28 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def run_checked(command: list[str], env: dict | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
+def run_checked(
+    command: list[str], env: dict | None = None, timeout: float | None = None
+) -> subprocess.CompletedProcess:
     """Run a child command from the repository root (importable), stop naming it if it fails."""
-    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     full_env.update(env or {})
-    proc = subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT, check=False)
+    proc = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=ROOT,
+        check=False,
+    )
     if proc.returncode != 0:
-        raise SystemExit(f"child failed ({' '.join(command)}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        raise SystemExit(
+            f"child failed ({' '.join(command)}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 

@@ -51,10 +51,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--steps", type=int, default=12, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (also the log interval)")
-    p.add_argument("--repeats", type=int, default=2, help="single/DDP pairs (best of each is compared)")
+    p.add_argument(
+        "--repeats", type=int, default=2, help="single/DDP pairs (best of each is compared)"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--tmp", type=Path, default=None)
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny model, 2 timed steps, 1 repeat")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: tiny model, 2 timed steps, 1 repeat"
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--store", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -81,34 +85,77 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     interval, total_steps = interval_steps(args)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    model_config = preset_config("tera-base", input_dim=args.input_dim, target_dim=args.input_dim,
-                                 num_layers=args.num_layers, **width(args.hidden_size))
-    config = TrainConfig(total_steps=total_steps, learning_rate=1e-3, max_frames_per_batch=args.batch * args.frames,
-                         max_batch_size=args.batch, max_length=args.frames,
-                         bucket_pool_size=args.batch * -(-2048 // args.batch), log_every=interval,
-                         checkpoint_every=total_steps, device="cpu", num_workers=0, progress=False)
+    model_config = preset_config(
+        "tera-base",
+        input_dim=args.input_dim,
+        target_dim=args.input_dim,
+        num_layers=args.num_layers,
+        **width(args.hidden_size),
+    )
+    config = TrainConfig(
+        total_steps=total_steps,
+        learning_rate=1e-3,
+        max_frames_per_batch=args.batch * args.frames,
+        max_batch_size=args.batch,
+        max_length=args.frames,
+        bucket_pool_size=args.batch * -(-2048 // args.batch),
+        log_every=interval,
+        checkpoint_every=total_steps,
+        device="cpu",
+        num_workers=0,
+        progress=False,
+    )
     timer = IntervalTimer(world_size=world_size)
     run_dir = args.out.parent / f"run-{args.out.stem}"
-    trainer = Trainer(model_config, MaskConfig(span_length=7), config, TrainData(args.store), run_dir / "checkpoints",
-                      run_dir / "model", callback=timer)
+    trainer = Trainer(
+        model_config,
+        MaskConfig(span_length=7),
+        config,
+        TrainData(args.store),
+        run_dir / "checkpoints",
+        run_dir / "model",
+        callback=timer,
+    )
     result = trainer.fit()
     if int(os.environ.get("RANK", "0")) == 0:
         steady = timer.steady(skip=1)
         per_process_audio = steady["audio_seconds_per_second"]
-        report = {**steady, "world_size": result["world_size"], "torch_threads": torch.get_num_threads(),
-                  "samples_per_second_per_process": round(per_process_audio * FRAMES_PER_SECOND / args.frames, 2),
-                  "batches_per_epoch_per_rank": trainer.sampler.batches_per_epoch(0)}
+        report = {
+            **steady,
+            "world_size": result["world_size"],
+            "torch_threads": torch.get_num_threads(),
+            "samples_per_second_per_process": round(
+                per_process_audio * FRAMES_PER_SECOND / args.frames, 2
+            ),
+            "batches_per_epoch_per_rank": trainer.sampler.batches_per_epoch(0),
+        }
         args.out.write_text(json.dumps(report))
 
 
 def launch(args, store: Path, out: Path, nproc: int) -> dict:
     script = [str(Path(__file__).resolve()), "--child", "--store", str(store), "--out", str(out)]
-    for key in ("batch", "frames", "input_dim", "hidden_size", "num_layers", "steps", "warmup", "threads"):
+    for key in (
+        "batch",
+        "frames",
+        "input_dim",
+        "hidden_size",
+        "num_layers",
+        "steps",
+        "warmup",
+        "threads",
+    ):
         script += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if nproc == 1:
         command = [sys.executable] + script
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] + script
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+        ] + script
     load_before = os.getloadavg()
     run_checked(command, env=one_thread_env())
     report = json.loads(out.read_text())
@@ -126,11 +173,20 @@ def main(argv=None) -> dict | None:
     try:
         store = tmp / "train"
         # Enough utterances that no rank reaches the end of an epoch inside a run.
-        write_synthetic_store(store, args.batch * args.nproc * (total_steps + 1), args.frames, args.input_dim)
-        result: dict = {"machine": machine(), "nproc": args.nproc, "threads_per_process": args.threads,
-                        "batch_per_process": args.batch, "frames": args.frames,
-                        "model": {"hidden_size": args.hidden_size, "num_layers": args.num_layers},
-                        "store": store_summary(store), "single": [], "ddp": []}
+        write_synthetic_store(
+            store, args.batch * args.nproc * (total_steps + 1), args.frames, args.input_dim
+        )
+        result: dict = {
+            "machine": machine(),
+            "nproc": args.nproc,
+            "threads_per_process": args.threads,
+            "batch_per_process": args.batch,
+            "frames": args.frames,
+            "model": {"hidden_size": args.hidden_size, "num_layers": args.num_layers},
+            "store": store_summary(store),
+            "single": [],
+            "ddp": [],
+        }
         for r in range(args.repeats):
             result["single"].append(launch(args, store, tmp / f"single{r}.json", 1))
             result["ddp"].append(launch(args, store, tmp / f"ddp{r}.json", args.nproc))
@@ -138,13 +194,17 @@ def main(argv=None) -> dict | None:
         shutil.rmtree(tmp, ignore_errors=True)
     single = max(result["single"], key=lambda r: r["samples_per_second_per_process"])
     ddp = max(result["ddp"], key=lambda r: r["samples_per_second_per_process"])
-    result.update(best_single_samples_per_second=single["samples_per_second_per_process"],
-                  best_ddp_samples_per_second_per_process=ddp["samples_per_second_per_process"],
-                  ratio=round(ddp["samples_per_second_per_process"] / single["samples_per_second_per_process"], 4),
-                  target_ratio=0.8,
-                  # CPU seconds per step of a rank vs the single process: below 1 only by the extra
-                  # work DDP adds (gradient all-reduce, gloo threads), whatever else the machine runs
-                  ratio_cpu_time=round(single["cpu_ms_per_step"] / ddp["cpu_ms_per_step"], 4))
+    result.update(
+        best_single_samples_per_second=single["samples_per_second_per_process"],
+        best_ddp_samples_per_second_per_process=ddp["samples_per_second_per_process"],
+        ratio=round(
+            ddp["samples_per_second_per_process"] / single["samples_per_second_per_process"], 4
+        ),
+        target_ratio=0.8,
+        # CPU seconds per step of a rank vs the single process: below 1 only by the extra
+        # work DDP adds (gradient all-reduce, gloo threads), whatever else the machine runs
+        ratio_cpu_time=round(single["cpu_ms_per_step"] / ddp["cpu_ms_per_step"], 4),
+    )
     result["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result, indent=1))
     return result

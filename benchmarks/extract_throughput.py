@@ -56,21 +56,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", choices=sorted(CONFIGS), default="base")
     p.add_argument("--input-dim", type=int, default=240)
-    p.add_argument("--hidden-size", type=int, default=None, help="narrower model (heads H/64, FFN 4H)")
-    p.add_argument("--features", type=Path, default=None, help="a feature store (default: synthetic)")
+    p.add_argument(
+        "--hidden-size", type=int, default=None, help="narrower model (heads H/64, FFN 4H)"
+    )
+    p.add_argument(
+        "--features", type=Path, default=None, help="a feature store (default: synthetic)"
+    )
     p.add_argument("--utterances", type=int, default=1000, help="synthetic store size")
     p.add_argument("--frames", type=int, default=1500, help="longest synthetic utterance")
-    p.add_argument("--batch-frames", type=int, default=32000, help="padded frames per forward pass (params.yaml)")
+    p.add_argument(
+        "--batch-frames",
+        type=int,
+        default=32000,
+        help="padded frames per forward pass (params.yaml)",
+    )
     p.add_argument("--layers", default="all", help="'all' or comma-separated hidden-state indices")
-    p.add_argument("--no-input", action="store_true", help="do not emit the input features as a store")
-    p.add_argument("--passes", type=int, default=3, help="timed passes over the store (best is reported)")
+    p.add_argument(
+        "--no-input", action="store_true", help="do not emit the input features as a store"
+    )
+    p.add_argument(
+        "--passes", type=int, default=3, help="timed passes over the store (best is reported)"
+    )
     p.add_argument("--write", action="store_true", help="also time extract_representations to disk")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tmp", type=Path, default=None)
-    p.add_argument("--quick", action="store_true", help="CPU smoke run: small model, 24 short utterances")
+    p.add_argument(
+        "--quick", action="store_true", help="CPU smoke run: small model, 24 short utterances"
+    )
     args = p.parse_args(argv)
     if args.quick:
-        args.device, args.utterances, args.frames, args.batch_frames, args.passes = "cpu", 24, 96, 480, 1
+        args.device, args.utterances, args.frames, args.batch_frames, args.passes = (
+            "cpu",
+            24,
+            96,
+            480,
+            1,
+        )
         args.hidden_size = args.hidden_size or 64
         args.write = True
     return args
@@ -91,7 +112,9 @@ def timed_passes(fn, passes: int, sync) -> dict:
 
 def with_rate(result: dict, audio_sec: float) -> dict:
     result["audio_seconds_per_second"] = round(audio_sec / max(result["best_sec"], 1e-9), 1)
-    result["audio_seconds_per_second_median"] = round(audio_sec / max(result["median_sec"], 1e-9), 1)
+    result["audio_seconds_per_second_median"] = round(
+        audio_sec / max(result["median_sec"], 1e-9), 1
+    )
     return result
 
 
@@ -104,19 +127,33 @@ def main(argv=None) -> dict:
     try:
         if args.features is None:
             store_path = tmp / "features"
-            write_synthetic_store(store_path, args.utterances, args.frames, args.input_dim,
-                                  min_frames=max(1, args.frames // 2))
+            write_synthetic_store(
+                store_path,
+                args.utterances,
+                args.frames,
+                args.input_dim,
+                min_frames=max(1, args.frames // 2),
+            )
         else:
             store_path = args.features
         store = RaggedArray(store_path)
-        config = preset_config("s3prl-base", input_dim=store.dim, target_dim=store.dim, **CONFIGS[args.config],
-                               **width(args.hidden_size))
+        config = preset_config(
+            "s3prl-base",
+            input_dim=store.dim,
+            target_dim=store.dim,
+            **CONFIGS[args.config],
+            **width(args.hidden_size),
+        )
         model = MockingjayForMAM(config).to(device).eval()
         encoder = model.encoder
-        layers = resolve_layers(None if args.layers == "all" else [int(x) for x in args.layers.split(",")],
-                                config.num_layers)
+        layers = resolve_layers(
+            None if args.layers == "all" else [int(x) for x in args.layers.split(",")],
+            config.num_layers,
+        )
         batches = length_sorted_batches(store.lengths, args.batch_frames)
-        frame_rate = store_frame_rate(store)  # a --features store's own hop; synthetic: 10 ms frames
+        frame_rate = store_frame_rate(
+            store
+        )  # a --features store's own hop; synthetic: 10 ms frames
         audio_sec = float(store.lengths.sum()) / frame_rate
         include_input = not args.no_input
         sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -125,8 +162,13 @@ def main(argv=None) -> dict:
             for indices in batches:
                 _padded_batch(store, indices, store.lengths[indices], torch.device("cpu"))
 
-        resident = [(_padded_batch(store, idx, store.lengths[idx], device),
-                     torch.from_numpy(store.lengths[idx].astype(np.int64)).to(device)) for idx in batches]
+        resident = [
+            (
+                _padded_batch(store, idx, store.lengths[idx], device),
+                torch.from_numpy(store.lengths[idx].astype(np.int64)).to(device),
+            )
+            for idx in batches
+        ]
 
         def forward_resident():
             with torch.inference_mode(), autocast(device):
@@ -142,27 +184,58 @@ def main(argv=None) -> dict:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         result = {
-            "config": args.config, "layers_in_model": config.num_layers, "hidden_size": config.hidden_size,
-            "input_dim": store.dim, "layers_emitted": layers, "input_emitted": include_input,
-            "batch_frames": args.batch_frames, "batches": len(batches),
-            "store": {"path": str(args.features) if args.features else "synthetic", **store_summary(store_path)},
+            "config": args.config,
+            "layers_in_model": config.num_layers,
+            "hidden_size": config.hidden_size,
+            "input_dim": store.dim,
+            "layers_emitted": layers,
+            "input_emitted": include_input,
+            "batch_frames": args.batch_frames,
+            "batches": len(batches),
+            "store": {
+                "path": str(args.features) if args.features else "synthetic",
+                **store_summary(store_path),
+            },
             "audio_sec": round(audio_sec, 1),
             "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-            "autocast": "bf16" if cuda else "fp32", "passes": args.passes, "machine": machine(),
+            "autocast": "bf16" if cuda else "fp32",
+            "passes": args.passes,
+            "machine": machine(),
         }
-        result["model_forward_device_batches"] = with_rate(timed_passes(forward_resident, args.passes, sync), audio_sec)
+        result["model_forward_device_batches"] = with_rate(
+            timed_passes(forward_resident, args.passes, sync), audio_sec
+        )
         resident.clear()  # free the device copies before the extraction path runs
-        result["encode_batches"] = with_rate(timed_passes(lambda: encode(False), args.passes, sync), audio_sec)
-        result["encode_batches_to_host"] = with_rate(timed_passes(lambda: encode(True), args.passes, sync), audio_sec)
-        result["host_batch_assembly"] = with_rate(timed_passes(assemble, args.passes, lambda: None), audio_sec)
+        result["encode_batches"] = with_rate(
+            timed_passes(lambda: encode(False), args.passes, sync), audio_sec
+        )
+        result["encode_batches_to_host"] = with_rate(
+            timed_passes(lambda: encode(True), args.passes, sync), audio_sec
+        )
+        result["host_batch_assembly"] = with_rate(
+            timed_passes(assemble, args.passes, lambda: None), audio_sec
+        )
         if args.write:
-            summary = extract_representations(model, store, tmp / "representations", layers, device,
-                                              args.batch_frames, include_input, progress=False, frame_rate=frame_rate)
-            result["extract_to_disk"] = {k: summary[k] for k in ("seconds", "audio_seconds_per_second", "bytes_written")}
+            summary = extract_representations(
+                model,
+                store,
+                tmp / "representations",
+                layers,
+                device,
+                args.batch_frames,
+                include_input,
+                progress=False,
+                frame_rate=frame_rate,
+            )
+            result["extract_to_disk"] = {
+                k: summary[k] for k in ("seconds", "audio_seconds_per_second", "bytes_written")
+            }
             result["extract_to_disk"]["note"] = "one pass, first write of the files"
         result["audio_seconds_per_second"] = result["encode_batches"]["audio_seconds_per_second"]
         result["target_audio_seconds_per_second_gpu"] = 50000
-        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None
+        result["peak_memory_gib"] = (
+            round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None
+        )
         result["machine"]["loadavg_after"] = machine()["loadavg"]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,6 +1,6 @@
 """Checks that need a CUDA device (run on the GPU box; the CPU test suite covers the rest).
 
-    python benchmarks/gpu_checks.py
+python benchmarks/gpu_checks.py
 """
 
 from __future__ import annotations
@@ -16,8 +16,15 @@ from mockingjay.model import MockingjayForMAM, ModelConfig  # noqa: E402
 
 
 def small_config(**overrides) -> ModelConfig:
-    values = dict(input_dim=12, target_dim=10, hidden_size=32, num_layers=3, num_heads=4, intermediate_size=64,
-                  max_positions=64)
+    values = dict(
+        input_dim=12,
+        target_dim=10,
+        hidden_size=32,
+        num_layers=3,
+        num_heads=4,
+        intermediate_size=64,
+        max_positions=64,
+    )
     values.update(overrides)
     return ModelConfig(**values)
 

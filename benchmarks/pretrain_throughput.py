@@ -64,30 +64,55 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--frames", type=int, default=1500)
     parser.add_argument("--input-dim", type=int, default=240)
     parser.add_argument("--downsample-rate", type=int, default=1)
-    parser.add_argument("--hidden-size", type=int, default=None,
-                        help="a narrower model for smoke runs (heads H/64, FFN 4H; default 768)")
+    parser.add_argument(
+        "--hidden-size",
+        type=int,
+        default=None,
+        help="a narrower model for smoke runs (heads H/64, FFN 4H; default 768)",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile forward + loss")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps (and compilation)")
-    parser.add_argument("--ragged", action="store_true",
-                        help="lengths drawn from T/2..T (padding mask) instead of all T frames")
+    parser.add_argument(
+        "--ragged",
+        action="store_true",
+        help="lengths drawn from T/2..T (padding mask) instead of all T frames",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peak-tflops", type=float, default=790.0)
-    parser.add_argument("--sdpa-order", default=None,
-                        help="comma-separated SDPBackend names overriding the model's preference "
-                             "(both with and without a padding mask), e.g. CUDNN_ATTENTION,MATH")
-    parser.add_argument("--kernels", action="store_true",
-                        help="profile one extra step and report which attention kernels ran")
-    parser.add_argument("--quick", action="store_true",
-                        help="CPU smoke run: batch 2, 128 frames, 2 timed steps")
+    parser.add_argument(
+        "--sdpa-order",
+        default=None,
+        help="comma-separated SDPBackend names overriding the model's preference "
+        "(both with and without a padding mask), e.g. CUDNN_ATTENTION,MATH",
+    )
+    parser.add_argument(
+        "--kernels",
+        action="store_true",
+        help="profile one extra step and report which attention kernels ran",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="CPU smoke run: batch 2, 128 frames, 2 timed steps"
+    )
     real = parser.add_argument_group("real training loop (--real-loop)")
-    real.add_argument("--real-loop", action="store_true",
-                      help="also time mockingjay.trainer's loop reading a feature store, and the ratio")
-    real.add_argument("--features", type=Path, default=None,
-                      help="a featurize output folder (its train + dev stores) or one store; "
-                           "default: a synthetic store of [T, input-dim] utterances")
-    real.add_argument("--num-workers", type=int, default=None,
-                      help="DataLoader workers (default: the trainer's own choice)")
+    real.add_argument(
+        "--real-loop",
+        action="store_true",
+        help="also time mockingjay.trainer's loop reading a feature store, and the ratio",
+    )
+    real.add_argument(
+        "--features",
+        type=Path,
+        default=None,
+        help="a featurize output folder (its train + dev stores) or one store; "
+        "default: a synthetic store of [T, input-dim] utterances",
+    )
+    real.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="DataLoader workers (default: the trainer's own choice)",
+    )
     real.add_argument("--tmp", type=Path, default=None, help="where the synthetic store goes")
     args = parser.parse_args(argv)
     if args.quick:
@@ -97,24 +122,33 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def step_flops(model: MockingjayForMAM, batch: int, frames: int) -> float:
     config = model.config
-    matmul_params = sum(m.weight.numel() for m in model.modules()
-                        if isinstance(m, torch.nn.Linear))
+    matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     steps = -(-frames // config.downsample_rate)
     # Linear layers see steps, not frames, when R > 1: 6 FLOPs per weight per row, fwd + bwd.
     dense = 6 * matmul_params * batch * steps
-    attention = 12 * config.num_layers * batch * steps ** 2 * config.hidden_size
+    attention = 12 * config.num_layers * batch * steps**2 * config.hidden_size
     return float(dense + attention)
 
 
-def make_train_step(model: MockingjayForMAM, features: torch.Tensor, lengths: torch.Tensor,
-                    model_lengths: torch.Tensor | None, mask_config: MaskConfig, compile: bool = False):
+def make_train_step(
+    model: MockingjayForMAM,
+    features: torch.Tensor,
+    lengths: torch.Tensor,
+    model_lengths: torch.Tensor | None,
+    mask_config: MaskConfig,
+    compile: bool = False,
+):
     """One model-only pretraining step on fixed device tensors: MAM masking on the device, forward
     (bf16 autocast on CUDA), L1 loss on the masked frames, backward, clipping at 5.0, AdamW."""
     device = features.device
     cuda = device.type == "cuda"
     downsample_rate = model.config.downsample_rate
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=0.01,
-                                  **({"fused": True} if cuda else {"foreach": True}))
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=2e-4,
+        weight_decay=0.01,
+        **({"fused": True} if cuda else {"foreach": True}),
+    )
 
     def forward_loss(inputs, targets, loss_mask):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -139,8 +173,14 @@ def make_train_step(model: MockingjayForMAM, features: torch.Tensor, lengths: to
 def model_config_for(args) -> ModelConfig:
     from benchlib import width
 
-    return preset_config("s3prl-base", input_dim=args.input_dim, target_dim=args.input_dim,
-                         downsample_rate=args.downsample_rate, **CONFIGS[args.config], **width(args.hidden_size))
+    return preset_config(
+        "s3prl-base",
+        input_dim=args.input_dim,
+        target_dim=args.input_dim,
+        downsample_rate=args.downsample_rate,
+        **CONFIGS[args.config],
+        **width(args.hidden_size),
+    )
 
 
 def mask_config_for(args) -> MaskConfig:
@@ -184,7 +224,9 @@ def model_only(args) -> dict:
         model_lengths = None  # known unpadded on the host: no attention mask, flash can run
     # Throughput counts real audio only; MFU counts the work done, padding included.
     audio_seconds = lengths.sum().item() / FRAMES_PER_SECOND
-    train_step = make_train_step(model, features, lengths, model_lengths, mask_config_for(args), args.compile)
+    train_step = make_train_step(
+        model, features, lengths, model_lengths, mask_config_for(args), args.compile
+    )
 
     start = time.perf_counter()
     for _ in range(args.warmup):
@@ -204,20 +246,31 @@ def model_only(args) -> dict:
     seconds_per_step = elapsed / args.steps
     flops = step_flops(model, args.batch, args.frames)
     result = {
-        "config": args.config, "hidden_size": config.hidden_size, "batch": args.batch, "frames": args.frames,
-        "input_dim": args.input_dim, "downsample_rate": args.downsample_rate,
-        "layers": config.num_layers, "compile": args.compile, "ragged": args.ragged,
+        "config": args.config,
+        "hidden_size": config.hidden_size,
+        "batch": args.batch,
+        "frames": args.frames,
+        "input_dim": args.input_dim,
+        "downsample_rate": args.downsample_rate,
+        "layers": config.num_layers,
+        "compile": args.compile,
+        "ragged": args.ragged,
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-        "torch": torch.__version__, "autocast": "bf16" if cuda else "fp32",
-        "steps": args.steps, "warmup": args.warmup, "warmup_s": round(warmup_s, 2),
+        "torch": torch.__version__,
+        "autocast": "bf16" if cuda else "fp32",
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "warmup_s": round(warmup_s, 2),
         "ms_per_step": round(1000 * seconds_per_step, 2),
         "audio_seconds_per_second": round(audio_seconds / seconds_per_step, 1),
         "tflops_per_second": round(flops / seconds_per_step / 1e12, 2),
         "mfu": round(flops / seconds_per_step / (args.peak_tflops * 1e12), 4),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-        if cuda else None,
+        if cuda
+        else None,
         "sdpa_priority": list(SDPA_PRIORITY[args.ragged]),
-        "parameters": model.num_parameters(), "final_loss": round(loss.item(), 4),
+        "parameters": model.num_parameters(),
+        "final_loss": round(loss.item(), 4),
     }
     if args.kernels:
         result["attention_kernels"] = attention_kernels(train_step)
@@ -234,7 +287,9 @@ def resolve_feature_stores(path: Path) -> list[Path]:
         return [path]
     stores = [path / split for split in ("train", "dev") if is_store(path / split)]
     if not stores:
-        raise SystemExit(f"{path}: neither a feature store nor a featurize output folder with train/")
+        raise SystemExit(
+            f"{path}: neither a feature store nor a featurize output folder with train/"
+        )
     return stores
 
 
@@ -253,22 +308,44 @@ def real_loop(args, model_only_result: dict, store_paths: list[Path] | None) -> 
         if store_paths is None:
             batches_in_store = phase_steps + 2  # phase B never reaches an epoch boundary
             store_paths = [tmp / "train"]
-            write_synthetic_store(store_paths[0], args.batch * batches_in_store, args.frames, args.input_dim,
-                                  min_frames=args.frames // 2 if args.ragged else None)
+            write_synthetic_store(
+                store_paths[0],
+                args.batch * batches_in_store,
+                args.frames,
+                args.input_dim,
+                min_frames=args.frames // 2 if args.ragged else None,
+            )
         stores = [store_summary(p) for p in store_paths]
         dataset = FeatureDataset(store_paths)
         model_config = model_config_for(args)
         if dataset.target_dim != model_config.target_dim:
             model_config = dataclasses.replace(model_config, target_dim=dataset.target_dim)
         train_config = TrainConfig(
-            total_steps=2 * phase_steps, learning_rate=2e-4, weight_decay=0.01, grad_clip=5.0,
-            max_frames_per_batch=args.batch * args.frames, max_batch_size=args.batch, max_length=args.frames,
-            bucket_pool_size=args.batch * -(-2048 // args.batch), log_every=interval,
-            checkpoint_every=10 * phase_steps, device=args.device, compile=args.compile,
-            num_workers=args.num_workers, progress=False)
+            total_steps=2 * phase_steps,
+            learning_rate=2e-4,
+            weight_decay=0.01,
+            grad_clip=5.0,
+            max_frames_per_batch=args.batch * args.frames,
+            max_batch_size=args.batch,
+            max_length=args.frames,
+            bucket_pool_size=args.batch * -(-2048 // args.batch),
+            log_every=interval,
+            checkpoint_every=10 * phase_steps,
+            device=args.device,
+            compile=args.compile,
+            num_workers=args.num_workers,
+            progress=False,
+        )
         timer = IntervalTimer()
-        trainer = Trainer(model_config, mask_config_for(args), train_config, TrainData(store_paths),
-                          tmp / "run" / "checkpoints", tmp / "run" / "model", callback=timer)
+        trainer = Trainer(
+            model_config,
+            mask_config_for(args),
+            train_config,
+            TrainData(store_paths),
+            tmp / "run" / "checkpoints",
+            tmp / "run" / "model",
+            callback=timer,
+        )
         trainer._setup()  # the benchmark drives the trainer's own loop in two phases
         device = trainer.device
         cuda = device.type == "cuda"
@@ -278,9 +355,12 @@ def real_loop(args, model_only_result: dict, store_paths: list[Path] | None) -> 
         trainer.sampler.set_epoch(0, 0)
         resident = []
         for batch in loader:
-            resident.append(batch._replace(
-                inputs=batch.inputs.to(device),
-                targets=batch.targets.to(device) if batch.targets is not None else None))
+            resident.append(
+                batch._replace(
+                    inputs=batch.inputs.to(device),
+                    targets=batch.targets.to(device) if batch.targets is not None else None,
+                )
+            )
             if len(resident) == min(8, trainer.sampler.batches_per_epoch(0)):
                 break
         trainer.loader = resident
@@ -292,24 +372,34 @@ def real_loop(args, model_only_result: dict, store_paths: list[Path] | None) -> 
         phase_b = _phase(trainer, timer, 2 * phase_steps, cuda)
         loader_only = _loader_only(trainer, device, phase_steps - interval)
 
-        uniform = all(s["uniform_length"] for s in stores) and stores[0]["frames"] // stores[0]["utterances"] == args.frames
+        uniform = (
+            all(s["uniform_length"] for s in stores)
+            and stores[0]["frames"] // stores[0]["utterances"] == args.frames
+        )
         if uniform:  # every step is [B, T]: the same FLOPs as the model-only step
             flops = step_flops(trainer.model, args.batch, args.frames)
             for phase in (phase_a, phase_b):
-                phase["mfu"] = round(flops / (phase["ms_per_step"] / 1000) / (args.peak_tflops * 1e12), 4)
+                phase["mfu"] = round(
+                    flops / (phase["ms_per_step"] / 1000) / (args.peak_tflops * 1e12), 4
+                )
         model_rate = model_only_result["audio_seconds_per_second"]
         return {
             "stores": [str(p) if args.features else "synthetic" for p in store_paths],
             "store": stores[0] if len(stores) == 1 else stores,
             "same_shapes_as_model_only": uniform and not args.ragged,
-            "num_workers": trainer.loader.num_workers, "pin_memory": trainer.loader.pin_memory,
-            "log_every": interval, "compile": args.compile,
+            "num_workers": trainer.loader.num_workers,
+            "pin_memory": trainer.loader.pin_memory,
+            "log_every": interval,
+            "compile": args.compile,
             "trainer_step_device_batches": phase_a,
             "trainer_real_loop": phase_b,
             "loader_only": loader_only,
-            "ratio_real_loop_vs_model_only": round(phase_b["audio_seconds_per_second"] / model_rate, 4),
+            "ratio_real_loop_vs_model_only": round(
+                phase_b["audio_seconds_per_second"] / model_rate, 4
+            ),
             "ratio_real_loop_vs_trainer_step": round(
-                phase_b["audio_seconds_per_second"] / phase_a["audio_seconds_per_second"], 4),
+                phase_b["audio_seconds_per_second"] / phase_a["audio_seconds_per_second"], 4
+            ),
             "target_ratio": 0.9,
         }
     finally:
@@ -329,7 +419,9 @@ def _phase(trainer, timer, stop_at: int, cuda: bool) -> dict:
         pass
     result = timer.steady(skip=1)
     if cuda:
-        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(trainer.device) / 2**30, 2)
+        result["peak_memory_gib"] = round(
+            torch.cuda.max_memory_allocated(trainer.device) / 2**30, 2
+        )
     return result
 
 
@@ -352,23 +444,28 @@ def _loader_only(trainer, device: torch.device, batches: int) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return {"batches": count, "ms_per_batch": round(1000 * seconds / max(count, 1), 2),
-            "audio_seconds_per_second": round(frames / FRAMES_PER_SECOND / max(seconds, 1e-9), 1)}
+    return {
+        "batches": count,
+        "ms_per_batch": round(1000 * seconds / max(count, 1), 2),
+        "audio_seconds_per_second": round(frames / FRAMES_PER_SECOND / max(seconds, 1e-9), 1),
+    }
 
 
 def attention_kernels(train_step) -> list[str]:
     """Names of the attention kernels one step launches (shows which SDPA backend was chosen)."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
-                                           if torch.cuda.is_available() else [])
+    activities = [ProfilerActivity.CPU] + (
+        [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+    )
     with profile(activities=activities) as prof:
         train_step()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
     keys = ("attention", "fmha", "flash", "cudnn", "attn", "sdpa")
-    names = {event.key for event in prof.key_averages()
-             if any(k in event.key.lower() for k in keys)}
+    names = {
+        event.key for event in prof.key_averages() if any(k in event.key.lower() for k in keys)
+    }
     return sorted(name[:120] for name in names)
 
 

@@ -52,8 +52,12 @@ from stages.probe import ProbeStageConfig  # noqa: E402
 SPLITS = ("train", "dev", "test")
 
 
-def compute_seconds(data: Path, layers: list[int] | None, include_input: bool, config: ProbeStageConfig) -> dict:
-    reps = open_representations(data / "data/representations", layers=layers, include_input=include_input)
+def compute_seconds(
+    data: Path, layers: list[int] | None, include_input: bool, config: ProbeStageConfig
+) -> dict:
+    reps = open_representations(
+        data / "data/representations", layers=layers, include_input=include_input
+    )
     labels = {split: RaggedArray(data / "data/features/labels" / split) for split in SPLITS}
     speakers = read_speakers(utterances_table(data / "data/features"))
     started = time.perf_counter()
@@ -61,21 +65,41 @@ def compute_seconds(data: Path, layers: list[int] | None, include_input: bool, c
     middle = time.perf_counter()
     speaker = probe_speakers(reps, speakers, config.speaker.training(), progress=False)
     ended = time.perf_counter()
-    return {"phone_s": middle - started, "speaker_s": ended - middle, "total_s": ended - started,
-            "stores": list(reps["train"]),
-            "phone_accuracy": {k: round(v["accuracy"], 4) for k, v in phone["layers"].items()},
-            "speaker_accuracy": {k: round(v["accuracy"], 4) for k, v in speaker["layers"].items()}}
+    return {
+        "phone_s": middle - started,
+        "speaker_s": ended - middle,
+        "total_s": ended - started,
+        "stores": list(reps["train"]),
+        "phone_accuracy": {k: round(v["accuracy"], 4) for k, v in phone["layers"].items()},
+        "speaker_accuracy": {k: round(v["accuracy"], 4) for k, v in speaker["layers"].items()},
+    }
 
 
 def command_seconds(data: Path, layer: str, store: Path) -> float:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "stages.cli", "probe", "--layer", layer,
-                    "--params", str(data / "params.yaml"),
-                    "--representations", str(data / "data/representations"),
-                    "--features", str(data / "data/features"),
-                    "--model", str(data / "models/pretrain/model")],
-                   cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stages.cli",
+            "probe",
+            "--layer",
+            layer,
+            "--params",
+            str(data / "params.yaml"),
+            "--representations",
+            str(data / "data/representations"),
+            "--features",
+            str(data / "data/features"),
+            "--model",
+            str(data / "models/pretrain/model"),
+        ],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return time.perf_counter() - started
 
 
@@ -92,35 +116,84 @@ def end_to_end_seconds(data: Path, layer: str, tmp: Path, store: Path) -> float:
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "stages.cli", "extract", "--params", str(params_file),
-                    "--model", str(data / "models/pretrain/model"), "--features", str(data / "data/features"),
-                    "--out", str(out)], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
-    subprocess.run([sys.executable, "-m", "stages.cli", "probe", "--layer", layer, "--params", str(params_file),
-                    "--representations", str(out), "--features", str(data / "data/features"),
-                    "--model", str(data / "models/pretrain/model")],
-                   cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stages.cli",
+            "extract",
+            "--params",
+            str(params_file),
+            "--model",
+            str(data / "models/pretrain/model"),
+            "--features",
+            str(data / "data/features"),
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stages.cli",
+            "probe",
+            "--layer",
+            layer,
+            "--params",
+            str(params_file),
+            "--representations",
+            str(out),
+            "--features",
+            str(data / "data/features"),
+            "--model",
+            str(data / "models/pretrain/model"),
+        ],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     elapsed = time.perf_counter() - started
     shutil.rmtree(out)
     return elapsed
 
 
 def summary(values: list[float]) -> dict:
-    return {"best": round(min(values), 2), "median": round(statistics.median(values), 2),
-            "all": [round(v, 2) for v in values]}
+    return {
+        "best": round(min(values), 2),
+        "median": round(statistics.median(values), 2),
+        "all": [round(v, 2) for v in values],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=ROOT, help="repo whose pipeline outputs are probed")
+    parser.add_argument(
+        "--data", type=Path, default=ROOT, help="repo whose pipeline outputs are probed"
+    )
     parser.add_argument("--layer", type=int, default=3, help="the single layer to compare with")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--skip-command", action="store_true")
-    parser.add_argument("--end-to-end", action="store_true", help="also time extract + probe, one layer vs all")
+    parser.add_argument(
+        "--end-to-end", action="store_true", help="also time extract + probe, one layer vs all"
+    )
     args = parser.parse_args()
-    config = from_section(ProbeStageConfig, load_params(args.data / "params.yaml")["probe"], "probe")
-    result: dict = {"torch_threads": torch.get_num_threads(), "load_before": os.getloadavg()[0],
-                    "layer": args.layer, "code": str(ROOT), "data": str(args.data)}
+    config = from_section(
+        ProbeStageConfig, load_params(args.data / "params.yaml")["probe"], "probe"
+    )
+    result: dict = {
+        "torch_threads": torch.get_num_threads(),
+        "load_before": os.getloadavg()[0],
+        "layer": args.layer,
+        "code": str(ROOT),
+        "data": str(args.data),
+    }
     one, every = [], []
     for _ in range(args.runs):
         one.append(compute_seconds(args.data, [args.layer], False, config))
@@ -130,7 +203,10 @@ def main() -> None:
         "all": {k: summary([r[k] for r in every]) for k in ("phone_s", "speaker_s", "total_s")},
         "stores_all": every[0]["stores"],
         "ratio_best": round(min(r["total_s"] for r in every) / min(r["total_s"] for r in one), 2),
-        "accuracy_all": {"phone": every[0]["phone_accuracy"], "speaker": every[0]["speaker_accuracy"]},
+        "accuracy_all": {
+            "phone": every[0]["phone_accuracy"],
+            "speaker": every[0]["speaker_accuracy"],
+        },
     }
     if not args.skip_command:
         with tempfile.TemporaryDirectory() as tmp:
@@ -141,13 +217,19 @@ def main() -> None:
                 times["all"].append(command_seconds(args.data, "all", store))
         result["command"] = {k: summary(v) for k, v in times.items()}
         result["command"]["ratio_best"] = round(min(times["all"]) / min(times["one"]), 2)
-        result["command"]["ratio_median"] = round(statistics.median(times["all"]) / statistics.median(times["one"]), 2)
+        result["command"]["ratio_median"] = round(
+            statistics.median(times["all"]) / statistics.median(times["one"]), 2
+        )
     if args.end_to_end:
         with tempfile.TemporaryDirectory() as tmp:
             times = {"one": [], "all": []}
             for _ in range(args.runs):
-                times["one"].append(end_to_end_seconds(args.data, str(args.layer), Path(tmp), Path(tmp) / "m.db"))
-                times["all"].append(end_to_end_seconds(args.data, "all", Path(tmp), Path(tmp) / "m.db"))
+                times["one"].append(
+                    end_to_end_seconds(args.data, str(args.layer), Path(tmp), Path(tmp) / "m.db")
+                )
+                times["all"].append(
+                    end_to_end_seconds(args.data, "all", Path(tmp), Path(tmp) / "m.db")
+                )
         result["extract_and_probe"] = {k: summary(v) for k, v in times.items()}
         result["extract_and_probe"]["ratio_best"] = round(min(times["all"]) / min(times["one"]), 2)
     result["load_after"] = os.getloadavg()[0]

@@ -37,7 +37,9 @@ SPLITS = ("train", "dev", "test")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--features", type=Path, default=ROOT / "data" / "features")
     parser.add_argument("--preset", default="tera-base")
     parser.add_argument("--hidden", type=int, default=768)
@@ -51,13 +53,29 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps, CPU")
     args = parser.parse_args()
     if args.quick:
-        args.hidden, args.heads, args.ffn, args.steps, args.probe_every, args.probe_epochs = 32, 2, 64, 6, 3, 2
+        args.hidden, args.heads, args.ffn, args.steps, args.probe_every, args.probe_epochs = (
+            32,
+            2,
+            64,
+            6,
+            3,
+            2,
+        )
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
-    model_config = preset_config(args.preset, hidden_size=args.hidden, num_heads=args.heads,
-                                 intermediate_size=args.ffn)
-    train_config = TrainConfig(total_steps=args.steps, learning_rate=args.lr, max_frames_per_batch=args.frames_per_batch,
-                               max_length=1500, log_every=max(1, args.steps // 10), checkpoint_every=args.probe_every,
-                               keep_checkpoints=1000, device=device, progress=False)
+    model_config = preset_config(
+        args.preset, hidden_size=args.hidden, num_heads=args.heads, intermediate_size=args.ffn
+    )
+    train_config = TrainConfig(
+        total_steps=args.steps,
+        learning_rate=args.lr,
+        max_frames_per_batch=args.frames_per_batch,
+        max_length=1500,
+        log_every=max(1, args.steps // 10),
+        checkpoint_every=args.probe_every,
+        keep_checkpoints=1000,
+        device=device,
+        progress=False,
+    )
     features = {split: RaggedArray(args.features / split) for split in SPLITS}
     labels = {split: RaggedArray(labels_store(args.features, split)) for split in SPLITS}
     speakers = read_speakers(utterances_table(args.features))
@@ -65,25 +83,72 @@ def main() -> None:
     speaker = ProbeConfig(epochs=300, batch_size=0, learning_rates=(1e-2,))
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        result = train(model_config, MASK_PRESETS[args.preset], train_config,
-                       TrainData([args.features / "train", args.features / "dev"], args.features / "test",
-                                 frame_rate=store_frame_rate(features["train"])),
-                       Path(tmp) / "checkpoints", Path(tmp) / "model",
-                       callback=lambda r: print(json.dumps(r), file=sys.stderr) if r.get("event") == "train" else None)
-        print(json.dumps({"event": "pretrained", "seconds": round(time.perf_counter() - started, 1),
-                          **{k: result[k] for k in ("steps", "heldout_loss_initial", "heldout_loss_final",
-                                                    "audio_seconds_per_second", "device", "precision",
-                                                    "num_parameters")}}), flush=True)
+        result = train(
+            model_config,
+            MASK_PRESETS[args.preset],
+            train_config,
+            TrainData(
+                [args.features / "train", args.features / "dev"],
+                args.features / "test",
+                frame_rate=store_frame_rate(features["train"]),
+            ),
+            Path(tmp) / "checkpoints",
+            Path(tmp) / "model",
+            callback=lambda r: (
+                print(json.dumps(r), file=sys.stderr) if r.get("event") == "train" else None
+            ),
+        )
+        print(
+            json.dumps(
+                {
+                    "event": "pretrained",
+                    "seconds": round(time.perf_counter() - started, 1),
+                    **{
+                        k: result[k]
+                        for k in (
+                            "steps",
+                            "heldout_loss_initial",
+                            "heldout_loss_final",
+                            "audio_seconds_per_second",
+                            "device",
+                            "precision",
+                            "num_parameters",
+                        )
+                    },
+                }
+            ),
+            flush=True,
+        )
         for step, path in list_checkpoints(Path(tmp) / "checkpoints"):
             model, _ = load_model_dir(path, device=device)
             started = time.perf_counter()
-            probed = probe_online(model, features, labels, speakers, device=device, phone_config=phone,
-                                  speaker_config=speaker, progress=False)
-            print(json.dumps({
-                "event": "probe", "step": step, "seconds": round(time.perf_counter() - started, 1),
-                "phone": {k: round(v["accuracy"], 4) for k, v in probed["phone"]["layers"].items()},
-                "speaker": {k: round(v["accuracy"], 4) for k, v in probed["speaker"]["layers"].items()},
-            }), flush=True)
+            probed = probe_online(
+                model,
+                features,
+                labels,
+                speakers,
+                device=device,
+                phone_config=phone,
+                speaker_config=speaker,
+                progress=False,
+            )
+            print(
+                json.dumps(
+                    {
+                        "event": "probe",
+                        "step": step,
+                        "seconds": round(time.perf_counter() - started, 1),
+                        "phone": {
+                            k: round(v["accuracy"], 4) for k, v in probed["phone"]["layers"].items()
+                        },
+                        "speaker": {
+                            k: round(v["accuracy"], 4)
+                            for k, v in probed["speaker"]["layers"].items()
+                        },
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

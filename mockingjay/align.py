@@ -38,8 +38,10 @@ class OutOfVocabularyError(AlignmentError):
         super().__init__(f"words not in the pronunciation dictionary: {', '.join(self.words)}")
 
 
-_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-         "sixteen seventeen eighteen nineteen").split()
+_ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen"
+).split()
 _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 _NUMBER = re.compile(r"^(\d+)(st|nd|rd|th|s)?$")
 
@@ -52,8 +54,17 @@ def number_words(value: int) -> list[str]:
     if value < 100:
         return [_TENS[value // 10]] + (number_words(value % 10) if value % 10 else [])
     if 1100 <= value < 2000 and value % 100:
-        return number_words(value // 100) + (["oh"] if value % 100 < 10 else []) + number_words(value % 100)
-    for size, name in ((10**9, "billion"), (10**6, "million"), (1000, "thousand"), (100, "hundred")):
+        return (
+            number_words(value // 100)
+            + (["oh"] if value % 100 < 10 else [])
+            + number_words(value % 100)
+        )
+    for size, name in (
+        (10**9, "billion"),
+        (10**6, "million"),
+        (1000, "thousand"),
+        (100, "hundred"),
+    ):
         if value >= size:
             rest = number_words(value % size) if value % size else []
             return number_words(value // size) + [name] + rest
@@ -107,7 +118,9 @@ class PhoneAligner:
     see `align_in_process`).
     """
 
-    def __init__(self, acoustic_model: str | None = None, dictionary: str | None = None, pad_sec: float = 0.1):
+    def __init__(
+        self, acoustic_model: str | None = None, dictionary: str | None = None, pad_sec: float = 0.1
+    ):
         if pad_sec < 0:
             raise ValueError(f"pad_sec must be >= 0, got {pad_sec}")
         from pocketsphinx import Config, Decoder, get_model_path
@@ -173,7 +186,9 @@ class PhoneAligner:
         """Add a word, e.g. add_pronunciation("gregson", "G R EH G S AH N")."""
         self.decoder.add_word(word.lower(), phones.upper(), True)
 
-    def align(self, audio: np.ndarray, transcript: str, sample_rate: int = SAMPLE_RATE) -> list[Segment]:
+    def align(
+        self, audio: np.ndarray, transcript: str, sample_rate: int = SAMPLE_RATE
+    ) -> list[Segment]:
         """Phone segments (seconds, CMUdict phones without stress, SIL) of a mono 16 kHz utterance.
 
         Raises OutOfVocabularyError before decoding when words are missing from the
@@ -182,7 +197,9 @@ class PhoneAligner:
         too short for the phones).
         """
         if sample_rate != SAMPLE_RATE:
-            raise ValueError(f"the acoustic model needs {SAMPLE_RATE} Hz audio, got {sample_rate} Hz: resample first")
+            raise ValueError(
+                f"the acoustic model needs {SAMPLE_RATE} Hz audio, got {sample_rate} Hz: resample first"
+            )
         audio = np.asarray(audio)
         if audio.ndim != 1:
             raise ValueError(f"expected mono audio as a 1-D array, got shape {audio.shape}")
@@ -207,7 +224,9 @@ class PhoneAligner:
             self.decoder.reinit_feat()
             self._decode(pcm)  # pass 1: word segmentation (and pronunciation choice)
             if self.decoder.hyp() is None:
-                raise AlignmentError("no alignment found: the decoder found no path through the transcript")
+                raise AlignmentError(
+                    "no alignment found: the decoder found no path through the transcript"
+                )
             self.decoder.set_alignment()
             self._decode(pcm)  # pass 2: phone and state durations within those words
             alignment = self.decoder.get_alignment()

@@ -45,7 +45,9 @@ def named_error(err: OSError, file: str | Path) -> OSError:
 # -- files -------------------------------------------------------------------------------------
 
 
-def write_file_atomically(path: str | Path, write: Callable[[Path], None], temp: Path | None = None) -> Path:
+def write_file_atomically(
+    path: str | Path, write: Callable[[Path], None], temp: Path | None = None
+) -> Path:
     """Run `write(temp)` (it creates the file), fsync it, rename it to `path`, fsync the folder.
 
     `temp` defaults to `<path>.tmp` beside it. On any error the temporary is removed; an OSError
@@ -73,11 +75,17 @@ def write_text_atomically(path: str | Path, text: str) -> Path:
     return write_file_atomically(path, lambda temp: temp.write_text(text))
 
 
-def write_json(path: str | Path, payload: Any, sort_keys: bool = False,
-               default: Callable[[Any], Any] | None = str) -> Path:
+def write_json(
+    path: str | Path,
+    payload: Any,
+    sort_keys: bool = False,
+    default: Callable[[Any], Any] | None = str,
+) -> Path:
     """`payload` as indented JSON with a final newline, written atomically. `default=str` writes a
     Path (or any other value JSON has no type for) as its text; None refuses it (TypeError)."""
-    return write_text_atomically(path, json.dumps(payload, indent=2, sort_keys=sort_keys, default=default) + "\n")
+    return write_text_atomically(
+        path, json.dumps(payload, indent=2, sort_keys=sort_keys, default=default) + "\n"
+    )
 
 
 # -- folders -----------------------------------------------------------------------------------
@@ -127,7 +135,9 @@ def atomic_directory(final: str | Path, tag: str | None = None) -> Iterator[Path
         raise
 
 
-def write_directory_atomically(final: str | Path, write: Callable[[Path], None], tag: str | None = None) -> Path:
+def write_directory_atomically(
+    final: str | Path, write: Callable[[Path], None], tag: str | None = None
+) -> Path:
     """Run `write(temp_dir)`, then publish the folder as `final`; on an error nothing is left."""
     with atomic_directory(final, tag) as temp:
         write(temp)

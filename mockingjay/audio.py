@@ -53,7 +53,9 @@ class Audio:
         return self.source_channels > 1
 
 
-def _open(path: Path, segment: tuple[float, float] | None, max_duration_sec: float | None) -> tuple[sf.SoundFile, int]:
+def _open(
+    path: Path, segment: tuple[float, float] | None, max_duration_sec: float | None
+) -> tuple[sf.SoundFile, int]:
     """The file open and positioned at the segment's start, and the frames to read (-1: to the end).
     Every error is the file's AudioError; nothing is decoded yet."""
     try:
@@ -73,7 +75,8 @@ def _open(path: Path, segment: tuple[float, float] | None, max_duration_sec: flo
             first, last = round(segment[0] * source_rate), round(segment[1] * source_rate)
             if not 0 <= first < last or (declared_frames > 0 and last > declared_frames):
                 raise AudioError(
-                    path, "bad_segment",
+                    path,
+                    "bad_segment",
                     f"segment {segment[0]:.3f}-{segment[1]:.3f} s is outside the file "
                     f"({declared_frames / source_rate:.3f} s)",
                 )
@@ -81,7 +84,8 @@ def _open(path: Path, segment: tuple[float, float] | None, max_duration_sec: flo
             declared_frames = last - first
         if max_duration_sec is not None and declared_frames / source_rate > max_duration_sec:
             raise AudioError(
-                path, "too_long",
+                path,
+                "too_long",
                 f"too long: {declared_frames / source_rate:.1f} s, over prepare.max_duration_s ({max_duration_sec:g} s); "
                 "cut it into utterances (a Kaldi segments file) or raise the limit (null = none)",
             )
@@ -107,7 +111,9 @@ def _check_length(path: Path, decoded: int, declared: int) -> None:
     if decoded == 0:
         raise AudioError(path, "zero_samples", "contains zero samples")
     if declared > 0 and decoded < declared:
-        raise AudioError(path, "truncated", f"truncated: decoded {decoded} of {declared} declared frames")
+        raise AudioError(
+            path, "truncated", f"truncated: decoded {decoded} of {declared} declared frames"
+        )
 
 
 def read_audio(
@@ -146,11 +152,15 @@ def read_audio(
             "too_short",
             f"too short: {duration * 1000:.1f} ms, shorter than one feature window ({min_duration_sec * 1000:.1f} ms)",
         )
-    return Audio(np.ascontiguousarray(samples, dtype=np.float32), target_sample_rate, source_rate, channels)
+    return Audio(
+        np.ascontiguousarray(samples, dtype=np.float32), target_sample_rate, source_rate, channels
+    )
 
 
 def checked_length(
-    path: str | Path, target_sample_rate: int = TARGET_SAMPLE_RATE, segment: tuple[float, float] | None = None,
+    path: str | Path,
+    target_sample_rate: int = TARGET_SAMPLE_RATE,
+    segment: tuple[float, float] | None = None,
     max_duration_sec: float | None = None,
 ) -> tuple[int, int, int]:
     """(samples at the target rate, source rate, source channels) of a file over STREAM_ABOVE_SEC, with
@@ -159,7 +169,11 @@ def checked_length(
     f, _ = _open(path, segment, max_duration_sec)
     with f:
         source_rate, channels = f.samplerate, f.channels
-    return sum(len(b) for b in audio_blocks(path, target_sample_rate, segment)), source_rate, channels
+    return (
+        sum(len(b) for b in audio_blocks(path, target_sample_rate, segment)),
+        source_rate,
+        channels,
+    )
 
 
 def header_seconds(path: str | Path, segment: tuple[float, float] | None = None) -> float | None:
@@ -175,7 +189,9 @@ def header_seconds(path: str | Path, segment: tuple[float, float] | None = None)
 
 
 def audio_blocks(
-    path: str | Path, target_sample_rate: int = TARGET_SAMPLE_RATE, segment: tuple[float, float] | None = None,
+    path: str | Path,
+    target_sample_rate: int = TARGET_SAMPLE_RATE,
+    segment: tuple[float, float] | None = None,
     block_sec: float = 60.0,
 ) -> Iterator[np.ndarray]:
     """`read_audio(path, target_sample_rate, segment=segment).samples` in consecutive blocks of about
@@ -187,14 +203,20 @@ def audio_blocks(
     with f:
         declared = frames if frames > 0 else f.frames
         source_rate, channels = f.samplerate, f.channels
-        resampler = None if source_rate == target_sample_rate else BlockResampler(source_rate, target_sample_rate)
+        resampler = (
+            None
+            if source_rate == target_sample_rate
+            else BlockResampler(source_rate, target_sample_rate)
+        )
         block, decoded = max(1, round(block_sec * source_rate)), 0
         while frames < 0 or decoded < frames:
             data = _read(f, path, block if frames < 0 else min(block, frames - decoded))
             if data.shape[0] == 0:
                 break
             decoded += data.shape[0]
-            samples = np.ascontiguousarray(data.mean(axis=1) if channels > 1 else data[:, 0], dtype=np.float32)
+            samples = np.ascontiguousarray(
+                data.mean(axis=1) if channels > 1 else data[:, 0], dtype=np.float32
+            )
             if resampler is not None:
                 samples = resampler(samples)
             if len(samples):
@@ -227,16 +249,20 @@ class BlockResampler:
         import torch
 
         self.received += len(samples)
-        parts = [self.buffer, samples] + ([np.zeros(self.width + self.orig, np.float32)] if final else [])
+        parts = [self.buffer, samples] + (
+            [np.zeros(self.width + self.orig, np.float32)] if final else []
+        )
         self.buffer = np.concatenate(parts)
         span = 2 * self.width + self.orig  # input samples one output position reads
         positions = max(0, (len(self.buffer) - span) // self.orig + 1)
         if positions == 0:
             return np.zeros(0, np.float32)
         used = self.buffer[: (positions - 1) * self.orig + span]
-        out = torch.nn.functional.conv1d(torch.from_numpy(used)[None, None], self.kernel, stride=self.orig)
+        out = torch.nn.functional.conv1d(
+            torch.from_numpy(used)[None, None], self.kernel, stride=self.orig
+        )
         out = out[0].T.reshape(-1).numpy()
-        self.buffer = self.buffer[positions * self.orig:]
+        self.buffer = self.buffer[positions * self.orig :]
         if final:
             out = out[: max(0, -(-self.new * self.received // self.orig) - self.emitted)]
         self.emitted += len(out)

@@ -84,7 +84,9 @@ class LengthBucketBatchSampler:
         self.start_batch = 0
         self._cache: tuple[int, list[list[BatchItem]]] | None = None
         if len(self.epoch_batches(0)) == 0:
-            raise ValueError(f"{len(self.lengths)} utterances cannot feed {world_size} ranks one batch each")
+            raise ValueError(
+                f"{len(self.lengths)} utterances cannot feed {world_size} ranks one batch each"
+            )
 
     # -- positioning -------------------------------------------------------------------
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -218,7 +220,9 @@ class FeatureDataset(Dataset):
                 raise ValueError(f"{inputs.path}: dim {inputs.dim}, expected {self.input_dim}")
             if targets is not None:
                 if targets.dim != self.target_dim:
-                    raise ValueError(f"{targets.path}: dim {targets.dim}, expected {self.target_dim}")
+                    raise ValueError(
+                        f"{targets.path}: dim {targets.dim}, expected {self.target_dim}"
+                    )
                 if targets.ids != inputs.ids or not np.array_equal(targets.lengths, inputs.lengths):
                     raise ValueError(f"{targets.path}: ids or lengths differ from {inputs.path}")
         self.ids: list[str] = [item_id for inputs, _ in stores for item_id in inputs.ids]

@@ -91,12 +91,16 @@ def _check_model_metadata(path: Path, metadata: dict[str, str] | None) -> None:
         saved = json.loads(stored)
     except ValueError:
         saved = {}
-    differences = [f"{key}: weights {saved.get(key)!r} vs config.json {config.get(key)!r}"
-                   for key in sorted(set(saved) | set(config)) if saved.get(key) != config.get(key)]
+    differences = [
+        f"{key}: weights {saved.get(key)!r} vs config.json {config.get(key)!r}"
+        for key in sorted(set(saved) | set(config))
+        if saved.get(key) != config.get(key)
+    ]
     raise CheckpointError(
         f"{path / MODEL_FILE}: its weights were saved with another model config than {path / CONFIG_FILE}: "
         + ("; ".join(differences) or "fingerprints differ")
-        + f". {CONFIG_FILE} was edited after saving; restore the values the weights were saved with")
+        + f". {CONFIG_FILE} was edited after saving; restore the values the weights were saved with"
+    )
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -150,7 +154,9 @@ def save_checkpoint(
 
     def write(tmp: Path) -> None:
         # the step is the directory's name and in trainer_state.pt: the one metadata key is the config
-        save_safetensors(save_model, unwrap_model(model), tmp / MODEL_FILE, _model_metadata(payload["model"]))
+        save_safetensors(
+            save_model, unwrap_model(model), tmp / MODEL_FILE, _model_metadata(payload["model"])
+        )
         _write_json(tmp / CONFIG_FILE, payload)
         save_torch(trainer_state, tmp / TRAINER_STATE_FILE)
 
@@ -165,7 +171,9 @@ def _prune(checkpoints_dir: Path, saved_step: int, keep_last: int) -> None:
     Checkpoints numbered above `saved_step` are left alone: they belong to a run we did not
     resume from (corrupt ones, skipped with a warning) and are replaced when training gets there.
     """
-    current = [(step, path) for step, path in list_checkpoints(checkpoints_dir) if step <= saved_step]
+    current = [
+        (step, path) for step, path in list_checkpoints(checkpoints_dir) if step <= saved_step
+    ]
     for _, path in current[:-keep_last]:
         shutil.rmtree(path, ignore_errors=True)
     for leftover in checkpoints_dir.glob(".step-*.*-*"):  # crashed writes of an earlier run
@@ -207,14 +215,19 @@ def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
         try:
             verify_checkpoint(path)
         except CheckpointError as err:
-            warnings.warn(f"skipping incomplete or corrupt checkpoint {path}: {err}", CheckpointWarning,
-                          stacklevel=2)
+            warnings.warn(
+                f"skipping incomplete or corrupt checkpoint {path}: {err}",
+                CheckpointWarning,
+                stacklevel=2,
+            )
             continue
         return path
     return None
 
 
-def load_trainer_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_trainer_state(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
     file = Path(path) / TRAINER_STATE_FILE
     try:
         return torch.load(file, map_location=map_location, weights_only=True)
@@ -222,7 +235,9 @@ def load_trainer_state(path: str | Path, map_location: str | torch.device = "cpu
         raise CheckpointError(f"{file}: unreadable ({err})") from err
 
 
-def load_weights(path: str | Path, model: torch.nn.Module, device: str | torch.device = "cpu") -> None:
+def load_weights(
+    path: str | Path, model: torch.nn.Module, device: str | torch.device = "cpu"
+) -> None:
     """Load `path/model.safetensors` into `model` (strict: every key must match)."""
     file = Path(path) / MODEL_FILE
     model = unwrap_model(model)
@@ -235,11 +250,16 @@ def load_weights(path: str | Path, model: torch.nn.Module, device: str | torch.d
         raise CheckpointError(f"{file}: unreadable ({err})") from err
     problems = [f"missing {name}" for name in sorted(set(expected) - set(stored))]
     problems += [f"unexpected {name}" for name in sorted(set(stored) - set(expected))]
-    problems += [f"{name}: file {list(stored[name])} vs model {list(shape)}"
-                 for name, shape in expected.items() if name in stored and stored[name] != shape]
+    problems += [
+        f"{name}: file {list(stored[name])} vs model {list(shape)}"
+        for name, shape in expected.items()
+        if name in stored and stored[name] != shape
+    ]
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise CheckpointError(f"{file}: weights do not match the model config: {'; '.join(problems[:3])}{more}")
+        raise CheckpointError(
+            f"{file}: weights do not match the model config: {'; '.join(problems[:3])}{more}"
+        )
     _check_model_metadata(Path(path), metadata)  # same shapes, other config (num_heads)
     try:
         load_model(model, str(file), strict=True, device=str(device))
@@ -259,10 +279,14 @@ def _read_config(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{file}: unreadable ({err})") from err
     if payload.get("format") != FORMAT_NAME or "model" not in payload:
-        raise CheckpointError(f"{file}: not a {FORMAT_NAME} config (format {payload.get('format')!r})")
+        raise CheckpointError(
+            f"{file}: not a {FORMAT_NAME} config (format {payload.get('format')!r})"
+        )
     if payload.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{file}: format_version {payload['format_version']} is newer than "
-                              f"this code reads ({FORMAT_VERSION})")
+        raise CheckpointError(
+            f"{file}: format_version {payload['format_version']} is newer than "
+            f"this code reads ({FORMAT_VERSION})"
+        )
     return payload
 
 
@@ -283,7 +307,9 @@ def save_model_dir(
     payload = _config_payload({**(extra or {}), "model": model_section})
 
     def write(tmp: Path) -> None:
-        save_safetensors(save_model, unwrap_model(model), tmp / MODEL_FILE, _model_metadata(payload["model"]))
+        save_safetensors(
+            save_model, unwrap_model(model), tmp / MODEL_FILE, _model_metadata(payload["model"])
+        )
         _write_json(tmp / CONFIG_FILE, payload)
 
     return write_directory_atomically(Path(path), write)
@@ -301,7 +327,10 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu"):
         raise CheckpointError(f"{path}: no {MODEL_FILE}; not a model directory")
     try:
         config = ModelConfig.from_dict(_read_config(path)["model"])
-    except (TypeError, ValueError) as err:  # e.g. num_heads edited to one that does not divide hidden_size
+    except (
+        TypeError,
+        ValueError,
+    ) as err:  # e.g. num_heads edited to one that does not divide hidden_size
         raise CheckpointError(f"{path / CONFIG_FILE}: invalid model config: {err}") from err
     model = MockingjayForMAM(config)
     load_weights(path, model, device=device)
@@ -315,15 +344,21 @@ def release_model_dir(source: str | Path, out: str | Path, feature_config: dict[
     from safetensors.torch import save_file
 
     source = Path(source)
-    with safe_open(str(source / MODEL_FILE), framework="pt") as stored:  # one read: tensors and metadata
+    with safe_open(
+        str(source / MODEL_FILE), framework="pt"
+    ) as stored:  # one read: tensors and metadata
         weights = {name: stored.get_tensor(name) for name in stored.keys()}
         metadata = {k: v for k, v in (stored.metadata() or {}).items() if k == _CONFIG_METADATA}
     payload = _read_config(source)
     payload["release"] = {"dtype": "float16", "from": str(source)}
 
     def write(tmp: Path) -> None:
-        save_safetensors(save_file, {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in weights.items()},
-                         tmp / MODEL_FILE, metadata)
+        save_safetensors(
+            save_file,
+            {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in weights.items()},
+            tmp / MODEL_FILE,
+            metadata,
+        )
         _write_json(tmp / CONFIG_FILE, payload)
         _write_json(feature_config_file(tmp), feature_config)
 

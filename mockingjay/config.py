@@ -106,7 +106,9 @@ def from_section(cls: type[T], section: Any, name: str) -> T:
         raise ParamError(f"{name}: expected a mapping, got {section!r}")
     unknown, fields = unknown_fields(cls, section)
     if unknown:
-        raise ParamError(f"{name}: unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(fields)}")
+        raise ParamError(
+            f"{name}: unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(fields)}"
+        )
     hints = typing.get_type_hints(cls)
     kwargs = {key: _coerce(value, hints[key], f"{name}.{key}") for key, value in section.items()}
     try:
@@ -119,13 +121,17 @@ def from_section(cls: type[T], section: Any, name: str) -> T:
     except ParamError:
         raise
     except ValueError as err:  # from validate() or a __post_init__ that runs it
-        raise ParamError(f"{name}.{err}" if _names_field(err, fields) else f"{name}: {err}") from err
+        raise ParamError(
+            f"{name}.{err}" if _names_field(err, fields) else f"{name}: {err}"
+        ) from err
     return obj
 
 
 def _names_field(err: ValueError, fields: list[str]) -> bool:
     message = str(err)
-    return any(message.startswith(f"{field}:") or message.startswith(f"{field} ") for field in fields)
+    return any(
+        message.startswith(f"{field}:") or message.startswith(f"{field} ") for field in fields
+    )
 
 
 def to_flat_dict(obj: Any, prefix: str = "") -> dict[str, Any]:

@@ -20,7 +20,9 @@ from typing import Literal
 # Everything libsndfile >= 1.1 decodes (soundfile 0.12+ wheels bundle it): Ogg/Opus and MP3 are
 # what Common Voice, Speech Commands re-encodes and most web corpora ship.
 AUDIO_EXTENSIONS = (".flac", ".wav", ".ogg", ".opus", ".mp3")
-CorpusFormat = Literal["librispeech", "fsdd", "arctic", "tsv", "kaldi", "ljspeech", "speech_commands"]
+CorpusFormat = Literal[
+    "librispeech", "fsdd", "arctic", "tsv", "kaldi", "ljspeech", "speech_commands"
+]
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _LIBRISPEECH_NAME = re.compile(r"^(\d+)-(\d+)-(\d+)$")
 _FSDD_NAME = re.compile(r"^(\d)_([^_]+)_(\d+)$")  # any speaker name: `3_józef_0` is not skipped
@@ -42,10 +44,16 @@ class CorpusSpec:
     path: str
     align: bool = False  # transcripts are required and will be forced-aligned to phones
     speaker: str | None = None  # fixed speaker for single-speaker folders (arctic, ljspeech)
-    split_by: Literal["utterance", "speaker"] = "utterance"  # speaker: hold out whole speakers (see manifest)
-    root: str | None = None  # kaldi: folder that wav.scp paths are relative to (default: the data dir's parent)
+    split_by: Literal["utterance", "speaker"] = (
+        "utterance"  # speaker: hold out whole speakers (see manifest)
+    )
+    root: str | None = (
+        None  # kaldi: folder that wav.scp paths are relative to (default: the data dir's parent)
+    )
     lexicon: str | None = None  # CMUdict-format lexicon for words CMUdict lacks (align)
-    test_only: bool = False  # every utterance in test: never pretrained on nor probe-trained (probe.test_corpora)
+    test_only: bool = (
+        False  # every utterance in test: never pretrained on nor probe-trained (probe.test_corpora)
+    )
 
     def validate(self) -> None:
         if not _SAFE_ID.match(self.name):
@@ -61,7 +69,9 @@ class UtteranceSource:
     speaker: str
     transcript: str | None
     corpus: str
-    segment: tuple[float, float] | None = None  # (start, end) seconds into the file (Kaldi segments)
+    segment: tuple[float, float] | None = (
+        None  # (start, end) seconds into the file (Kaldi segments)
+    )
     keyword: str = ""  # utterance label of keyword corpora (Speech Commands)
     gender: str = ""
     age: str = ""
@@ -85,7 +95,11 @@ def read_corpus(spec: CorpusSpec, base_dir: Path = Path(".")) -> list[UtteranceS
     if spec.test_only:
         utterances = [dataclasses.replace(u, fixed_split="test") for u in utterances]
     if not utterances:
-        found = sorted({p.suffix.lower() or "(none)" for p in root.rglob("*") if p.is_file()}) if root.is_dir() else []
+        found = (
+            sorted({p.suffix.lower() or "(none)" for p in root.rglob("*") if p.is_file()})
+            if root.is_dir()
+            else []
+        )
         raise CorpusError(
             f"corpus {spec.name!r}: no {spec.format} audio files found under {root} "
             f"(readable: {', '.join(AUDIO_EXTENSIONS)}; file types there: {', '.join(found) or 'none'})"
@@ -96,7 +110,9 @@ def read_corpus(spec: CorpusSpec, base_dir: Path = Path(".")) -> list[UtteranceS
 def _audio_files(root: Path) -> list[Path]:
     if not root.is_dir():
         raise CorpusError(f"{root}: expected a directory")
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+    return sorted(
+        p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()
+    )
 
 
 def safe_id(native: str) -> str:
@@ -202,7 +218,9 @@ def read_tsv_manifest(manifest: Path, spec: CorpusSpec) -> list[UtteranceSource]
         columns = reader.fieldnames or []
         missing = [c for c in ("path", "speaker") if c not in columns]
         if missing:
-            raise CorpusError(f"{manifest}: missing column(s) {', '.join(missing)} (have {', '.join(columns)})")
+            raise CorpusError(
+                f"{manifest}: missing column(s) {', '.join(missing)} (have {', '.join(columns)})"
+            )
         utterances = []
         for line_no, row in enumerate(reader, 2):
             rel = (row.get("path") or "").strip()
@@ -211,8 +229,12 @@ def read_tsv_manifest(manifest: Path, spec: CorpusSpec) -> list[UtteranceSource]
                 raise CorpusError(f"{manifest}:{line_no}: empty path or speaker")
             resolved = (root / rel).resolve()
             if Path(rel).is_absolute() or not resolved.is_relative_to(root):
-                raise CorpusError(f"{manifest}:{line_no}: path {rel!r} escapes the corpus folder {root}")
-            native_id = (row.get("id") or "").strip() or Path(rel).with_suffix("").as_posix().replace("/", "-")
+                raise CorpusError(
+                    f"{manifest}:{line_no}: path {rel!r} escapes the corpus folder {root}"
+                )
+            native_id = (row.get("id") or "").strip() or Path(rel).with_suffix(
+                ""
+            ).as_posix().replace("/", "-")
             transcript = (row.get("transcript") or "").strip() or None
             utterances.append(
                 UtteranceSource(
@@ -273,11 +295,15 @@ def read_kaldi(data_dir: Path, spec: CorpusSpec) -> list[UtteranceSource]:
     for line_no, (key, value) in enumerate(wav_scp.items(), 1):
         where = f"{data_dir / 'wav.scp'} (entry {key!r})"
         if value.endswith("|") or value.startswith("|"):
-            raise CorpusError(f"{where}: piped command {value!r} refused; it is never executed. "
-                              f"Convert the audio to files and list their paths instead")
+            raise CorpusError(
+                f"{where}: piped command {value!r} refused; it is never executed. "
+                f"Convert the audio to files and list their paths instead"
+            )
         if len(value.split()) != 1:
-            raise CorpusError(f"{where}: expected one path, got {value!r} (commands and "
-                              f"extended filenames are not supported)")
+            raise CorpusError(
+                f"{where}: expected one path, got {value!r} (commands and "
+                f"extended filenames are not supported)"
+            )
         recordings[key] = _inside(root, value, where)
     segments_path = data_dir / "segments"
     pieces: list[tuple[str, str, tuple[float, float] | None]] = []
@@ -288,12 +314,16 @@ def read_kaldi(data_dir: Path, spec: CorpusSpec) -> list[UtteranceSource]:
             parts = line.split()
             where = f"{segments_path}:{line_no}"
             if len(parts) != 4:
-                raise CorpusError(f"{where}: expected '<utt> <recording> <start> <end>', got {line!r}")
+                raise CorpusError(
+                    f"{where}: expected '<utt> <recording> <start> <end>', got {line!r}"
+                )
             utt, recording = parts[0], parts[1]
             try:
                 start, end = float(parts[2]), float(parts[3])
             except ValueError:
-                raise CorpusError(f"{where}: start and end must be seconds, got {parts[2]!r} {parts[3]!r}") from None
+                raise CorpusError(
+                    f"{where}: start and end must be seconds, got {parts[2]!r} {parts[3]!r}"
+                ) from None
             if recording not in recordings:
                 raise CorpusError(f"{where}: recording {recording!r} is not in wav.scp")
             if not 0 <= start < end:

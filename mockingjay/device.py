@@ -16,7 +16,7 @@ import torch
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """"auto" -> CUDA when present (this rank's GPU), else CPU; a CUDA request without CUDA is a ValueError."""
+    """ "auto" -> CUDA when present (this rank's GPU), else CPU; a CUDA request without CUDA is a ValueError."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():

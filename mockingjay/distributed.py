@@ -22,8 +22,12 @@ class DistributedContext:
 def setup_distributed(use_cuda: bool) -> DistributedContext:
     """Join the process group when launched by torchrun (RANK/WORLD_SIZE/LOCAL_RANK set)."""
     if dist.is_available() and dist.is_initialized():
-        return DistributedContext(dist.get_rank(), dist.get_world_size(),
-                                  int(os.environ.get("LOCAL_RANK", 0)), owns_group=False)
+        return DistributedContext(
+            dist.get_rank(),
+            dist.get_world_size(),
+            int(os.environ.get("LOCAL_RANK", 0)),
+            owns_group=False,
+        )
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size <= 1 or "RANK" not in os.environ:
         return DistributedContext()

@@ -59,13 +59,18 @@ def encoder_of(model: nn.Module) -> nn.Module:
     return getattr(model, "encoder", model)
 
 
-def resolve_layers(layers: Sequence[int] | None, num_layers: int,
-                   error: type[ValueError] = ExtractError) -> list[int]:
+def resolve_layers(
+    layers: Sequence[int] | None, num_layers: int, error: type[ValueError] = ExtractError
+) -> list[int]:
     """Sorted, de-duplicated hidden-state indices; `None` = all of 0..num_layers."""
     if layers is None:
         return list(range(num_layers + 1))
     for index in layers:
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index <= num_layers:
+        if (
+            isinstance(index, bool)
+            or not isinstance(index, (int, np.integer))
+            or not 0 <= index <= num_layers
+        ):
             raise error(
                 f"layer index {index!r} out of range: valid layers are 0..{num_layers} "
                 f"(0 = input representation, i = output of encoder layer i)"
@@ -73,8 +78,9 @@ def resolve_layers(layers: Sequence[int] | None, num_layers: int,
     return sorted({int(i) for i in layers})
 
 
-def length_sorted_batches(lengths: np.ndarray, batch_frames: int,
-                          indices: np.ndarray | None = None) -> list[np.ndarray]:
+def length_sorted_batches(
+    lengths: np.ndarray, batch_frames: int, indices: np.ndarray | None = None
+) -> list[np.ndarray]:
     """Item indices packed longest-first into batches of <= `batch_frames` padded frames.
 
     Sorting by length keeps padding (wasted compute) low; longest-first makes the biggest batch
@@ -98,10 +104,14 @@ def length_sorted_batches(lengths: np.ndarray, batch_frames: int,
 # A quarter of the window as context in all: 1/8 on each side (500 frames, 5 s at 10 ms, of a 4000-frame
 # window: as much as pretraining's default crop), so a kept frame always has several seconds around it.
 CONTEXT_DIVISOR = 8
-DEFAULT_WINDOW_FRAMES = 4000  # 40 s at 10 ms: every LibriSpeech utterance (35 s at most) is encoded whole
+DEFAULT_WINDOW_FRAMES = (
+    4000  # 40 s at 10 ms: every LibriSpeech utterance (35 s at most) is encoded whole
+)
 
 
-def windows(length: int, window_frames: int, downsample_rate: int = 1) -> list[tuple[int, int, int, int]]:
+def windows(
+    length: int, window_frames: int, downsample_rate: int = 1
+) -> list[tuple[int, int, int, int]]:
     """How an utterance of `length` frames is encoded: (seen start, seen end, kept start, kept end) per
     window, frames [seen start, seen end) go through the model and [kept start, kept end) are kept.
 
@@ -116,16 +126,31 @@ def windows(length: int, window_frames: int, downsample_rate: int = 1) -> list[t
     context = -(-(window_frames // CONTEXT_DIVISOR) // rate) * rate
     core = (window_frames - 2 * context) // rate * rate
     if core < rate:
-        raise ExtractError(f"window_frames: {window_frames} is too small for downsample_rate {rate}")
-    return [(max(0, start - context), min(length, start + core + context), start, min(length, start + core))
-            for start in range(0, length, core)]
+        raise ExtractError(
+            f"window_frames: {window_frames} is too small for downsample_rate {rate}"
+        )
+    return [
+        (
+            max(0, start - context),
+            min(length, start + core + context),
+            start,
+            min(length, start + core),
+        )
+        for start in range(0, length, core)
+    ]
 
 
 def check_window_frames(window_frames: int, downsample_rate: int = 1) -> None:
     """A window must keep at least one step after its context (names the parameter)."""
-    if isinstance(window_frames, bool) or not isinstance(window_frames, int) or window_frames < 16 * downsample_rate:
-        raise ExtractError(f"window_frames: must be an integer >= {16 * downsample_rate} "
-                           f"(16 x downsample_rate {downsample_rate}), got {window_frames!r}")
+    if (
+        isinstance(window_frames, bool)
+        or not isinstance(window_frames, int)
+        or window_frames < 16 * downsample_rate
+    ):
+        raise ExtractError(
+            f"window_frames: must be an integer >= {16 * downsample_rate} "
+            f"(16 x downsample_rate {downsample_rate}), got {window_frames!r}"
+        )
 
 
 class EncodedBatch(NamedTuple):
@@ -192,31 +217,46 @@ def encode_batches(
         for indices in batches:
             indices = np.asarray(indices)
             lengths_all = feature_store.lengths[indices].astype(np.int64)
-            fits = np.ones(len(indices), bool) if window_frames is None else lengths_all <= window_frames
+            fits = (
+                np.ones(len(indices), bool)
+                if window_frames is None
+                else lengths_all <= window_frames
+            )
             whole = indices[fits]
             if len(whole):
                 # The inference-mode block closes before the yield: a generator suspended inside it
                 # would leave the consumer's code running in inference mode too.
                 with torch.inference_mode():
                     lengths = torch.from_numpy(lengths_all[fits])
-                    states = encode(_padded_batch(feature_store, whole, lengths.numpy(), device), lengths)
+                    states = encode(
+                        _padded_batch(feature_store, whole, lengths.numpy(), device), lengths
+                    )
                 yield EncodedBatch(whole, lengths, states)
             for item in indices[~fits]:
                 rows = feature_store[int(item)]
-                for seen_start, seen_end, keep_start, keep_end in windows(len(rows), window_frames,
-                                                                         config.downsample_rate):
+                for seen_start, seen_end, keep_start, keep_end in windows(
+                    len(rows), window_frames, config.downsample_rate
+                ):
                     with torch.inference_mode():
-                        seen = torch.from_numpy(np.asarray(rows[seen_start:seen_end], dtype=np.float32))[None]
+                        seen = torch.from_numpy(
+                            np.asarray(rows[seen_start:seen_end], dtype=np.float32)
+                        )[None]
                         states = encode(seen.to(device), torch.tensor([seen_end - seen_start]))
                         kept = slice(keep_start - seen_start, keep_end - seen_start)
                         states = {name: state[:, kept] for name, state in states.items()}
-                    yield EncodedBatch(np.array([item]), torch.tensor([keep_end - keep_start]), states,
-                                       np.array([keep_start]))
+                    yield EncodedBatch(
+                        np.array([item]),
+                        torch.tensor([keep_end - keep_start]),
+                        states,
+                        np.array([keep_start]),
+                    )
     finally:
         encoder.train(was_training)
 
 
-def _padded_batch(store: RaggedArray, indices: np.ndarray, lengths: np.ndarray, device: torch.device) -> Tensor:
+def _padded_batch(
+    store: RaggedArray, indices: np.ndarray, lengths: np.ndarray, device: torch.device
+) -> Tensor:
     """[B, longest, D] float32 on `device`, zero past each length (pinned for async copy to CUDA)."""
     padded = np.zeros((len(indices), int(lengths.max()), store.dim), dtype=np.float32)
     for row, item in enumerate(indices):
@@ -227,8 +267,9 @@ def _padded_batch(store: RaggedArray, indices: np.ndarray, lengths: np.ndarray, 
     return features.to(device, non_blocking=True)
 
 
-def _progress_reporter(progress: bool | ProgressCallback,
-                       total_frames: int) -> tuple[ProgressCallback, Callable[[], None]]:
+def _progress_reporter(
+    progress: bool | ProgressCallback, total_frames: int
+) -> tuple[ProgressCallback, Callable[[], None]]:
     if callable(progress):
         return progress, lambda: None
     if not progress:
@@ -278,22 +319,36 @@ def extract_representations(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     batches = length_sorted_batches(feature_store.lengths, batch_frames)
-    common = {"source": str(feature_store.path), "frame_rate": "features",
-              "downsample_rate": config.downsample_rate, "model_config": config.to_dict()}
+    common = {
+        "source": str(feature_store.path),
+        "frame_rate": "features",
+        "downsample_rate": config.downsample_rate,
+        "model_config": config.to_dict(),
+    }
     writers: dict[str, PresizedWriter] = {}
     if include_input:
-        writers[INPUT_STORE] = PresizedWriter(out_dir / INPUT_STORE, feature_store, feature_store.dim,
-                                               {**common, "kind": "input", "layer": None})
+        writers[INPUT_STORE] = PresizedWriter(
+            out_dir / INPUT_STORE,
+            feature_store,
+            feature_store.dim,
+            {**common, "kind": "input", "layer": None},
+        )
     for index in layers:
         name = layer_store_name(index)
-        writers[name] = PresizedWriter(out_dir / name, feature_store, config.hidden_size,
-                                       {**common, "kind": "representation", "layer": index})
+        writers[name] = PresizedWriter(
+            out_dir / name,
+            feature_store,
+            config.hidden_size,
+            {**common, "kind": "representation", "layer": index},
+        )
     total_frames = int(feature_store.lengths.sum())
     report, finish = _progress_reporter(progress, total_frames)
     started = time.perf_counter()
     frames_done = 0
     try:
-        for batch in encode_batches(model, feature_store, batches, layers, device, include_input, window_frames):
+        for batch in encode_batches(
+            model, feature_store, batches, layers, device, include_input, window_frames
+        ):
             host = {name: states.cpu().numpy() for name, states in batch.states.items()}
             for row, (item, start) in enumerate(zip(batch.indices, batch.row_starts())):
                 length = int(batch.lengths[row])
@@ -319,7 +374,8 @@ def extract_representations(
         "batches": len(batches),
         "bytes_written": int(written),
         "seconds": round(seconds, 3),
-        "audio_seconds_per_second": (None if frame_rate is None
-                                     else round(total_frames / frame_rate / max(seconds, 1e-9), 1)),
+        "audio_seconds_per_second": (
+            None if frame_rate is None else round(total_frames / frame_rate / max(seconds, 1e-9), 1)
+        ),
         "device": str(device),
     }

@@ -56,8 +56,17 @@ def fingerprint(stores: Iterable[str | Path]) -> str:
     return digest.hexdigest()
 
 
-def _publish(tmp: Path, path: Path, ids: Sequence[str], offsets: Iterable[int], lengths: Iterable[int],
-             dtype: np.dtype, dim: int, rows: int, attrs: dict) -> Path:
+def _publish(
+    tmp: Path,
+    path: Path,
+    ids: Sequence[str],
+    offsets: Iterable[int],
+    lengths: Iterable[int],
+    dtype: np.dtype,
+    dim: int,
+    rows: int,
+    attrs: dict,
+) -> Path:
     """Write the index and meta of the data file already in `tmp`, then rename `tmp` to `path`."""
     with open(tmp / _INDEX, "w") as f:
         for item_id, offset, length in zip(ids, offsets, lengths):
@@ -77,10 +86,14 @@ def _split_of(path: Path) -> str:
 
 def _non_finite(path: Path, item_id: str, values: np.ndarray, dtype: np.dtype) -> StoreError:
     nan, inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
-    limit = f" ({dtype.name} holds at most {float(np.finfo(dtype).max):g})" if dtype.kind == "f" else ""
-    return StoreError(f"{path}: {_split_of(path)}utterance {item_id!r} has {nan} NaN and {inf} inf values{limit}; "
-                      "non-finite features or representations give wrong probe results and training losses. "
-                      "Find what produced them (audio, feature settings, the model) and rerun the stage that wrote it")
+    limit = (
+        f" ({dtype.name} holds at most {float(np.finfo(dtype).max):g})" if dtype.kind == "f" else ""
+    )
+    return StoreError(
+        f"{path}: {_split_of(path)}utterance {item_id!r} has {nan} NaN and {inf} inf values{limit}; "
+        "non-finite features or representations give wrong probe results and training losses. "
+        "Find what produced them (audio, feature settings, the model) and rerun the stage that wrote it"
+    )
 
 
 class RaggedWriter:
@@ -89,7 +102,9 @@ class RaggedWriter:
     Use as a context manager: on an exception the partial store is removed.
     """
 
-    def __init__(self, path: str | Path, dim: int, dtype: str = "float16", attrs: dict | None = None):
+    def __init__(
+        self, path: str | Path, dim: int, dtype: str = "float16", attrs: dict | None = None
+    ):
         self.path = Path(path)
         self.dim = int(dim)
         self.dtype = np.dtype(dtype)
@@ -113,12 +128,18 @@ class RaggedWriter:
         if rows.ndim == 1 and self.dim == 1:
             rows = rows[:, None]
         if rows.ndim != 2 or rows.shape[1] != self.dim:
-            raise ValueError(f"item {item_id or len(self._ids)!r}: expected shape [T, {self.dim}], "
-                             f"got {list(rows.shape)}")
-        with np.errstate(over="ignore"):  # after the cast values above 65504 are inf: refused just below
+            raise ValueError(
+                f"item {item_id or len(self._ids)!r}: expected shape [T, {self.dim}], "
+                f"got {list(rows.shape)}"
+            )
+        with np.errstate(
+            over="ignore"
+        ):  # after the cast values above 65504 are inf: refused just below
             data = np.ascontiguousarray(rows, dtype=self.dtype)
         if data.dtype.kind == "f" and not np.isfinite(data).all():
-            raise _non_finite(self.path, item_id or f"number {len(self._ids)} (being written)", data, self.dtype)
+            raise _non_finite(
+                self.path, item_id or f"number {len(self._ids)} (being written)", data, self.dtype
+            )
         self._data.write(data.tobytes())
         self._pending += rows.shape[0]
 
@@ -135,8 +156,17 @@ class RaggedWriter:
 
     def close(self) -> Path:
         self._data.close()
-        return _publish(self._tmp, self.path, self._ids, self._offsets, self._lengths, self.dtype, self.dim,
-                        self._rows, self.attrs)
+        return _publish(
+            self._tmp,
+            self.path,
+            self._ids,
+            self._offsets,
+            self._lengths,
+            self.dtype,
+            self.dim,
+            self._rows,
+            self.attrs,
+        )
 
     def abort(self) -> None:
         self._data.close()
@@ -161,8 +191,14 @@ class PresizedWriter:
     `RaggedWriter` does and opens it once to validate sizes and index. `abort()` removes it.
     """
 
-    def __init__(self, path: str | Path, template: RaggedArray, dim: int, attrs: dict | None = None,
-                 dtype: str = "float16"):
+    def __init__(
+        self,
+        path: str | Path,
+        template: RaggedArray,
+        dim: int,
+        attrs: dict | None = None,
+        dtype: str = "float16",
+    ):
         self.path, self.template, self.dim = Path(path), template, int(dim)
         self.attrs = dict(attrs or {})
         self.dtype = np.dtype(dtype)
@@ -177,9 +213,13 @@ class PresizedWriter:
         last rows (windows of a long utterance arrive in order)."""
         length = int(self.template.lengths[item])
         if rows.ndim != 2 or rows.shape[1] != self.dim or start + rows.shape[0] > length:
-            raise ValueError(f"{self.path}: item {self.template.ids[item]!r}: got {list(rows.shape)} rows at frame "
-                             f"{start} for [{length}, {self.dim}]")
-        with np.errstate(over="ignore"):  # after the cast values above 65504 are inf: refused just below
+            raise ValueError(
+                f"{self.path}: item {self.template.ids[item]!r}: got {list(rows.shape)} rows at frame "
+                f"{start} for [{length}, {self.dim}]"
+            )
+        with np.errstate(
+            over="ignore"
+        ):  # after the cast values above 65504 are inf: refused just below
             data = np.ascontiguousarray(rows, dtype=self.dtype)
         if not np.isfinite(data).all():
             raise _non_finite(self.path, self.template.ids[item], data, self.dtype)
@@ -195,8 +235,17 @@ class PresizedWriter:
             self.abort()
             raise StoreError(f"{self.path}: item {missing!r} was never written")
         template = self.template
-        _publish(self._tmp, self.path, template.ids, template.offsets, template.lengths, self.dtype, self.dim,
-                 int(template.lengths.sum()), self.attrs)
+        _publish(
+            self._tmp,
+            self.path,
+            template.ids,
+            template.offsets,
+            template.lengths,
+            self.dtype,
+            self.dim,
+            int(template.lengths.sum()),
+            self.attrs,
+        )
         RaggedArray(self.path)  # validates sizes and index: fail here, not in the probe
         return self.path
 
@@ -217,7 +266,9 @@ class RaggedArray:
         self.path = Path(path)
         meta_path = self.path / _META
         if not meta_path.is_file():
-            raise StoreError(f"{self.path}: not a complete feature store (no {_META}); rerun the stage that writes it")
+            raise StoreError(
+                f"{self.path}: not a complete feature store (no {_META}); rerun the stage that writes it"
+            )
         self.meta = json.loads(meta_path.read_text())
         self.dim = int(self.meta["dim"])
         self.dtype = np.dtype(self.meta["dtype"])
@@ -227,7 +278,9 @@ class RaggedArray:
             for line_no, line in enumerate(f, 1):
                 parts = line.rstrip("\n").split("\t")
                 if len(parts) != 3:
-                    raise StoreError(f"{self.path / _INDEX}:{line_no}: expected 3 tab-separated fields")
+                    raise StoreError(
+                        f"{self.path / _INDEX}:{line_no}: expected 3 tab-separated fields"
+                    )
                 ids.append(parts[0])
                 offsets.append(int(parts[1]))
                 lengths.append(int(parts[2]))

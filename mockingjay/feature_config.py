@@ -54,9 +54,13 @@ class FeatureConfig:
         if self.hop_ms <= 0:
             raise ValueError(f"hop_ms: must be positive, got {self.hop_ms}")
         if self.win_length > self.n_fft:
-            raise ValueError(f"n_fft: {self.n_fft} is shorter than the window ({self.win_length} samples at win_ms={self.win_ms})")
+            raise ValueError(
+                f"n_fft: {self.n_fft} is shorter than the window ({self.win_length} samples at win_ms={self.win_ms})"
+            )
         if abs(self.hop_ms * self.sample_rate / 1000 - self.hop_length) > 1e-6:
-            raise ValueError(f"hop_ms: {self.hop_ms} ms is not a whole number of samples at {self.sample_rate} Hz")
+            raise ValueError(
+                f"hop_ms: {self.hop_ms} ms is not a whole number of samples at {self.sample_rate} Hz"
+            )
         if self.delta_order not in (0, 1, 2):
             raise ValueError(f"delta_order: must be 0, 1 or 2, got {self.delta_order}")
         if self.delta_window < 3 or self.delta_window % 2 == 0:
@@ -110,7 +114,9 @@ def frames_per_second(settings: Mapping) -> float:
     Every audio-seconds figure divides frames by this, never by a fixed 100: under the paper
     preset a frame is 12.5 ms, and 100 frames are 1.25 s of audio.
     """
-    return FeatureConfig(sample_rate=int(settings["sample_rate"]), hop_ms=float(settings["hop_ms"])).frame_rate
+    return FeatureConfig(
+        sample_rate=int(settings["sample_rate"]), hop_ms=float(settings["hop_ms"])
+    ).frame_rate
 
 
 def num_frames(num_samples: int, hop_length: int) -> int:

@@ -69,7 +69,9 @@ class FeatureExtractor(torch.nn.Module):
             return log_mel
         parts = [log_mel.T]  # compute_deltas works on [..., freq, time]
         for _ in range(self.config.delta_order):
-            parts.append(torchaudio.functional.compute_deltas(parts[-1], win_length=self.config.delta_window))
+            parts.append(
+                torchaudio.functional.compute_deltas(parts[-1], win_length=self.config.delta_window)
+            )
         return torch.cat(parts, dim=0).T.contiguous()
 
     @torch.inference_mode()
@@ -129,7 +131,10 @@ class GlobalCMVN(Moments):
 
 
 def load_wave(
-    path: str, extractor: FeatureExtractor, source_rate: int | None = None, segment: tuple[float, float] | None = None
+    path: str,
+    extractor: FeatureExtractor,
+    source_rate: int | None = None,
+    segment: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Decode and validate one file (audio.read_audio) and resample it to the feature rate.
 
@@ -149,7 +154,10 @@ def load_wave(
 
 
 def featurize_wave(
-    wave: torch.Tensor, extractor: FeatureExtractor, dtype=np.float32, stats: tuple[GlobalCMVN, GlobalCMVN] | None = None
+    wave: torch.Tensor,
+    extractor: FeatureExtractor,
+    dtype=np.float32,
+    stats: tuple[GlobalCMVN, GlobalCMVN] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Features (and linear target) of one waveform as numpy arrays in `dtype`.
 
@@ -213,7 +221,9 @@ def featurize_file(
 Blocks = Iterator[tuple[np.ndarray, np.ndarray | None]]
 
 
-def _padded_frames(waves: Iterator[np.ndarray], extractor: FeatureExtractor) -> Iterator[torch.Tensor]:
+def _padded_frames(
+    waves: Iterator[np.ndarray], extractor: FeatureExtractor
+) -> Iterator[torch.Tensor]:
     """Power spectrogram blocks of the centred STFT of the concatenated `waves` (>= n_fft // 2 + 1 samples)."""
     config = extractor.config
     pad, hop, n_fft = config.n_fft // 2, config.hop_length, config.n_fft
@@ -225,15 +235,17 @@ def _padded_frames(waves: Iterator[np.ndarray], extractor: FeatureExtractor) -> 
         nonlocal buffer
         if len(buffer) >= n_fft:
             count = (len(buffer) - n_fft) // hop + 1
-            yield extractor._power(torch.from_numpy(buffer[: (count - 1) * hop + n_fft]), center=False)
-            buffer = buffer[count * hop:]
+            yield extractor._power(
+                torch.from_numpy(buffer[: (count - 1) * hop + n_fft]), center=False
+            )
+            buffer = buffer[count * hop :]
 
     for wave in waves:
         if not started:  # torch's reflect padding: x[pad], ..., x[1] before x[0]
             wave = np.concatenate([wave[pad:0:-1], wave])
             started = True
         buffer = np.concatenate([buffer, wave])
-        tail = np.concatenate([tail, wave])[-(pad + 1):]
+        tail = np.concatenate([tail, wave])[-(pad + 1) :]
         yield from frames()
     buffer = np.concatenate([buffer, tail[-2::-1]])  # x[n - 2], ..., x[n - pad - 1] after x[n - 1]
     yield from frames()
@@ -252,9 +264,15 @@ def _raw_blocks(path: str, extractor: FeatureExtractor, segment, block_sec: floa
     for power in itertools.chain(powers, [None]):
         final = power is None
         if not final:
-            target = torch.log_(power.sqrt().add_(config.log_offset)) if config.target == "linear" else None
+            target = (
+                torch.log_(power.sqrt().add_(config.log_offset))
+                if config.target == "linear"
+                else None
+            )
             log_mel = torch.cat([log_mel, extractor._log_mel(power)])
-        end = first + len(log_mel) if final else first + len(log_mel) - context  # frames whose context is here
+        end = (
+            first + len(log_mel) if final else first + len(log_mel) - context
+        )  # frames whose context is here
         if end > done:
             feats = extractor._with_deltas(log_mel)[done - first : end - first]
             yield feats.numpy(), None
@@ -265,8 +283,14 @@ def _raw_blocks(path: str, extractor: FeatureExtractor, segment, block_sec: floa
             yield None, target.numpy()  # the target has no deltas: each block as it comes
 
 
-def stream_features(path: str, extractor: FeatureExtractor, segment=None, dtype=np.float16,
-                    stats: tuple[GlobalCMVN, GlobalCMVN] | None = None, block_sec: float = 60.0) -> Blocks:
+def stream_features(
+    path: str,
+    extractor: FeatureExtractor,
+    segment=None,
+    dtype=np.float16,
+    stats: tuple[GlobalCMVN, GlobalCMVN] | None = None,
+    block_sec: float = 60.0,
+) -> Blocks:
     """Blocks of `featurize_wave(load_wave(path, ...))`'s two outputs, (features, None) and (None,
     target) in frame order per output, in `dtype`; `stats` accumulates global-CMVN sums as there."""
     config = extractor.config

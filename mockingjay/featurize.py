@@ -136,8 +136,9 @@ class Streamed:
             raise FeaturizeError(f"{err}; the manifest is stale, rerun prepare") from err
 
 
-def chunks(rows: list[ManifestRow], chunk_sec: float,
-           stream_above_sec: float = STREAM_ABOVE_SEC) -> Iterator[list[ManifestRow]]:
+def chunks(
+    rows: list[ManifestRow], chunk_sec: float, stream_above_sec: float = STREAM_ABOVE_SEC
+) -> Iterator[list[ManifestRow]]:
     """Rows in tasks of about `chunk_sec` seconds; a row over `stream_above_sec` is a chunk of its own."""
     chunk, seconds = [], 0.0
     for row in rows:
@@ -199,11 +200,18 @@ def compute_features(
             else:
                 yield from unpack(chunk, lambda: featurize_chunk([task(r) for r in chunk]))
         return
-    chunk_sec = min(chunk_sec, max(1.0, sum(r.duration for r in rows) / (8 * workers)))  # balance the tail
+    chunk_sec = min(
+        chunk_sec, max(1.0, sum(r.duration for r in rows) / (8 * workers))
+    )  # balance the tail
     # fork: the workers inherit the imported torch instead of importing it again (~2 s each)
     import mockingjay.features  # noqa: F401
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=(config,)) as pool:
+
+    context = multiprocessing.get_context(
+        "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+    )
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=init_worker, initargs=(config,)
+    ) as pool:
         pending: collections.deque = collections.deque()
 
         def take():
@@ -213,7 +221,14 @@ def compute_features(
         for chunk in chunks(rows, chunk_sec, stream_above_sec):
             if len(pending) >= workers * in_flight_per_worker:
                 yield from take()
-            pending.append((chunk, None if is_long(chunk) else pool.submit(featurize_chunk, [task(r) for r in chunk])))
+            pending.append(
+                (
+                    chunk,
+                    None
+                    if is_long(chunk)
+                    else pool.submit(featurize_chunk, [task(r) for r in chunk]),
+                )
+            )
         while pending:
             yield from take()
 
@@ -234,7 +249,9 @@ def load_frame_labels(alignments: Path | None, config: FeatureConfig) -> RaggedA
     return labels
 
 
-def normalize_in_place(store_path: Path, mean: np.ndarray, std: np.ndarray, chunk_rows: int = 1 << 16) -> None:
+def normalize_in_place(
+    store_path: Path, mean: np.ndarray, std: np.ndarray, chunk_rows: int = 1 << 16
+) -> None:
     """Apply global CMVN, (x - mean) / std, to a written float16 store, `chunk_rows` rows at a time."""
     store = RaggedArray(store_path, mode="r+")
     for start in range(0, store.data.shape[0], chunk_rows):
@@ -274,16 +291,31 @@ def write_features(
     labels_dir(out).mkdir()
     writers = {s: RaggedWriter(out / s, config.dim, "float16", attrs) for s in SPLITS}
     target_writers = (
-        {s: RaggedWriter(target_store(out / s), config.target_dim, "float16", {**attrs, "kind": "target"}) for s in SPLITS}
+        {
+            s: RaggedWriter(
+                target_store(out / s), config.target_dim, "float16", {**attrs, "kind": "target"}
+            )
+            for s in SPLITS
+        }
         if config.target == "linear"
         else {}
     )
-    label_writers = {s: RaggedWriter(labels_store(out, s), 1, "int16", {"hop_length": config.hop_length}) for s in SPLITS}
+    label_writers = {
+        s: RaggedWriter(labels_store(out, s), 1, "int16", {"hop_length": config.hop_length})
+        for s in SPLITS
+    }
     cmvn, target_cmvn = GlobalCMVN(config.dim), GlobalCMVN(config.target_dim)
     table = []
-    bar = tqdm(total=round(sum(r.duration for r in rows), 1), desc="featurize", unit="audio-s", file=sys.stderr, disable=not progress)
-    for row, feats, target, stats in compute_features(rows, config, workers, chunk_sec,
-                                                      stream_above_sec=stream_above_sec):
+    bar = tqdm(
+        total=round(sum(r.duration for r in rows), 1),
+        desc="featurize",
+        unit="audio-s",
+        file=sys.stderr,
+        disable=not progress,
+    )
+    for row, feats, target, stats in compute_features(
+        rows, config, workers, chunk_sec, stream_above_sec=stream_above_sec
+    ):
         streamed = isinstance(feats, Streamed)
         if streamed:  # a long file: each block is written as it comes
             for block, target_block in feats.blocks():
@@ -300,7 +332,9 @@ def write_features(
             frames = feats.shape[0]
         expected = num_frames(row.num_samples, config.hop_length)
         if frames != expected:
-            raise FeaturizeError(f"{row.path}: {frames} frames, expected {expected}; manifest is stale, rerun prepare")
+            raise FeaturizeError(
+                f"{row.path}: {frames} frames, expected {expected}; manifest is stale, rerun prepare"
+            )
         if not streamed:
             writers[row.split].append(row.utt_id, feats)
             if target is not None:
@@ -312,11 +346,22 @@ def write_features(
         if labels is not None and row.utt_id in labels:
             aligned = labels.get(row.utt_id)[:, 0]
             if len(aligned) != frames:
-                raise FeaturizeError(f"{row.utt_id}: {len(aligned)} frame labels for {frames} frames; rerun align")
+                raise FeaturizeError(
+                    f"{row.utt_id}: {len(aligned)} frame labels for {frames} frames; rerun align"
+                )
             frame_labels = np.asarray(aligned, dtype=np.int16)
         label_writers[row.split].append(row.utt_id, frame_labels)
-        table.append((row.utt_id, row.split, row.corpus, row.speaker, frames, int((frame_labels >= 0).any()),
-                      row.keyword))
+        table.append(
+            (
+                row.utt_id,
+                row.split,
+                row.corpus,
+                row.speaker,
+                frames,
+                int((frame_labels >= 0).any()),
+                row.keyword,
+            )
+        )
         if not streamed:
             bar.update(round(row.duration, 1))
     bar.close()
@@ -337,6 +382,8 @@ def write_features(
     write_json(feature_config_file(out), resolved)
     with open(utterances_table(out), "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-        writer.writerow(["utt_id", "split", "corpus", "speaker", "num_frames", "labelled", "keyword"])
+        writer.writerow(
+            ["utt_id", "split", "corpus", "speaker", "num_frames", "labelled", "keyword"]
+        )
         writer.writerows(table)
     return resolved, table

@@ -25,7 +25,11 @@ def _save(fig, path: Path) -> Path:
 
 @torch.inference_mode()
 def reconstruction_example(
-    model: torch.nn.Module, features: np.ndarray, mask_config: MaskConfig, downsample_rate: int, seed: int = 0
+    model: torch.nn.Module,
+    features: np.ndarray,
+    mask_config: MaskConfig,
+    downsample_rate: int,
+    seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(input, masked input, reconstruction, time mask) of one utterance [T, D], model in eval mode."""
     device = next(model.parameters()).device
@@ -47,15 +51,24 @@ def reconstruction_example(
 
 
 def plot_reconstruction(
-    original: np.ndarray, masked: np.ndarray, reconstruction: np.ndarray, time_mask: np.ndarray, path: Path, title: str
+    original: np.ndarray,
+    masked: np.ndarray,
+    reconstruction: np.ndarray,
+    time_mask: np.ndarray,
+    path: Path,
+    title: str,
 ) -> Path:
     fig, axes = plt.subplots(3, 1, figsize=(10, 7), sharex=True)
     dims = min(original.shape[1], reconstruction.shape[1])
     vmin, vmax = np.percentile(original[:, :dims], [1, 99])
     for ax, data, name in zip(
-        axes, (original, masked, reconstruction), ("log-mel input (normalised)", "masked input", "reconstruction")
+        axes,
+        (original, masked, reconstruction),
+        ("log-mel input (normalised)", "masked input", "reconstruction"),
     ):
-        ax.imshow(data[:, :dims].T, origin="lower", aspect="auto", vmin=vmin, vmax=vmax, cmap="magma")
+        ax.imshow(
+            data[:, :dims].T, origin="lower", aspect="auto", vmin=vmin, vmax=vmax, cmap="magma"
+        )
         ax.set_ylabel(name, fontsize=8)
     spans = np.flatnonzero(np.diff(np.concatenate([[0], time_mask.astype(int), [0]])))
     for start, end in zip(spans[::2], spans[1::2]):
@@ -65,7 +78,9 @@ def plot_reconstruction(
     return _save(fig, path)
 
 
-def plot_loss_curve(steps: Sequence[int], losses: Sequence[float], path: Path, heldout: dict | None = None) -> Path:
+def plot_loss_curve(
+    steps: Sequence[int], losses: Sequence[float], path: Path, heldout: dict | None = None
+) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, losses, label="training loss (masked L1)")
     for name, (step, value) in (heldout or {}).items():
@@ -77,22 +92,42 @@ def plot_loss_curve(steps: Sequence[int], losses: Sequence[float], path: Path, h
     return _save(fig, path)
 
 
-def plot_probe_accuracy(rows: list[dict], path: Path, extra: dict[str, dict[str, float]] | None = None) -> Path:
+def plot_probe_accuracy(
+    rows: list[dict], path: Path, extra: dict[str, dict[str, float]] | None = None
+) -> Path:
     """One panel per task with its own axis: accuracy per layer (integer ticks), the log-mel input
     and the majority class as labelled lines. rows: {"task", "layer" (int or "input"), "accuracy",
     "majority_rate"}; extra: task -> {label: accuracy} drawn as dotted lines (weighted sum, MLP)."""
-    tasks = sorted({r["task"] for r in rows}, key=lambda t: ("phone", "speaker", "keyword").index(t)
-                   if t in ("phone", "speaker", "keyword") else 9)
+    tasks = sorted(
+        {r["task"] for r in rows},
+        key=lambda t: (
+            ("phone", "speaker", "keyword").index(t) if t in ("phone", "speaker", "keyword") else 9
+        ),
+    )
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        layers = sorted((r for r in rows if r["task"] == task and r["layer"] != INPUT_STORE), key=lambda r: r["layer"])
-        ax.plot([r["layer"] for r in layers], [r["accuracy"] * 100 for r in layers], marker="o", color="C0",
-                label="hidden state")
+        layers = sorted(
+            (r for r in rows if r["task"] == task and r["layer"] != INPUT_STORE),
+            key=lambda r: r["layer"],
+        )
+        ax.plot(
+            [r["layer"] for r in layers],
+            [r["accuracy"] * 100 for r in layers],
+            marker="o",
+            color="C0",
+            label="hidden state",
+        )
         baseline = [r for r in rows if r["task"] == task and r["layer"] == INPUT_STORE]
         if baseline:
-            ax.axhline(baseline[0]["accuracy"] * 100, linestyle="--", color="C3", label="log-mel input")
-        ax.axhline(rows[[r["task"] for r in rows].index(task)]["majority_rate"] * 100, linestyle=":", color="grey",
-                   label="majority class")
+            ax.axhline(
+                baseline[0]["accuracy"] * 100, linestyle="--", color="C3", label="log-mel input"
+            )
+        ax.axhline(
+            rows[[r["task"] for r in rows].index(task)]["majority_rate"] * 100,
+            linestyle=":",
+            color="grey",
+            label="majority class",
+        )
         for i, (label, value) in enumerate(((extra or {}).get(task) or {}).items()):
             ax.axhline(value * 100, linestyle="-.", color=f"C{i + 4}", label=label)
         ax.set_xticks([r["layer"] for r in layers])

@@ -40,16 +40,25 @@ from .safe_load import load_untrusted
 LAYOUTS = ("s3prl", "mockingjay")
 # s3prl / original config key -> ModelConfig field (s3prl's TransformerConfig reads all but the last)
 MODEL_FIELDS = {
-    "hidden_size": "hidden_size", "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
-    "intermediate_size": "intermediate_size", "hidden_act": "activation",
-    "hidden_dropout_prob": "hidden_dropout", "attention_probs_dropout_prob": "attention_dropout",
-    "initializer_range": "initializer_range", "layer_norm_eps": "layer_norm_eps",
+    "hidden_size": "hidden_size",
+    "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_heads",
+    "intermediate_size": "intermediate_size",
+    "hidden_act": "activation",
+    "hidden_dropout_prob": "hidden_dropout",
+    "attention_probs_dropout_prob": "attention_dropout",
+    "initializer_range": "initializer_range",
+    "layer_norm_eps": "layer_norm_eps",
     "downsample_rate": "downsample_rate",
 }
 _INTS = {"hidden_size", "num_layers", "num_heads", "intermediate_size", "downsample_rate"}
 # s3prl `task` / original `mockingjay` key -> MaskConfig field (a record of how it was pretrained)
-MASK_FIELDS = {"mask_proportion": "mask_proportion", "mask_consecutive": "span_length",
-               "mask_frequency": "freq_mask_proportion", "noise_proportion": "noise_prob"}
+MASK_FIELDS = {
+    "mask_proportion": "mask_proportion",
+    "mask_consecutive": "span_length",
+    "mask_frequency": "freq_mask_proportion",
+    "noise_proportion": "noise_prob",
+}
 
 
 class InteropError(CheckpointError):
@@ -61,12 +70,17 @@ class InteropError(CheckpointError):
 
 def _module_pairs(num_layers: int) -> list[tuple[str, tuple[str, ...]]]:
     """(our module, their module(s)) for the encoder; a fused module maps to several of theirs."""
-    pairs = [("input_representation.projection", ("input_representations.spec_transform",)),
-             ("input_representation.layer_norm", ("input_representations.LayerNorm",))]
+    pairs = [
+        ("input_representation.projection", ("input_representations.spec_transform",)),
+        ("input_representation.layer_norm", ("input_representations.LayerNorm",)),
+    ]
     for i in range(num_layers):
         theirs = f"encoder.layer.{i}."
         pairs += [
-            (f"layers.{i}.attention.qkv", tuple(f"{theirs}attention.self.{n}" for n in ("query", "key", "value"))),
+            (
+                f"layers.{i}.attention.qkv",
+                tuple(f"{theirs}attention.self.{n}" for n in ("query", "key", "value")),
+            ),
             (f"layers.{i}.attention.output", (f"{theirs}attention.output.dense",)),
             (f"layers.{i}.attention_norm", (f"{theirs}attention.output.LayerNorm",)),
             (f"layers.{i}.feed_forward.up", (f"{theirs}intermediate.dense",)),
@@ -95,11 +109,13 @@ def _modern_name(key: str) -> str:
     return f"{head}.{renamed}" if head else renamed
 
 
-def from_foreign_state(state: Mapping[str, Any], pairs, expected: Mapping[str, Tensor], where: str) -> dict:
+def from_foreign_state(
+    state: Mapping[str, Any], pairs, expected: Mapping[str, Tensor], where: str
+) -> dict:
     """BERT-named tensors (gamma/beta accepted) -> our names; every tensor must find its place."""
     state = {_modern_name(k): v for k, v in state.items()}
     if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     out, used, missing = {}, set(), []
     for ours, theirs in pairs:
         for param in ("weight", "bias"):
@@ -110,17 +126,30 @@ def from_foreign_state(state: Mapping[str, Any], pairs, expected: Mapping[str, T
                 continue
             for name in names:
                 if not isinstance(state[name], Tensor):
-                    raise InteropError(f"{where}.{name}: expected a tensor, got {type(state[name]).__name__}")
+                    raise InteropError(
+                        f"{where}.{name}: expected a tensor, got {type(state[name]).__name__}"
+                    )
             used.update(names)
-            out[f"{ours}.{param}"] = torch.cat([state[n].float() for n in names]) if len(names) > 1 else state[names[0]].float()
+            out[f"{ours}.{param}"] = (
+                torch.cat([state[n].float() for n in names])
+                if len(names) > 1
+                else state[names[0]].float()
+            )
     problems = [f"missing {name}" for name in missing]
-    problems += [f"weights with no place in the model: {name}" for name in sorted(set(state) - used)]
-    problems += [f"{name}: file {list(out[name].shape)} vs config {list(t.shape)}"
-                 for name, t in expected.items() if name in out and out[name].shape != t.shape]
+    problems += [
+        f"weights with no place in the model: {name}" for name in sorted(set(state) - used)
+    ]
+    problems += [
+        f"{name}: file {list(out[name].shape)} vs config {list(t.shape)}"
+        for name, t in expected.items()
+        if name in out and out[name].shape != t.shape
+    ]
     if problems:
         more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
-        raise InteropError(f"{where}: weights do not fit the network the config describes: "
-                           f"{'; '.join(problems[:4])}{more}")
+        raise InteropError(
+            f"{where}: weights do not fit the network the config describes: "
+            f"{'; '.join(problems[:4])}{more}"
+        )
     return out
 
 
@@ -143,15 +172,20 @@ class Imported:
 def _find_config(checkpoint: Mapping[str, Any], layout: str) -> tuple[str, str, Mapping]:
     """(dotted path of the config, model section name, config) as s3prl's builder looks them up."""
     settings = checkpoint.get("Settings")
-    candidates = [("Upstream_Config", checkpoint.get("Upstream_Config")), ("Config", checkpoint.get("Config")),
-                  ("Settings.Config", settings.get("Config") if isinstance(settings, Mapping) else None)]
+    candidates = [
+        ("Upstream_Config", checkpoint.get("Upstream_Config")),
+        ("Config", checkpoint.get("Config")),
+        ("Settings.Config", settings.get("Config") if isinstance(settings, Mapping) else None),
+    ]
     sections = ("transformer", "mockingjay") if layout == "s3prl" else ("mockingjay", "transformer")
     for path, config in candidates:
         for section in sections:
             if isinstance(config, Mapping) and isinstance(config.get(section), Mapping):
                 return path, section, config
-    raise InteropError(f"no model config: none of Upstream_Config, Config, Settings.Config has a "
-                       f"{' or '.join(repr(s) for s in sections)} section")
+    raise InteropError(
+        f"no model config: none of Upstream_Config, Config, Settings.Config has a "
+        f"{' or '.join(repr(s) for s in sections)} section"
+    )
 
 
 def _typed(value: Any, ours: str, where: str) -> Any:
@@ -173,43 +207,60 @@ def _model_config(encoder, head, path, section, config, report: Imported) -> Mod
         if key in MODEL_FIELDS:
             values[MODEL_FIELDS[key]] = _typed(value, MODEL_FIELDS[key], where)
         elif key == "pre_layer_norm" and value:
-            raise InteropError(f"{where} is {value!r}: pre-LayerNorm Transformers are not supported "
-                               "(ours is post-LN, as the paper and s3prl's default); nothing was written")
+            raise InteropError(
+                f"{where} is {value!r}: pre-LayerNorm Transformers are not supported "
+                "(ours is post-LN, as the paper and s3prl's default); nothing was written"
+            )
         elif key == "share_layer" and value:
-            report.notes.append(f"{where} is true: the layers share weights in the source; imported as "
-                                "identical copies (same outputs; fine-tuning would untie them)")
+            report.notes.append(
+                f"{where} is true: the layers share weights in the source; imported as "
+                "identical copies (same outputs; fine-tuning would untie them)"
+            )
         elif key == "input_dim":
             declared_input_dim = value
         elif key not in ("pre_layer_norm", "share_layer") and key not in MASK_FIELDS:
             report.unmapped[where] = value
     if values.get("activation", "gelu") not in ACTIVATIONS:
-        raise InteropError(f"{path}.{section}.hidden_act = {values['activation']!r} is not supported "
-                           f"(supported: {', '.join(sorted(ACTIVATIONS))}); nothing was written")
+        raise InteropError(
+            f"{path}.{section}.hidden_act = {values['activation']!r} is not supported "
+            f"(supported: {', '.join(sorted(ACTIVATIONS))}); nothing was written"
+        )
     projection = encoder.get("input_representations.spec_transform.weight")
     if not isinstance(projection, Tensor) or projection.dim() != 2:
         raise InteropError("encoder: no input_representations.spec_transform.weight matrix")
     hidden, stacked = projection.shape
     rate = values.setdefault("downsample_rate", 1)
     if stacked % rate:
-        raise InteropError(f"{path}.{section}.downsample_rate = {rate} does not divide the input projection's "
-                           f"{stacked} inputs")
+        raise InteropError(
+            f"{path}.{section}.downsample_rate = {rate} does not divide the input projection's "
+            f"{stacked} inputs"
+        )
     input_dim = stacked // rate
     if declared_input_dim not in (None, -1, input_dim, stacked):
-        raise InteropError(f"{path}.{section}.input_dim = {declared_input_dim!r}, but the weights take "
-                           f"{input_dim}-d frames (x R={rate})")
+        raise InteropError(
+            f"{path}.{section}.input_dim = {declared_input_dim!r}, but the weights take "
+            f"{input_dim}-d frames (x R={rate})"
+        )
     layers = {int(k.split(".")[2]) for k in encoder if k.startswith("encoder.layer.")}
-    checks = [("hidden_size", "hidden_size", hidden), ("num_layers", "num_hidden_layers", len(layers))]
+    checks = [
+        ("hidden_size", "hidden_size", hidden),
+        ("num_layers", "num_hidden_layers", len(layers)),
+    ]
     ffn = encoder.get("encoder.layer.0.intermediate.dense.weight")
     if isinstance(ffn, Tensor) and ffn.dim() == 2:
         checks.append(("intermediate_size", "intermediate_size", ffn.shape[0]))
     for ours, theirs, actual in checks:
         if values.setdefault(ours, actual) != actual:
-            raise InteropError(f"{path}.{section}.{theirs} = {values[ours]}, but the weights have {actual}")
+            raise InteropError(
+                f"{path}.{section}.{theirs} = {values[ours]}, but the weights have {actual}"
+            )
     target_dim = input_dim
     if head is not None:
         rows = head.get("output.weight")
         if not isinstance(rows, Tensor) or rows.dim() != 2 or rows.shape[0] % rate:
-            raise InteropError(f"SpecHead.output.weight: expected [R x target_dim, hidden] with R={rate}")
+            raise InteropError(
+                f"SpecHead.output.weight: expected [R x target_dim, hidden] with R={rate}"
+            )
         target_dim = rows.shape[0] // rate
     try:
         return ModelConfig(input_dim=input_dim, target_dim=target_dim, **values)
@@ -232,7 +283,11 @@ def _mask_section(path, section, config, report: Imported) -> dict | None:
             where = f"{path}.{name}.{key}"
             if key in MASK_FIELDS:
                 mapped[MASK_FIELDS[key]] = value
-            elif name == "task" and key == "position_encoding_size" and value == config[section].get("hidden_size"):
+            elif (
+                name == "task"
+                and key == "position_encoding_size"
+                and value == config[section].get("hidden_size")
+            ):
                 continue  # "should be identical to hidden_size": it is
             elif name == "task" and key not in ("mask_consecutive_min", "mask_consecutive_max"):
                 report.unmapped[where] = value
@@ -273,8 +328,10 @@ def convert_checkpoint(checkpoint: Any, source: str = "checkpoint") -> Imported:
     elif isinstance(checkpoint.get("Mockingjay"), Mapping):
         layout, encoder_key = "mockingjay", "Mockingjay"
     else:
-        raise InteropError(f"{source}: not an s3prl or Mockingjay checkpoint: it has {sorted(map(str, checkpoint))}, "
-                           "expected a 'Transformer' (s3prl) or 'Mockingjay' (original code) state dict")
+        raise InteropError(
+            f"{source}: not an s3prl or Mockingjay checkpoint: it has {sorted(map(str, checkpoint))}, "
+            "expected a 'Transformer' (s3prl) or 'Mockingjay' (original code) state dict"
+        )
     try:
         path, section, config = _find_config(checkpoint, layout)
     except InteropError as err:
@@ -288,12 +345,22 @@ def convert_checkpoint(checkpoint: Any, source: str = "checkpoint") -> Imported:
     except InteropError as err:
         raise InteropError(f"{source}: {err}") from None
     model = MockingjayForMAM(model_config)
-    model.encoder.load_state_dict(from_foreign_state(
-        encoder, _module_pairs(model_config.num_layers), model.encoder.state_dict(), f"{source}: {encoder_key}"))
+    model.encoder.load_state_dict(
+        from_foreign_state(
+            encoder,
+            _module_pairs(model_config.num_layers),
+            model.encoder.state_dict(),
+            f"{source}: {encoder_key}",
+        )
+    )
     if head is not None:
-        model.head.load_state_dict(from_foreign_state(head, HEAD_PAIRS, model.head.state_dict(), f"{source}: SpecHead"))
+        model.head.load_state_dict(
+            from_foreign_state(head, HEAD_PAIRS, model.head.state_dict(), f"{source}: SpecHead")
+        )
     else:
-        report.notes.append("no SpecHead: the prediction head is freshly initialised (the encoder is complete)")
+        report.notes.append(
+            "no SpecHead: the prediction head is freshly initialised (the encoder is complete)"
+        )
     report.model = model.eval()
     mask = _mask_section(path, section, config, report)
     if "audio" in config:
@@ -304,10 +371,12 @@ def convert_checkpoint(checkpoint: Any, source: str = "checkpoint") -> Imported:
     else:
         features = None
     if features is None:
-        report.notes.append("the file records no feature settings we can reproduce: featurize as the model was "
-                            "trained (s3prl: 80 log-mel, 25 ms / 10 ms, per-utterance CMVN is common; the "
-                            "original Mockingjay: 160-d log-mel + delta, 50 ms / 12.5 ms, featurize preset "
-                            "'paper'); probe and extract then warn but cannot check it")
+        report.notes.append(
+            "the file records no feature settings we can reproduce: featurize as the model was "
+            "trained (s3prl: 80 log-mel, 25 ms / 10 ms, per-utterance CMVN is common; the "
+            "original Mockingjay: 160-d log-mel + delta, 50 ms / 12.5 ms, featurize preset "
+            "'paper'); probe and extract then warn but cannot check it"
+        )
     used = {encoder_key, "SpecHead", path.split(".")[0], "Step", "Global_step"}
     report.ignored = sorted(str(k) for k in checkpoint if k not in used)
     report.ignored += [f"{path}.{k}" for k in config if k not in (section, "task", "audio")]
@@ -317,10 +386,17 @@ def convert_checkpoint(checkpoint: Any, source: str = "checkpoint") -> Imported:
     report.sections = {
         **({"features": features} if features else {}),
         **({"mask": mask} if mask else {}),
-        "import": {"source": source, "layout": layout, "config_path": f"{path}.{section}",
-                   "step": _jsonable(step), "unmapped": _jsonable(report.unmapped), "ignored": report.ignored,
-                   "notes": report.notes, "feature_differences": report.feature_differences,
-                   "source_config": _jsonable(config)},
+        "import": {
+            "source": source,
+            "layout": layout,
+            "config_path": f"{path}.{section}",
+            "step": _jsonable(step),
+            "unmapped": _jsonable(report.unmapped),
+            "ignored": report.ignored,
+            "notes": report.notes,
+            "feature_differences": report.feature_differences,
+            "source_config": _jsonable(config),
+        },
     }
     return report
 
@@ -333,7 +409,9 @@ def import_checkpoint(path: str | Path) -> Imported:
 # -- writing ours in their layout --------------------------------------------------------------
 
 
-def export_checkpoint(model: MockingjayForMAM, stored: Mapping[str, Any], layout: str = "s3prl") -> tuple[dict, list[str]]:
+def export_checkpoint(
+    model: MockingjayForMAM, stored: Mapping[str, Any], layout: str = "s3prl"
+) -> tuple[dict, list[str]]:
     """(checkpoint dict for torch.save, notes) of our model in s3prl's or the original layout.
 
     `stored` is the model directory's config.json (features, mask, training sections are used
@@ -343,9 +421,11 @@ def export_checkpoint(model: MockingjayForMAM, stored: Mapping[str, Any], layout
         raise InteropError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     config = model.config
     if layout == "s3prl" and config.downsample_rate != 1:
-        raise InteropError(f"model.downsample_rate = {config.downsample_rate}: s3prl's upstream loader "
-                           "(s3prl/upstream/mockingjay) stacks no frames and would not load this input projection; "
-                           "export with --layout mockingjay (the original code reads downsample_rate)")
+        raise InteropError(
+            f"model.downsample_rate = {config.downsample_rate}: s3prl's upstream loader "
+            "(s3prl/upstream/mockingjay) stacks no frames and would not load this input projection; "
+            "export with --layout mockingjay (the original code reads downsample_rate)"
+        )
     transformer = {theirs: getattr(config, ours) for theirs, ours in MODEL_FIELDS.items()}
     transformer.update(share_layer=False, pre_layer_norm=False, input_dim=config.input_dim)
     mask = MaskConfig.from_dict(stored["mask"]) if stored.get("mask") else MaskConfig()
@@ -357,16 +437,46 @@ def export_checkpoint(model: MockingjayForMAM, stored: Mapping[str, Any], layout
         transformer.pop("input_dim")
         transformer.update(mask_proportion=mask.mask_proportion, mask_consecutive=mask.span_length)
         # The original code reads only Config["mockingjay"]; "audio" (s3prl's layout) is for us.
-        settings = {"Config": {"mockingjay": transformer, **({"audio": audio} if audio else {})}, "Paras": {}}
-        notes = ["the original code computes no features: feed it the features the model was trained on"
-                 + (" (recorded in s3prl's layout under Settings.Config.audio)" if audio else "")]
-        return {"Mockingjay": encoder, "SpecHead": head, "Global_step": step, "Settings": settings}, notes
+        settings = {
+            "Config": {"mockingjay": transformer, **({"audio": audio} if audio else {})},
+            "Paras": {},
+        }
+        notes = [
+            "the original code computes no features: feed it the features the model was trained on"
+            + (" (recorded in s3prl's layout under Settings.Config.audio)" if audio else "")
+        ]
+        return {
+            "Mockingjay": encoder,
+            "SpecHead": head,
+            "Global_step": step,
+            "Settings": settings,
+        }, notes
     transformer.pop("downsample_rate")
-    task = {"loss": "L1", "sequence_length": 0, "position_encoding_size": config.hidden_size,
-            "mask_proportion": mask.mask_proportion, "mask_consecutive_min": mask.span_length,
-            "mask_consecutive_max": mask.span_length, "mask_allow_overlap": True, "mask_bucket_ratio": 1.5,
-            "mask_frequency": mask.freq_mask_proportion, "noise_proportion": mask.noise_prob}
-    upstream: dict[str, Any] = {"transformer": transformer, "task": task, **({"audio": audio} if audio else {})}
-    runner = {"exported_by": "mockingjay", **{k: _jsonable(stored[k]) for k in ("training", "mask") if k in stored}}
-    return {"Transformer": encoder, "SpecHead": head, "Upstream_Config": upstream, "Config": runner, "Step": step}, notes
-
+    task = {
+        "loss": "L1",
+        "sequence_length": 0,
+        "position_encoding_size": config.hidden_size,
+        "mask_proportion": mask.mask_proportion,
+        "mask_consecutive_min": mask.span_length,
+        "mask_consecutive_max": mask.span_length,
+        "mask_allow_overlap": True,
+        "mask_bucket_ratio": 1.5,
+        "mask_frequency": mask.freq_mask_proportion,
+        "noise_proportion": mask.noise_prob,
+    }
+    upstream: dict[str, Any] = {
+        "transformer": transformer,
+        "task": task,
+        **({"audio": audio} if audio else {}),
+    }
+    runner = {
+        "exported_by": "mockingjay",
+        **{k: _jsonable(stored[k]) for k in ("training", "mask") if k in stored},
+    }
+    return {
+        "Transformer": encoder,
+        "SpecHead": head,
+        "Upstream_Config": upstream,
+        "Config": runner,
+        "Step": step,
+    }, notes

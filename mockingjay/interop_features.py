@@ -29,9 +29,20 @@ import torch
 
 from .feature_config import FEATURE_PRESETS, FeatureConfig
 
-S3PRL_SAMPLE_RATE = 16_000  # extracter.py's SAMPLE_RATE; the UpstreamExpert assumes a 160-sample hop
+S3PRL_SAMPLE_RATE = (
+    16_000  # extracter.py's SAMPLE_RATE; the UpstreamExpert assumes a 160-sample hop
+)
 S3PRL_TARGET_LEVEL = -25  # s3prl's configs; builder.py reads audio.target_level unconditionally
-_PREPROCESSOR_KEYS = {"sample_rate", "win_ms", "hop_ms", "n_freq", "n_mels", "eps", "input", "target"}
+_PREPROCESSOR_KEYS = {
+    "sample_rate",
+    "win_ms",
+    "hop_ms",
+    "n_freq",
+    "n_mels",
+    "eps",
+    "input",
+    "target",
+}
 _FEAT_KEYS = {"feat_type", "channel", "log", "delta", "cmvn"}
 _FBANK_KEYS = {"num_mel_bins", "frame_length", "frame_shift", "use_log_fbank"}
 
@@ -55,8 +66,14 @@ def features_from_audio(audio: Mapping[str, Any], where: str) -> FeatureMapping:
 
 
 def _feature_config(where: str, mapping: FeatureMapping, **values: Any) -> FeatureMapping:
-    preset = next((name for name, preset in FEATURE_PRESETS.items()
-                   if all(values.get(k) == v for k, v in preset.items())), "custom")
+    preset = next(
+        (
+            name
+            for name, preset in FEATURE_PRESETS.items()
+            if all(values.get(k) == v for k, v in preset.items())
+        ),
+        "custom",
+    )
     try:
         config = FeatureConfig(preset=preset, **values)
         config.validate()
@@ -75,36 +92,56 @@ def _from_preprocessor(audio: Mapping[str, Any], where: str) -> FeatureMapping:
         if key not in _PREPROCESSOR_KEYS:
             mapping.unmapped[f"{where}.{key}"] = value
     for name, section in (("input", source), ("target", target)):
-        for key, value in (section.items() if isinstance(section, Mapping) else ()):
-            if key not in _FEAT_KEYS or (key == "channel" and value != 0):  # channel 0: the audio itself
+        for key, value in section.items() if isinstance(section, Mapping) else ():
+            if key not in _FEAT_KEYS or (
+                key == "channel" and value != 0
+            ):  # channel 0: the audio itself
                 mapping.unmapped[f"{where}.{name}.{key}"] = value
-    if not isinstance(source, Mapping) or source.get("feat_type") != "mel" or not source.get("log", False):
+    if (
+        not isinstance(source, Mapping)
+        or source.get("feat_type") != "mel"
+        or not source.get("log", False)
+    ):
         kind = source.get("feat_type") if isinstance(source, Mapping) else source
         log = source.get("log", False) if isinstance(source, Mapping) else None
         mapping.differences.append(
             f"{where}.input is feat_type={kind!r} log={log!r}: our featurizer computes log-mel only, "
-            "so these features cannot be made by `mockingjay featurize`")
+            "so these features cannot be made by `mockingjay featurize`"
+        )
         return mapping
     if "target_level" in audio:
         mapping.differences.append(
             f"{where}.target_level={audio['target_level']}: s3prl scales each waveform to that dB level "
-            "before the features and we do not (per-utterance CMVN cancels the gain except on near-silent frames)")
+            "before the features and we do not (per-utterance CMVN cancels the gain except on near-silent frames)"
+        )
     eps = float(audio.get("eps", 1e-10))
     delta = int(source.get("delta", 0))
     cmvn = "utterance" if source.get("cmvn", False) else "none"
     if cmvn == "utterance":
-        mapping.differences.append("s3prl's CMVN divides by the unbiased std + eps, ours by the biased std + 1e-5")
+        mapping.differences.append(
+            "s3prl's CMVN divides by the unbiased std + eps, ours by the biased std + 1e-5"
+        )
     linear = isinstance(target, Mapping) and target.get("feat_type") == "linear"
     if linear:
         mapping.differences.append(
-            "s3prl's linear target is log(power + eps), ours log(magnitude + log_offset): only the prediction head sees it")
+            "s3prl's linear target is log(power + eps), ours log(magnitude + log_offset): only the prediction head sees it"
+        )
     elif target != source:
         mapping.unmapped[f"{where}.target"] = target
     return _feature_config(
-        where, mapping, sample_rate=int(audio.get("sample_rate", S3PRL_SAMPLE_RATE)),
-        n_mels=int(audio.get("n_mels", 40)), win_ms=float(audio.get("win_ms", 25)),
-        hop_ms=float(audio.get("hop_ms", 10)), n_fft=2 * (int(audio.get("n_freq", 201)) - 1),
-        delta_order=delta, delta_window=5, log_offset=eps, cmvn=cmvn, target="linear" if linear else "input")
+        where,
+        mapping,
+        sample_rate=int(audio.get("sample_rate", S3PRL_SAMPLE_RATE)),
+        n_mels=int(audio.get("n_mels", 40)),
+        win_ms=float(audio.get("win_ms", 25)),
+        hop_ms=float(audio.get("hop_ms", 10)),
+        n_fft=2 * (int(audio.get("n_freq", 201)) - 1),
+        delta_order=delta,
+        delta_window=5,
+        log_offset=eps,
+        cmvn=cmvn,
+        target="linear" if linear else "input",
+    )
 
 
 def _from_kaldi(audio: Mapping[str, Any], where: str) -> FeatureMapping:
@@ -121,39 +158,59 @@ def _from_kaldi(audio: Mapping[str, Any], where: str) -> FeatureMapping:
     if kind != "fbank" or not fbank.get("use_log_fbank", True):
         mapping.differences.append(
             f"{where}.kaldi is feat_type={kind!r} (use_log_fbank={fbank.get('use_log_fbank', True)}): "
-            "our featurizer computes log-mel only, so these features cannot be made by `mockingjay featurize`")
+            "our featurizer computes log-mel only, so these features cannot be made by `mockingjay featurize`"
+        )
         return mapping
     mapping.differences.append(
         f"{where}.kaldi: Kaldi fbank (Povey window, pre-emphasis 0.97, DC removal, snip_edges framing, "
         "Kaldi mel banks from 20 Hz) is not our torchaudio log-mel; these are the nearest settings, "
-        "expect a shift in the inputs the model sees")
+        "expect a shift in the inputs the model sees"
+    )
     win_ms = float(fbank.get("frame_length", 25.0))
     delta = audio.get("delta", {}) if isinstance(audio.get("delta", {}), Mapping) else {}
     cmvn = audio.get("cmvn", {}) if isinstance(audio.get("cmvn", {}), Mapping) else {}
     return _feature_config(
-        where, mapping, sample_rate=S3PRL_SAMPLE_RATE, n_mels=int(fbank.get("num_mel_bins", 23)),
-        win_ms=win_ms, hop_ms=float(fbank.get("frame_shift", 10.0)),
+        where,
+        mapping,
+        sample_rate=S3PRL_SAMPLE_RATE,
+        n_mels=int(fbank.get("num_mel_bins", 23)),
+        win_ms=win_ms,
+        hop_ms=float(fbank.get("frame_shift", 10.0)),
         n_fft=2 ** math.ceil(math.log2(round(win_ms * S3PRL_SAMPLE_RATE / 1000))),
-        delta_order=int(delta.get("order", 2)), delta_window=int(delta.get("win_length", 5)),
-        log_offset=float(torch.finfo(torch.float32).eps),  # Kaldi floors the mel energies at FLT_EPSILON
-        cmvn="utterance" if cmvn.get("use_cmvn", False) else "none")
+        delta_order=int(delta.get("order", 2)),
+        delta_window=int(delta.get("win_length", 5)),
+        log_offset=float(
+            torch.finfo(torch.float32).eps
+        ),  # Kaldi floors the mel energies at FLT_EPSILON
+        cmvn="utterance" if cmvn.get("use_cmvn", False) else "none",
+    )
 
 
 def audio_from_features(features: Mapping[str, Any] | None) -> tuple[dict | None, list[str]]:
     """s3prl's preprocessor `audio` section for our feature settings, and what it cannot say."""
     if not features:
-        return None, ["the model records no feature settings, so the file has no `audio` section: s3prl's "
-                      "UpstreamExpert (on-the-fly features) cannot run it, PretrainedTransformer with inp_dim can"]
-    notes = [f"s3prl scales every waveform to target_level={S3PRL_TARGET_LEVEL} dB before the features (it "
-             "requires the field); this model saw unscaled audio"]
+        return None, [
+            "the model records no feature settings, so the file has no `audio` section: s3prl's "
+            "UpstreamExpert (on-the-fly features) cannot run it, PretrainedTransformer with inp_dim can"
+        ]
+    notes = [
+        f"s3prl scales every waveform to target_level={S3PRL_TARGET_LEVEL} dB before the features (it "
+        "requires the field); this model saw unscaled audio"
+    ]
     cmvn = features.get("cmvn", "utterance")
     if cmvn == "global":
-        notes.append("the model was trained with global CMVN; s3prl can only apply per-utterance CMVN")
+        notes.append(
+            "the model was trained with global CMVN; s3prl can only apply per-utterance CMVN"
+        )
     if features.get("delta_window", 5) != 5:
-        notes.append(f"delta_window={features['delta_window']}: s3prl's deltas always use a window of 5")
+        notes.append(
+            f"delta_window={features['delta_window']}: s3prl's deltas always use a window of 5"
+        )
     if features.get("sample_rate") != S3PRL_SAMPLE_RATE or features.get("hop_ms") != 10.0:
-        notes.append(f"sample_rate={features.get('sample_rate')} hop_ms={features.get('hop_ms')}: s3prl's "
-                     "UpstreamExpert assumes 16 kHz and a 10 ms hop (get_downsample_rates returns 160)")
+        notes.append(
+            f"sample_rate={features.get('sample_rate')} hop_ms={features.get('hop_ms')}: s3prl's "
+            "UpstreamExpert assumes 16 kHz and a 10 ms hop (get_downsample_rates returns 160)"
+        )
     delta = int(features.get("delta_order", 0))
     source = {"feat_type": "mel", "channel": 0, "log": True, "delta": delta, "cmvn": cmvn != "none"}
     linear = features.get("target") == "linear"
@@ -161,9 +218,15 @@ def audio_from_features(features: Mapping[str, Any] | None) -> tuple[dict | None
     if linear:
         notes.append("s3prl's linear target is log(power + eps), ours log(magnitude + log_offset)")
     audio = {
-        "sample_rate": int(features["sample_rate"]), "win_ms": float(features["win_ms"]),
-        "hop_ms": float(features["hop_ms"]), "n_freq": int(features["n_fft"]) // 2 + 1,
-        "n_mels": int(features["n_mels"]), "n_mfcc": 13, "eps": float(features["log_offset"]),
-        "target_level": S3PRL_TARGET_LEVEL, "input": source, "target": target,
+        "sample_rate": int(features["sample_rate"]),
+        "win_ms": float(features["win_ms"]),
+        "hop_ms": float(features["hop_ms"]),
+        "n_freq": int(features["n_fft"]) // 2 + 1,
+        "n_mels": int(features["n_mels"]),
+        "n_mfcc": 13,
+        "eps": float(features["log_offset"]),
+        "target_level": S3PRL_TARGET_LEVEL,
+        "input": source,
+        "target": target,
     }
     return audio, notes

@@ -47,13 +47,20 @@ class PrepareConfig:
             raise ValueError(f"sample_rate: must be positive, got {self.sample_rate}")
         if self.min_duration_ms < 0:
             raise ValueError(f"min_duration_ms: must be >= 0, got {self.min_duration_ms}")
-        if self.max_duration_s is not None and not self.max_duration_s * 1000 > self.min_duration_ms:
-            raise ValueError(f"max_duration_s: must be above min_duration_ms (or null = no limit), got {self.max_duration_s}")
+        if (
+            self.max_duration_s is not None
+            and not self.max_duration_s * 1000 > self.min_duration_ms
+        ):
+            raise ValueError(
+                f"max_duration_s: must be above min_duration_ms (or null = no limit), got {self.max_duration_s}"
+            )
         for name in ("dev_fraction", "test_fraction"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
         if self.dev_fraction + self.test_fraction >= 1:
-            raise ValueError("test_fraction: dev_fraction + test_fraction must leave utterances for training")
+            raise ValueError(
+                "test_fraction: dev_fraction + test_fraction must leave utterances for training"
+            )
         if self.workers < 0:
             raise ValueError(f"workers: must be >= 0, got {self.workers}")
 
@@ -93,22 +100,44 @@ class Problem:
 
 
 def validate_utterance(
-    source: UtteranceSource, align: bool, target_sample_rate: int, min_duration_sec: float,
+    source: UtteranceSource,
+    align: bool,
+    target_sample_rate: int,
+    min_duration_sec: float,
     max_duration_sec: float | None = None,
 ) -> ManifestRow | Problem:
     """Decode one file completely and check everything a later stage relies on."""
     if not is_safe_id(source.utt_id):
-        return Problem(source.utt_id, source.path, "bad_id", f"utterance id {source.utt_id!r} has unsafe characters; ids may hold only {SAFE_ID_RULE}")
+        return Problem(
+            source.utt_id,
+            source.path,
+            "bad_id",
+            f"utterance id {source.utt_id!r} has unsafe characters; ids may hold only {SAFE_ID_RULE}",
+        )
     if align and not source.transcript:
-        return Problem(source.utt_id, source.path, "missing_transcript", "no transcript, but the corpus is set to align")
+        return Problem(
+            source.utt_id,
+            source.path,
+            "missing_transcript",
+            "no transcript, but the corpus is set to align",
+        )
     try:
         seconds = header_seconds(source.path, source.segment)
-        if seconds is not None and seconds > STREAM_ABOVE_SEC:  # too long to decode whole: in blocks
-            num_samples, source_rate, channels = checked_length(source.path, target_sample_rate, source.segment,
-                                                                max_duration_sec)
+        if (
+            seconds is not None and seconds > STREAM_ABOVE_SEC
+        ):  # too long to decode whole: in blocks
+            num_samples, source_rate, channels = checked_length(
+                source.path, target_sample_rate, source.segment, max_duration_sec
+            )
         else:
-            audio = read_audio(source.path, target_sample_rate, min_duration_sec, source.segment, max_duration_sec)
-            num_samples, source_rate, channels = len(audio.samples), audio.source_sample_rate, audio.source_channels
+            audio = read_audio(
+                source.path, target_sample_rate, min_duration_sec, source.segment, max_duration_sec
+            )
+            num_samples, source_rate, channels = (
+                len(audio.samples),
+                audio.source_sample_rate,
+                audio.source_channels,
+            )
     except AudioError as err:
         return Problem(source.utt_id, source.path, err.reason, err.detail)
     return ManifestRow(
@@ -135,14 +164,23 @@ def find_duplicate_ids(sources: Iterable[UtteranceSource]) -> list[Problem]:
     sources = list(sources)
     counts = Counter(s.utt_id for s in sources)
     return [
-        Problem(s.utt_id, s.path, "duplicate_id", f"utterance id {s.utt_id!r} occurs {counts[s.utt_id]} times")
+        Problem(
+            s.utt_id,
+            s.path,
+            "duplicate_id",
+            f"utterance id {s.utt_id!r} occurs {counts[s.utt_id]} times",
+        )
         for s in sources
         if counts[s.utt_id] > 1
     ]
 
 
 def heldout_speakers(
-    rows: list[ManifestRow], by_speaker_corpora: Iterable[str], dev_fraction: float, test_fraction: float, seed: int
+    rows: list[ManifestRow],
+    by_speaker_corpora: Iterable[str],
+    dev_fraction: float,
+    test_fraction: float,
+    seed: int,
 ) -> dict[str, str]:
     """speaker -> "test" | "dev" for the speakers held out whole, per corpus split by speaker.
 
@@ -158,7 +196,9 @@ def heldout_speakers(
         if row.corpus in wanted and not row.split:  # rows with a corpus-given split keep it
             by_corpus[row.corpus].add(row.speaker)
     for corpus in sorted(by_corpus):
-        speakers = sorted(by_corpus[corpus], key=lambda s: hashlib.sha256(f"{seed}:heldout:{s}".encode()).digest())
+        speakers = sorted(
+            by_corpus[corpus], key=lambda s: hashlib.sha256(f"{seed}:heldout:{s}".encode()).digest()
+        )
         n = len(speakers)
         n_test = round(n * test_fraction) if n >= 3 else 0
         n_dev = round(n * dev_fraction) if n >= 3 else 0
@@ -168,7 +208,10 @@ def heldout_speakers(
 
 
 def assign_splits(
-    rows: list[ManifestRow], dev_fraction: float, test_fraction: float, seed: int,
+    rows: list[ManifestRow],
+    dev_fraction: float,
+    test_fraction: float,
+    seed: int,
     heldout: dict[str, str] | None = None,
 ) -> list[ManifestRow]:
     """Deterministic per-speaker split; the order of each speaker's utterances depends only on
@@ -206,7 +249,9 @@ def _replace(row: ManifestRow, **changes) -> ManifestRow:
     return ManifestRow(**values)
 
 
-def summarize(rows: list[ManifestRow], problems: list[Problem], target_sample_rate: int = 16_000) -> dict:
+def summarize(
+    rows: list[ManifestRow], problems: list[Problem], target_sample_rate: int = 16_000
+) -> dict:
     splits = Counter(r.split for r in rows)
     return {
         "utterances": len(rows),
@@ -241,8 +286,14 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: manifest not found; run the prepare stage first")
-    types: dict[str, Callable] = {"duration": float, "num_samples": int, "sample_rate": int, "channels": int,
-                                  "start": float, "end": float}
+    types: dict[str, Callable] = {
+        "duration": float,
+        "num_samples": int,
+        "sample_rate": int,
+        "channels": int,
+        "start": float,
+        "end": float,
+    }
     rows = []
     with open(path, newline="", encoding="utf-8") as f:
         for record in csv.DictReader(f, delimiter="\t"):

@@ -34,18 +34,19 @@ class MaskedBatch(NamedTuple):
     `target_loss_mask`, so a [B, T, D] mask is only materialised where the loss needs it.
     """
 
-    inputs: Tensor             # [B, T, D] altered features; padded frames untouched
-    time_mask: Tensor          # [B, T] bool, selected frames (never padded)
-    freq_mask: Tensor          # [B, D] bool, zeroed band (all False without TERA)
-    valid_mask: Tensor         # [B, T] bool, frame < length
-    policy: Tensor             # [B] long, POLICY_ZERO / POLICY_RANDOM / POLICY_KEEP
+    inputs: Tensor  # [B, T, D] altered features; padded frames untouched
+    time_mask: Tensor  # [B, T] bool, selected frames (never padded)
+    freq_mask: Tensor  # [B, D] bool, zeroed band (all False without TERA)
+    valid_mask: Tensor  # [B, T] bool, frame < length
+    policy: Tensor  # [B] long, POLICY_ZERO / POLICY_RANDOM / POLICY_KEEP
     num_masked_frames: Tensor  # [] long, time_mask.sum()
 
     @property
     def loss_mask(self) -> Tensor:
         """[B, T, D] bool: selected frames plus the band's bins on valid frames."""
-        return self.time_mask[:, :, None] | (self.freq_mask[:, None, :]
-                                             & self.valid_mask[:, :, None])
+        return self.time_mask[:, :, None] | (
+            self.freq_mask[:, None, :] & self.valid_mask[:, :, None]
+        )
 
     def target_loss_mask(self, target_dim: int) -> Tensor:
         """Loss mask for targets of `target_dim` dims: the full mask when targets are the input
@@ -56,8 +57,9 @@ class MaskedBatch(NamedTuple):
         return self.time_mask[:, :, None]
 
 
-def _span_step_mask(step_lengths: Tensor, num_steps: int, config: MaskConfig,
-                    generator: torch.Generator | None) -> Tensor:
+def _span_step_mask(
+    step_lengths: Tensor, num_steps: int, config: MaskConfig, generator: torch.Generator | None
+) -> Tensor:
     """[B, num_steps] bool: spans of C steps covering ~mask_proportion of each utterance.
 
     An utterance of L >= C steps gets k = clamp(round(p * L / C), 1, L // C) non-overlapping
@@ -71,9 +73,12 @@ def _span_step_mask(step_lengths: Tensor, num_steps: int, config: MaskConfig,
     holds_span = lengths >= span
     num_spans = torch.where(
         holds_span,
-        torch.minimum(torch.round(lengths * (config.mask_proportion / span)).long().clamp_min(1),
-                      lengths // span),
-        (lengths > 0).long())
+        torch.minimum(
+            torch.round(lengths * (config.mask_proportion / span)).long().clamp_min(1),
+            lengths // span,
+        ),
+        (lengths > 0).long(),
+    )
     num_slots = torch.where(holds_span, lengths - num_spans * (span - 1), lengths)
 
     slot = torch.arange(num_steps, device=device)
@@ -92,8 +97,13 @@ def _span_step_mask(step_lengths: Tensor, num_steps: int, config: MaskConfig,
     return delta.cumsum(dim=1)[:, :num_steps] > 0
 
 
-def mask_batch(features: Tensor, lengths: Tensor, config: MaskConfig, downsample_rate: int = 1,
-               generator: torch.Generator | None = None) -> MaskedBatch:
+def mask_batch(
+    features: Tensor,
+    lengths: Tensor,
+    config: MaskConfig,
+    downsample_rate: int = 1,
+    generator: torch.Generator | None = None,
+) -> MaskedBatch:
     """Draw a fresh MAM mask for `features` [B, T, D] with `lengths` [B] valid frames.
 
     With R = downsample_rate > 1 spans are laid on steps of R frames (the model's time unit), so
@@ -107,32 +117,32 @@ def mask_batch(features: Tensor, lengths: Tensor, config: MaskConfig, downsample
 
     r = downsample_rate
     num_steps = -(-frames // r)
-    step_mask = _span_step_mask(torch.div(lengths + r - 1, r, rounding_mode="floor"), num_steps,
-                                config, generator)
+    step_mask = _span_step_mask(
+        torch.div(lengths + r - 1, r, rounding_mode="floor"), num_steps, config, generator
+    )
     time_mask = step_mask if r == 1 else step_mask.repeat_interleave(r, dim=1)[:, :frames]
     time_mask = time_mask & valid
 
     # One roll per utterance picks what happens to all of its spans.
     roll = torch.rand(batch, device=device, generator=generator)
-    policy = (roll >= config.zero_prob).long() + (roll >= config.zero_prob + config.random_prob
-                                                  ).long()
+    policy = (roll >= config.zero_prob).long() + (
+        roll >= config.zero_prob + config.random_prob
+    ).long()
     # "Other frames of the same utterance": the utterance rotated by a random shift in
     # [1, L - 1], so replaced spans hold real, contiguous speech from elsewhere in it.
     span_frames = lengths.clamp_min(1)
-    shift = 1 + (torch.rand(batch, device=device, generator=generator)
-                 * (span_frames - 1)).long()
+    shift = 1 + (torch.rand(batch, device=device, generator=generator) * (span_frames - 1)).long()
     source = (frame_index + shift[:, None]) % span_frames[:, None]
     replaced = features.gather(1, source[:, :, None].expand(batch, frames, dims))
-    inputs = torch.where((time_mask & (policy == POLICY_RANDOM)[:, None])[:, :, None],
-                         replaced, features)
+    inputs = torch.where(
+        (time_mask & (policy == POLICY_RANDOM)[:, None])[:, :, None], replaced, features
+    )
     inputs = inputs.masked_fill((time_mask & (policy == POLICY_ZERO)[:, None])[:, :, None], 0)
 
     band_limit = int(config.freq_mask_proportion * dims)
     if band_limit > 0:  # TERA frequency alteration: one band per utterance, width U{0..limit}
-        width = (torch.rand(batch, device=device, generator=generator)
-                 * (band_limit + 1)).long()
-        start = (torch.rand(batch, device=device, generator=generator)
-                 * (dims - width + 1)).long()
+        width = (torch.rand(batch, device=device, generator=generator) * (band_limit + 1)).long()
+        start = (torch.rand(batch, device=device, generator=generator) * (dims - width + 1)).long()
         bins = torch.arange(dims, device=device)
         freq_mask = (bins >= start[:, None]) & (bins < (start + width)[:, None])
         inputs = inputs.masked_fill(freq_mask[:, None, :] & valid[:, :, None], 0)
@@ -141,8 +151,10 @@ def mask_batch(features: Tensor, lengths: Tensor, config: MaskConfig, downsample
 
     if config.noise_prob > 0:  # TERA magnitude alteration, one roll for the whole batch
         apply = torch.rand((), device=device, generator=generator) < config.noise_prob
-        noise = torch.randn(features.shape, device=device, generator=generator,
-                            dtype=features.dtype) * config.noise_std
+        noise = (
+            torch.randn(features.shape, device=device, generator=generator, dtype=features.dtype)
+            * config.noise_std
+        )
         inputs = inputs + noise * (valid[:, :, None] & apply).to(features.dtype)
 
     return MaskedBatch(inputs, time_mask, freq_mask, valid, policy, time_mask.sum())

@@ -48,8 +48,9 @@ def padding_mask(lengths: Tensor, max_len: int) -> Tensor:
 
 def downsampled_lengths(lengths: Tensor, downsample_rate: int) -> Tensor:
     """Steps per utterance after stacking R frames: ceil(frames / R), at least 1."""
-    return torch.div(lengths.clamp_min(1) + downsample_rate - 1, downsample_rate,
-                     rounding_mode="floor")
+    return torch.div(
+        lengths.clamp_min(1) + downsample_rate - 1, downsample_rate, rounding_mode="floor"
+    )
 
 
 def upsample_to_frames(hidden: Tensor, downsample_rate: int, num_frames: int) -> Tensor:
@@ -60,8 +61,9 @@ def upsample_to_frames(hidden: Tensor, downsample_rate: int, num_frames: int) ->
     repeated rather than reshaped: only the prediction head's R*target output splits into frames.
     """
     if num_frames > hidden.size(1) * downsample_rate:
-        raise ValueError(f"num_frames={num_frames} exceeds {hidden.size(1)} steps x R="
-                         f"{downsample_rate}")
+        raise ValueError(
+            f"num_frames={num_frames} exceeds {hidden.size(1)} steps x R={downsample_rate}"
+        )
     if downsample_rate == 1:
         return hidden[:, :num_frames]
     return hidden.repeat_interleave(downsample_rate, dim=1)[:, :num_frames]
@@ -70,8 +72,9 @@ def upsample_to_frames(hidden: Tensor, downsample_rate: int, num_frames: int) ->
 def sinusoid_table(num_positions: int, hidden_size: int) -> Tensor:
     """Transformer position encoding: sin on even dims, cos on odd (Vaswani et al. 2017)."""
     position = torch.arange(num_positions, dtype=torch.float64)[:, None]
-    inv_freq = torch.pow(10000.0, -torch.arange(0, hidden_size, 2, dtype=torch.float64)
-                         / hidden_size)
+    inv_freq = torch.pow(
+        10000.0, -torch.arange(0, hidden_size, 2, dtype=torch.float64) / hidden_size
+    )
     table = torch.zeros(num_positions, hidden_size, dtype=torch.float64)
     table[:, 0::2] = torch.sin(position * inv_freq)
     table[:, 1::2] = torch.cos(position * inv_freq[: hidden_size // 2])
@@ -84,27 +87,37 @@ def sinusoid_table(num_positions: int, hidden_size: int) -> Tensor:
 # section 7); without a mask cuDNN still beat flash (32.6 vs 33.9 ms eager, 26.9 vs 28.0 ms
 # compiled). Math stays last so the CPU and odd shapes always have a path. Keyed by "is there a
 # padding mask", so the two cases can be tuned apart (set_attention_priority).
-_MEASURED_ORDER = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")  # best for both today
+_MEASURED_ORDER = (
+    "CUDNN_ATTENTION",
+    "FLASH_ATTENTION",
+    "EFFICIENT_ATTENTION",
+    "MATH",
+)  # best for both today
 SDPA_PRIORITY: dict[bool, tuple[str, ...]] = {True: _MEASURED_ORDER, False: _MEASURED_ORDER}
 
 try:  # torch >= 2.6 honours the list's order; older versions would only restrict to it.
     from torch.nn.attention import SDPBackend
     from torch.nn.attention import sdpa_kernel as _sdpa_kernel
+
     _SDPA_SET_PRIORITY = "set_priority" in inspect.signature(_sdpa_kernel).parameters
 except ImportError:  # pragma: no cover - torch < 2.3
     _sdpa_kernel, _SDPA_SET_PRIORITY = None, False
 _SDPA_BACKENDS: dict[bool, list] = {}
 
 
-def set_attention_priority(masked: Sequence[str] | None = None,
-                           unmasked: Sequence[str] | None = None) -> None:
+def set_attention_priority(
+    masked: Sequence[str] | None = None, unmasked: Sequence[str] | None = None
+) -> None:
     """Replace the SDPA backend preference (SDPBackend names) with / without a padding mask."""
     for key, order in ((True, masked), (False, unmasked)):
         if order is not None:
             SDPA_PRIORITY[key] = tuple(order)
         if _SDPA_SET_PRIORITY:
-            _SDPA_BACKENDS[key] = [getattr(SDPBackend, name) for name in SDPA_PRIORITY[key]
-                                   if hasattr(SDPBackend, name)]
+            _SDPA_BACKENDS[key] = [
+                getattr(SDPBackend, name)
+                for name in SDPA_PRIORITY[key]
+                if hasattr(SDPBackend, name)
+            ]
 
 
 set_attention_priority()
@@ -135,14 +148,17 @@ class InputRepresentation(nn.Module):
         self.projection = nn.Linear(config.input_dim * config.downsample_rate, config.hidden_size)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
-        self.register_buffer("position_table",
-                             sinusoid_table(config.max_positions, config.hidden_size),
-                             persistent=False)
+        self.register_buffer(
+            "position_table",
+            sinusoid_table(config.max_positions, config.hidden_size),
+            persistent=False,
+        )
 
     def positions(self, num_steps: int) -> Tensor:
         if num_steps > self.position_table.size(0):  # rare: grow once, then reuse
             self.position_table = sinusoid_table(2 * num_steps, self.position_table.size(1)).to(
-                self.position_table.device)
+                self.position_table.device
+            )
         return self.position_table[:num_steps]
 
     def forward(self, features: Tensor, lengths: Tensor | None) -> Tensor:
@@ -175,8 +191,12 @@ class SelfAttention(nn.Module):
         # key_mask [B, 1, 1, T]: padded keys get no weight; padded queries still see real keys,
         # so no row is ever fully masked (every utterance has >= 1 step) and nothing turns NaN.
         attended = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=key_mask,
-            dropout_p=self.attention_dropout if self.training else 0.0)
+            query,
+            key,
+            value,
+            attn_mask=key_mask,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+        )
         return self.output(attended.transpose(1, 2).reshape(batch, steps, width))
 
 
@@ -249,8 +269,9 @@ class MockingjayEncoder(nn.Module):
         """
         return self.extract_features(features, lengths)
 
-    def extract_features(self, features: Tensor, lengths: Tensor | None = None,
-                         layers: Sequence[int] | None = None) -> EncoderOutput:
+    def extract_features(
+        self, features: Tensor, lengths: Tensor | None = None, layers: Sequence[int] | None = None
+    ) -> EncoderOutput:
         """Hidden states of `layers` (indices 0..N, in the order given; default all N+1).
 
         Stops after the deepest requested layer, so probing layer 1 of a 12-layer model costs one
@@ -262,14 +283,16 @@ class MockingjayEncoder(nn.Module):
             if not 0 <= index <= num_layers:
                 raise ValueError(f"layer index {index} out of range 0..{num_layers}")
         if features.dim() != 3 or features.size(-1) != self.config.input_dim:
-            raise ValueError(f"features must be [B, T, {self.config.input_dim}], "
-                             f"got {tuple(features.shape)}")
+            raise ValueError(
+                f"features must be [B, T, {self.config.input_dim}], got {tuple(features.shape)}"
+            )
         hidden = self.input_representation(features, lengths)
         steps = hidden.size(1)
         r = self.config.downsample_rate
         if lengths is None:
-            step_lengths = torch.full((hidden.size(0),), steps, device=hidden.device,
-                                      dtype=torch.long)
+            step_lengths = torch.full(
+                (hidden.size(0),), steps, device=hidden.device, dtype=torch.long
+            )
             key_mask = None
         else:
             step_lengths = downsampled_lengths(lengths, r)
@@ -283,7 +306,6 @@ class MockingjayEncoder(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,11 +343,11 @@ class MockingjayForMAM(nn.Module):
 
     def forward(self, features: Tensor, lengths: Tensor | None = None) -> Tensor:
         """Predicted frames `[B, ceil(T / R) * R, target_dim]`; crop to T before the loss."""
-        last = self.encoder.extract_features(features, lengths,
-                                             layers=[self.config.num_layers]).hidden_states[0]
+        last = self.encoder.extract_features(
+            features, lengths, layers=[self.config.num_layers]
+        ).hidden_states[0]
         return self.head(last)
 
     def num_parameters(self, include_head: bool = True) -> int:
         module = self if include_head else self.encoder
         return sum(p.numel() for p in module.parameters())
-

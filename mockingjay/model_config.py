@@ -53,23 +53,37 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first field that cannot make a working model."""
-        for name in ("input_dim", "target_dim", "hidden_size", "num_layers", "num_heads",
-                     "intermediate_size", "downsample_rate", "max_positions"):
+        for name in (
+            "input_dim",
+            "target_dim",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "intermediate_size",
+            "downsample_rate",
+            "max_positions",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"ModelConfig.num_heads: {self.num_heads} does not divide hidden_size "
-                             f"{self.hidden_size}; each head gets hidden_size / num_heads dims")
+            raise ValueError(
+                f"ModelConfig.num_heads: {self.num_heads} does not divide hidden_size "
+                f"{self.hidden_size}; each head gets hidden_size / num_heads dims"
+            )
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)!r}"
+                )
         for name in ("layer_norm_eps", "initializer_range"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)!r}")
         if self.activation not in ACTIVATION_NAMES:
-            raise ValueError(f"ModelConfig.activation must be one of {sorted(ACTIVATION_NAMES)}, "
-                             f"got {self.activation!r}")
+            raise ValueError(
+                f"ModelConfig.activation must be one of {sorted(ACTIVATION_NAMES)}, "
+                f"got {self.activation!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -79,8 +93,11 @@ class ModelConfig:
         unknown, known = unknown_fields(cls, values)
         if unknown:
             raise ValueError(f"unknown ModelConfig keys {unknown}; valid keys: {sorted(known)}")
-        missing = sorted(f.name for f in dataclasses.fields(cls)
-                         if f.default is dataclasses.MISSING and f.name not in values)
+        missing = sorted(
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.name not in values
+        )
         if missing:
             raise ValueError(f"ModelConfig is missing required keys {missing}")
         return cls(**values)

@@ -23,7 +23,9 @@ class Moments:
         self.sum_sq = np.zeros(dim, dtype=np.float64)
 
     def update(self, rows) -> None:
-        if hasattr(rows, "double") and not isinstance(rows, np.ndarray):  # a torch tensor, on any device
+        if hasattr(rows, "double") and not isinstance(
+            rows, np.ndarray
+        ):  # a torch tensor, on any device
             rows = rows.double().cpu().numpy()
         rows = np.asarray(rows, dtype=np.float64)
         self.count += rows.shape[0]

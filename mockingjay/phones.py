@@ -76,7 +76,9 @@ def normalize_phone(phone: str) -> str:
     token = _STRESS_DIGITS.sub("", token)  # MFA / CMUdict stress: AH0, EY1
     token = _PHONE_FOLDS.get(token, token)
     if token not in PHONE_TO_ID:
-        raise LabelError(f"unknown phone {phone!r}: not one of the {len(PHONES)} CMUdict phones + SIL")
+        raise LabelError(
+            f"unknown phone {phone!r}: not one of the {len(PHONES)} CMUdict phones + SIL"
+        )
     return token
 
 
@@ -90,10 +92,14 @@ def _check_order(segments: Sequence[Segment], where: Sequence[str]) -> None:
         if not seg.end >= seg.start >= 0:
             raise LabelError(f"{where[i]}: bad interval {seg.start}..{seg.end}")
         if i and seg.start < segments[i - 1].end - 1e-6:
-            raise LabelError(f"{where[i]}: starts at {seg.start}, before the previous end {segments[i - 1].end}")
+            raise LabelError(
+                f"{where[i]}: starts at {seg.start}, before the previous end {segments[i - 1].end}"
+            )
 
 
-def read_lab(path: str | Path, time_unit: Literal["auto", "seconds", "htk"] = "auto") -> list[Segment]:
+def read_lab(
+    path: str | Path, time_unit: Literal["auto", "seconds", "htk"] = "auto"
+) -> list[Segment]:
     """Read a `start end PHONE` label file (our .lab, HTK/HTS labels).
 
     time_unit "htk" reads times as integers in 100 ns units (HTK, HTS full-context labels);
@@ -137,7 +143,10 @@ def read_lab(path: str | Path, time_unit: Literal["auto", "seconds", "htk"] = "a
 
 def write_lab(path: str | Path, segments: Iterable[Segment], decimals: int = 3) -> None:
     """Write `start end PHONE` lines (normalised phones, times in seconds)."""
-    lines = [f"{s.start:.{decimals}f} {s.end:.{decimals}f} {normalize_phone(s.phone)}\n" for s in segments]
+    lines = [
+        f"{s.start:.{decimals}f} {s.end:.{decimals}f} {normalize_phone(s.phone)}\n"
+        for s in segments
+    ]
     Path(path).write_text("".join(lines))
 
 
@@ -170,7 +179,9 @@ def read_textgrid(path: str | Path, tier: str = "phones") -> list[Segment]:
     """
     path = Path(path)
     raw = path.read_bytes()
-    text = raw.decode("utf-16") if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else raw.decode("utf-8-sig")
+    text = (
+        raw.decode("utf-16") if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else raw.decode("utf-8-sig")
+    )
     tokens = _textgrid_tokens(text)
     pos = 0
 
@@ -180,7 +191,9 @@ def read_textgrid(path: str | Path, tier: str = "phones") -> list[Segment]:
             raise LabelError(f"{path}: TextGrid ends early")
         value, line_no = tokens[pos]
         if not isinstance(value, kind):
-            raise LabelError(f"{path}:{line_no}: expected a {kind.__name__} in the TextGrid, got {value!r}")
+            raise LabelError(
+                f"{path}:{line_no}: expected a {kind.__name__} in the TextGrid, got {value!r}"
+            )
         pos += 1
         return value
 
@@ -239,7 +252,9 @@ def read_cpc_alignments(path: str | Path) -> dict[str, np.ndarray]:
         try:
             frame_ids = np.array([int(v) for v in values], dtype=np.int64)
         except ValueError:
-            raise LabelError(f"{path}:{line_no}: frame labels of {utt_id!r} are not all integers") from None
+            raise LabelError(
+                f"{path}:{line_no}: frame labels of {utt_id!r} are not all integers"
+            ) from None
         if frame_ids.min() < 0 or frame_ids.max() > np.iinfo(np.int16).max:
             raise LabelError(f"{path}:{line_no}: frame label out of range in {utt_id!r}")
         labels[utt_id] = frame_ids.astype(np.int16)
@@ -273,14 +288,18 @@ def segments_to_frame_labels(
     ids = np.array([PHONE_TO_ID[normalize_phone(s.phone)] for s in segments], dtype=np.int16)
 
     centres = _microseconds(offset_sec + np.arange(num_frames) * hop_sec)
-    seg_index = np.searchsorted(starts, centres, side="right") - 1  # last segment starting <= centre
+    seg_index = (
+        np.searchsorted(starts, centres, side="right") - 1
+    )  # last segment starting <= centre
     inside = seg_index >= 0
     inside[inside] = centres[inside] < ends[seg_index[inside]]
     labels[inside] = ids[seg_index[inside]]
     return labels
 
 
-def resample_frame_labels(labels: np.ndarray, src_hop_sec: float, dst_hop_sec: float, num_frames: int) -> np.ndarray:
+def resample_frame_labels(
+    labels: np.ndarray, src_hop_sec: float, dst_hop_sec: float, num_frames: int
+) -> np.ndarray:
     """Frame labels at src_hop_sec (e.g. 10 ms CPC labels) re-timed to dst_hop_sec frames.
 
     Source frame s carries the phone at its centre s * src_hop, which for labels whose
@@ -295,7 +314,9 @@ def resample_frame_labels(labels: np.ndarray, src_hop_sec: float, dst_hop_sec: f
     if src_us <= 0 or dst_us <= 0:
         raise ValueError(f"hop sizes must be positive, got {src_hop_sec} and {dst_hop_sec}")
     src_index = (np.arange(num_frames, dtype=np.int64) * dst_us) // src_us
-    resampled = np.full(num_frames, UNLABELLED, dtype=labels.dtype if labels.dtype.kind == "i" else np.int16)
+    resampled = np.full(
+        num_frames, UNLABELLED, dtype=labels.dtype if labels.dtype.kind == "i" else np.int16
+    )
     in_range = src_index < len(labels)
     resampled[in_range] = labels[src_index[in_range]]
     return resampled

@@ -58,16 +58,32 @@ from mockingjay.probe_plan import (
 from mockingjay.probe_utterance import probe_utterances
 from mockingjay.store_layout import INPUT_STORE, layer_indices, layer_store_name
 
-__all__ = ["PHONE_PROBE", "SPEAKER_PROBE", "ProbeConfig", "ProbeError", "open_representations", "probe_online",
-           "probe_labels", "probe_phones", "probe_speakers", "probe_utterances", "read_speakers", "utterance_stats"]
+__all__ = [
+    "PHONE_PROBE",
+    "SPEAKER_PROBE",
+    "ProbeConfig",
+    "ProbeError",
+    "open_representations",
+    "probe_online",
+    "probe_labels",
+    "probe_phones",
+    "probe_speakers",
+    "probe_utterances",
+    "read_speakers",
+    "utterance_stats",
+]
 
 SPLITS = ("train", "dev", "test")
 Representations = Mapping[str, Mapping[str, RaggedArray]]  # split -> store name -> store
 
 
-def open_representations(root: str | Path, layers: Sequence[int] | None = None, include_input: bool = True,
-                         splits: Sequence[str] = SPLITS, input_root: str | Path | None = None
-                         ) -> dict[str, dict[str, RaggedArray]]:
+def open_representations(
+    root: str | Path,
+    layers: Sequence[int] | None = None,
+    include_input: bool = True,
+    splits: Sequence[str] = SPLITS,
+    input_root: str | Path | None = None,
+) -> dict[str, dict[str, RaggedArray]]:
     """Open `root/{split}/{input,layer_XX}`; layers None = every extracted layer. `input_root`:
     take the input baseline from `input_root/{split}` instead (features made another way, e.g.
     with global CMVN; the probes check that ids and lengths match the layers').
@@ -86,15 +102,26 @@ def open_representations(root: str | Path, layers: Sequence[int] | None = None, 
                 valid = f"{found[0]}..{found[-1]}"
             else:
                 valid = ", ".join(map(str, found))
-            raise ProbeError(f"layer {index} out of range: {root / splits[0]} holds layers {valid} "
-                             f"(0 = input representation, i = output of encoder layer i)")
-    names = ([INPUT_STORE] if include_input else []) + [layer_store_name(i) for i in sorted(set(layers))]
+            raise ProbeError(
+                f"layer {index} out of range: {root / splits[0]} holds layers {valid} "
+                f"(0 = input representation, i = output of encoder layer i)"
+            )
+    names = ([INPUT_STORE] if include_input else []) + [
+        layer_store_name(i) for i in sorted(set(layers))
+    ]
 
     def path(split: str, name: str) -> Path:
-        return Path(input_root) / split if name == INPUT_STORE and input_root is not None else root / split / name
+        return (
+            Path(input_root) / split
+            if name == INPUT_STORE and input_root is not None
+            else root / split / name
+        )
 
     # finite=True: one NaN or inf in a store gave a probe accuracy below the majority rate, exit 0
-    return {split: {name: RaggedArray(path(split, name), finite=True) for name in names} for split in splits}
+    return {
+        split: {name: RaggedArray(path(split, name), finite=True) for name in names}
+        for split in splits
+    }
 
 
 def read_speakers(utterances_tsv: str | Path) -> dict[str, str]:
@@ -103,47 +130,69 @@ def read_speakers(utterances_tsv: str | Path) -> dict[str, str]:
         return {row["utt_id"]: row["speaker"] for row in csv.DictReader(f, delimiter="\t")}
 
 
-def check_same_items(stores: Mapping[str, RaggedArray], split: str,
-                     expected_names: Sequence[str] | None = None) -> RaggedArray:
+def check_same_items(
+    stores: Mapping[str, RaggedArray], split: str, expected_names: Sequence[str] | None = None
+) -> RaggedArray:
     """All layer stores of a split must list the same utterances with the same lengths."""
     if not stores:
         raise ProbeError(f"{split}: no representation stores selected")
     names = list(stores)
     if expected_names is not None and names != list(expected_names):
-        raise ProbeError(f"{split}: stores {names} differ from the train split's {list(expected_names)}")
+        raise ProbeError(
+            f"{split}: stores {names} differ from the train split's {list(expected_names)}"
+        )
     reference = stores[names[0]]
     for name in names[1:]:
         other = stores[name]
         if other.ids != reference.ids or not np.array_equal(other.lengths, reference.lengths):
-            bad = next((a for a, b, la, lb in zip(reference.ids, other.ids, reference.lengths, other.lengths)
-                        if a != b or la != lb), None)
+            bad = next(
+                (
+                    a
+                    for a, b, la, lb in zip(
+                        reference.ids, other.ids, reference.lengths, other.lengths
+                    )
+                    if a != b or la != lb
+                ),
+                None,
+            )
             where = f"utterance {bad!r}" if bad else f"{len(reference)} vs {len(other)} utterances"
-            raise ProbeError(f"{split}: stores {names[0]} and {name} disagree at {where}; re-extract them together")
+            raise ProbeError(
+                f"{split}: stores {names[0]} and {name} disagree at {where}; re-extract them together"
+            )
     return reference
 
 
-def labelled_frames(reference: RaggedArray, labels: RaggedArray, split: str,
-                    num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def labelled_frames(
+    reference: RaggedArray, labels: RaggedArray, split: str, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(rows in the representation stores, labels) of every labelled frame (label >= 0).
 
     Labels must cover the same utterances as the representations, each with one label a frame.
     """
     extra = next((utt for utt in labels.ids if utt not in reference), None)
     if extra is not None:
-        raise ProbeError(f"{split}: utterance {extra!r} has frame labels in {labels.path} but no representation "
-                         f"({len(labels)} labelled vs {len(reference)} represented utterances)")
+        raise ProbeError(
+            f"{split}: utterance {extra!r} has frame labels in {labels.path} but no representation "
+            f"({len(labels)} labelled vs {len(reference)} represented utterances)"
+        )
     rows, values = [], []
     for item, utt in enumerate(reference.ids):
         if utt not in labels:
-            raise ProbeError(f"{split}: utterance {utt!r} has no frame labels in {labels.path} "
-                             f"({len(labels)} labelled vs {len(reference)} represented utterances)")
+            raise ProbeError(
+                f"{split}: utterance {utt!r} has no frame labels in {labels.path} "
+                f"({len(labels)} labelled vs {len(reference)} represented utterances)"
+            )
         frame_labels = np.asarray(labels.get(utt)).reshape(-1)
         if len(frame_labels) != reference.lengths[item]:
-            raise ProbeError(f"{split}: utterance {utt!r} has {reference.lengths[item]} representation frames "
-                             f"but {len(frame_labels)} frame labels; labels must be at the feature frame rate")
+            raise ProbeError(
+                f"{split}: utterance {utt!r} has {reference.lengths[item]} representation frames "
+                f"but {len(frame_labels)} frame labels; labels must be at the feature frame rate"
+            )
         if frame_labels.size and frame_labels.max() >= num_classes:
-            raise ProbeError(f"{split}: utterance {utt!r} has label {int(frame_labels.max())}, "
-                             f"but there are only {num_classes} classes")
+            raise ProbeError(
+                f"{split}: utterance {utt!r} has label {int(frame_labels.max())}, "
+                f"but there are only {num_classes} classes"
+            )
         keep = np.flatnonzero(frame_labels >= 0)
         rows.append(reference.offsets[item] + keep)
         values.append(frame_labels[keep].astype(np.int16))
@@ -154,16 +203,23 @@ def labelled_frames(reference: RaggedArray, labels: RaggedArray, split: str,
 class FrameSource:
     """One layer's labelled frames of each split, from RAM (float16) or from the memory map."""
 
-    def __init__(self, stores: Mapping[str, RaggedArray], rows: Mapping[str, np.ndarray], in_ram: bool):
+    def __init__(
+        self, stores: Mapping[str, RaggedArray], rows: Mapping[str, np.ndarray], in_ram: bool
+    ):
         self.stores, self.rows = stores, rows
         self.cached = None
         if in_ram:  # rows ascend, so this is one sequential read of each memory map
-            self.cached = {split: torch.from_numpy(np.asarray(stores[split].data[r])) for split, r in rows.items()}
+            self.cached = {
+                split: torch.from_numpy(np.asarray(stores[split].data[r]))
+                for split, r in rows.items()
+            }
 
     def gather(self, split: str, positions: np.ndarray) -> Tensor:
         """float16 [len(positions), H] (the heads standardise to float32 in one fused op); `positions`
         index the split's labelled frames, ascending."""
-        if self.cached is not None:  # index_select: several times faster than a[index] on float16 rows
+        if (
+            self.cached is not None
+        ):  # index_select: several times faster than a[index] on float16 rows
             return torch.index_select(self.cached[split], 0, torch.from_numpy(positions))
         return torch.from_numpy(np.asarray(self.stores[split].data[self.rows[split][positions]]))
 
@@ -211,31 +267,49 @@ def probe_phones(
         rows, values = labelled_frames(reference, labels[split], split, len(class_names))
         item = _item_of(reference, rows)
         if wanted_ids is not None:
-            wanted = np.fromiter((utt in wanted_ids for utt in reference.ids), dtype=bool, count=len(reference))
+            wanted = np.fromiter(
+                (utt in wanted_ids for utt in reference.ids), dtype=bool, count=len(reference)
+            )
             keep = wanted[item]
             rows, values, item = rows[keep], values[keep], item[keep]
         frames[key], items[key] = (rows, values), item
         if len(rows) == 0:
-            raise ProbeError(f"{key}: no labelled frames (every label is -1); the phone probe needs labels "
-                             f"in train, dev and test")
+            raise ProbeError(
+                f"{key}: no labelled frames (every label is -1); the phone probe needs labels "
+                f"in train, dev and test"
+            )
     rows = {key: frames[key][0] for key in sets}
     targets = {key: torch.from_numpy(frames[key][1].astype(np.int64)) for key in sets}
-    ram_bytes = sum(len(rows[k]) * representations[s][n].dim * 2 for k, (s, _) in sets.items() for n in names)
+    ram_bytes = sum(
+        len(rows[k]) * representations[s][n].dim * 2 for k, (s, _) in sets.items() for n in names
+    )
     in_ram = ram_bytes <= max_ram_bytes
-    sources = {name: FrameSource({k: representations[s][name] for k, (s, _) in sets.items()}, rows, in_ram)
-               for name in names}
+    sources = {
+        name: FrameSource({k: representations[s][name] for k, (s, _) in sets.items()}, rows, in_ram)
+        for name in names
+    }
     train_ids = references["train"].ids
     labelled_train = sorted({train_ids[i] for i in np.unique(items["train"])})
     members = fraction_members(labelled_train, fractions, config.seed)
-    masks = {f: torch.from_numpy(m) for f, m in fraction_masks(members, train_ids, items["train"]).items()}
+    masks = {
+        f: torch.from_numpy(m)
+        for f, m in fraction_masks(members, train_ids, items["train"]).items()
+    }
 
     def batches(split: str, position_batches: Iterator[np.ndarray]) -> Iterator[tuple]:
         for positions in position_batches:
             index = torch.from_numpy(positions)
-            batch_masks = {f: m[index].to(device) for f, m in masks.items()} if split == "train" else {}
-            yield (targets[split][positions].to(device),
-                   {name: source.gather(split, positions).to(device) for name, source in sources.items()},
-                   batch_masks)
+            batch_masks = (
+                {f: m[index].to(device) for f, m in masks.items()} if split == "train" else {}
+            )
+            yield (
+                targets[split][positions].to(device),
+                {
+                    name: source.gather(split, positions).to(device)
+                    for name, source in sources.items()
+                },
+                batch_masks,
+            )
 
     moments = {}
     for name, source in sources.items():
@@ -243,7 +317,9 @@ def probe_phones(
         for positions in position_chunks(len(rows["train"]), 65_536):
             running.update(source.gather("train", positions))
         moments[name] = running.mean_std()
-    heads, epochs, described = build_heads(names, moments, len(class_names), config, device, kinds, fractions, mlp)
+    heads, epochs, described = build_heads(
+        names, moments, len(class_names), config, device, kinds, fractions, mlp
+    )
 
     # One generator for the batch order: the same frames in the same order whatever the layers.
     generator = torch.Generator().manual_seed(config.seed)
@@ -253,19 +329,27 @@ def probe_phones(
     def train_batches(epoch: int) -> Iterator[tuple]:
         order = torch.randperm(train_count, generator=generator).numpy()
         # sorted within the batch: sequential memory-map reads, and the same summation order in RAM
-        return batches("train", (np.sort(order[i : i + batch_size]) for i in range(0, train_count, batch_size)))
+        return batches(
+            "train", (np.sort(order[i : i + batch_size]) for i in range(0, train_count, batch_size))
+        )
 
     def dev_batches() -> Iterator[tuple]:
         return batches("dev", position_chunks(len(rows["dev"]), config.eval_batch))
 
     train_heads(heads, epochs, train_batches, dev_batches, progress, "phone probe")
-    truth, predicted = predict(heads, batches("test", position_chunks(len(rows["test"]), config.eval_batch)))
+    truth, predicted = predict(
+        heads, batches("test", position_chunks(len(rows["test"]), config.eval_batch))
+    )
     majority = int(np.bincount(frames["train"][1], minlength=len(class_names)).argmax())
-    layers, probes = head_reports(heads, described, config, mlp, truth, predicted, majority, class_names)
+    layers, probes = head_reports(
+        heads, described, config, mlp, truth, predicted, majority, class_names
+    )
     extra = {}
     for name in extra_tests or {}:
         key = f"test:{name}"
-        extra_truth, extra_predicted = predict(heads, batches(key, position_chunks(len(rows[key]), config.eval_batch)))
+        extra_truth, extra_predicted = predict(
+            heads, batches(key, position_chunks(len(rows[key]), config.eval_batch))
+        )
         extra[name] = extra_test_report(heads, described, extra_truth, extra_predicted, majority)
     return {
         **({"extra_tests": extra} if extra else {}),
@@ -320,15 +404,19 @@ def probe_labels(
 ) -> dict:
     """Utterance-level probe (speaker, keyword) of statistics-pooled representations."""
     vectors, ids = pooled_utterances(representations)
-    return probe_utterances(vectors, ids, utterance_labels, config, device, progress, task=task, **options)
+    return probe_utterances(
+        vectors, ids, utterance_labels, config, device, progress, task=task, **options
+    )
 
 
 def pooled_utterances(representations: Representations) -> tuple[dict, dict]:
     """({split: {name: [N, 2H] statistics}}, {split: ids}): pooled once, for every utterance task."""
     names = list(representations["train"])
     ids = {split: check_same_items(representations[split], split, names).ids for split in SPLITS}
-    vectors = {split: {name: utterance_stats(store) for name, store in representations[split].items()}
-               for split in SPLITS}
+    vectors = {
+        split: {name: utterance_stats(store) for name, store in representations[split].items()}
+        for split in SPLITS
+    }
     return vectors, ids
 
 

@@ -51,9 +51,13 @@ class ProbeConfig:
         if self.eval_batch < 1:
             raise ProbeError(f"eval_batch: must be >= 1, got {self.eval_batch}")
         if not self.learning_rates or min(self.learning_rates) <= 0:
-            raise ProbeError(f"learning_rates: need at least one, all > 0, got {list(self.learning_rates)}")
+            raise ProbeError(
+                f"learning_rates: need at least one, all > 0, got {list(self.learning_rates)}"
+            )
         if not self.weight_decays or min(self.weight_decays) < 0:
-            raise ProbeError(f"weight_decays: need at least one, all >= 0, got {list(self.weight_decays)}")
+            raise ProbeError(
+                f"weight_decays: need at least one, all >= 0, got {list(self.weight_decays)}"
+            )
 
     def grid(self) -> list[tuple[float, float]]:
         """(learning rate, weight decay) of each head, in head order."""
@@ -64,7 +68,9 @@ class ProbeConfig:
 
     def training(self) -> ProbeConfig:
         """This config's ProbeConfig fields alone (a subclass's extra settings dropped)."""
-        return ProbeConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ProbeConfig)})
+        return ProbeConfig(
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(ProbeConfig)}
+        )
 
 
 # Frame phone probe: ~80k labelled frames per epoch on the bundled corpus, mini-batches of 1024
@@ -89,8 +95,12 @@ class MLPSettings:
         self.validate()
 
     def validate(self) -> None:
-        if self.weight_decays is not None and (not self.weight_decays or min(self.weight_decays) < 0):
-            raise ProbeError(f"weight_decays: need at least one, all >= 0, or null; got {self.weight_decays}")
+        if self.weight_decays is not None and (
+            not self.weight_decays or min(self.weight_decays) < 0
+        ):
+            raise ProbeError(
+                f"weight_decays: need at least one, all >= 0, or null; got {self.weight_decays}"
+            )
         bad = [n for n in self.layers if not is_store_name(n)]
         if bad:
             raise ProbeError(f"layers: expected store names like input or layer_03, got {bad}")

@@ -38,9 +38,9 @@ from mockingjay.probe_config import (  # noqa: F401  (re-exported)
     ProbeError,
 )
 
-Batch = tuple[Tensor, Mapping[str, Tensor]]  # (labels [B] long, layer name -> inputs [B, H] float16 or float32)
-
-
+Batch = tuple[
+    Tensor, Mapping[str, Tensor]
+]  # (labels [B] long, layer name -> inputs [B, H] float16 or float32)
 
 
 class RunningMoments(Moments):
@@ -62,8 +62,16 @@ class LayerHeads:
     betas = (0.9, 0.999)
     eps = 1e-8
 
-    def __init__(self, mean: np.ndarray, std: np.ndarray, num_classes: int, grid: Sequence[tuple[float, float]],
-                 device: torch.device, source: str | None = None, fraction: float = 1.0):
+    def __init__(
+        self,
+        mean: np.ndarray,
+        std: np.ndarray,
+        num_classes: int,
+        grid: Sequence[tuple[float, float]],
+        device: torch.device,
+        source: str | None = None,
+        fraction: float = 1.0,
+    ):
         dim, self.heads, self.classes = len(mean), len(grid), num_classes
         self.source = source  # the layer these heads read (None: the key they are filed under)
         self.fraction = fraction  # of the labelled train utterances these heads learn from
@@ -74,7 +82,9 @@ class LayerHeads:
         self.params = torch.zeros(dim + 1, width, device=device)
         # each head's hyper-parameters, repeated over its C columns
         self.lr = torch.tensor([lr for lr, _ in grid], device=device).repeat_interleave(num_classes)
-        self.weight_decay = torch.tensor([wd for _, wd in grid], device=device).repeat_interleave(num_classes)
+        self.weight_decay = torch.tensor([wd for _, wd in grid], device=device).repeat_interleave(
+            num_classes
+        )
         self.exp_avg, self.exp_avg_sq = torch.zeros_like(self.params), torch.zeros_like(self.params)
         self.steps = 0
         self.best_params = self.params.clone()
@@ -102,7 +112,9 @@ class LayerHeads:
         """One Adam step of every head on the mean cross-entropy of this batch (+ L2)."""
         batch = len(inputs)
         standardised = self.standardise(inputs)
-        logits = torch.addmm(self.bias, standardised, self.weight).view(batch, self.heads, self.classes)
+        logits = torch.addmm(self.bias, standardised, self.weight).view(
+            batch, self.heads, self.classes
+        )
         # d(mean CE)/d(logits) = (softmax - onehot) / B, for every head at once: no autograd graph.
         grad_logits = torch.softmax(logits, dim=-1)
         target = labels[:, None, None].expand(-1, self.heads, 1)
@@ -110,8 +122,13 @@ class LayerHeads:
         grad_logits = grad_logits.view(batch, -1)
         grad = torch.empty_like(self.params)
         # the 1/B of the mean folds into the matmul; the L2 term wd * W is its additive input
-        torch.addmm(self.weight * self.weight_decay, standardised.T, grad_logits, alpha=1.0 / batch,
-                    out=grad[:-1])
+        torch.addmm(
+            self.weight * self.weight_decay,
+            standardised.T,
+            grad_logits,
+            alpha=1.0 / batch,
+            out=grad[:-1],
+        )
         torch.sum(grad_logits, 0, out=grad[-1]).mul_(1.0 / batch)
         self.steps += 1
         beta1, beta2 = self.betas
@@ -132,7 +149,9 @@ class LayerHeads:
     def end_epoch(self, epoch: int, dev_accuracy: np.ndarray, dev_loss: np.ndarray) -> None:
         """Keep, per head, the weights of its best epoch so far: highest dev accuracy, and on a tie
         (common on small dev sets, e.g. several epochs at 100%) the lower dev cross-entropy."""
-        improved = (dev_accuracy > self.best_dev) | ((dev_accuracy == self.best_dev) & (dev_loss < self.best_loss))
+        improved = (dev_accuracy > self.best_dev) | (
+            (dev_accuracy == self.best_dev) & (dev_loss < self.best_loss)
+        )
         if improved.any():
             columns = torch.from_numpy(np.repeat(improved, self.classes)).to(self.params.device)
             self.best_params = torch.where(columns, self.params, self.best_params)
@@ -176,7 +195,9 @@ def train_heads(
     from tqdm import tqdm
 
     limit = {name: epochs.get(name, 0) if isinstance(epochs, Mapping) else epochs for name in heads}
-    for epoch in tqdm(range(max(limit.values())), desc=description, unit="epoch", disable=not progress):
+    for epoch in tqdm(
+        range(max(limit.values())), desc=description, unit="epoch", disable=not progress
+    ):
         active = {name: layer for name, layer in heads.items() if epoch < limit[name]}
         for batch in train_batches(epoch):
             labels, inputs = batch[0], batch[1]
@@ -205,7 +226,9 @@ def train_heads(
             layer.end_epoch(epoch, correct[name] / total, loss[name] / total)
 
 
-def predict(heads: Mapping[str, LayerHeads], batches: Iterable[Batch]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def predict(
+    heads: Mapping[str, LayerHeads], batches: Iterable[Batch]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(true labels, layer name -> predictions of its chosen head) over `batches`."""
     truth: list[np.ndarray] = []
     predictions: dict[str, list[np.ndarray]] = {name: [] for name in heads}
@@ -217,8 +240,14 @@ def predict(heads: Mapping[str, LayerHeads], batches: Iterable[Batch]) -> tuple[
     return concat(truth), {name: concat(parts) for name, parts in predictions.items()}
 
 
-def layer_report(layer: LayerHeads, grid: Sequence[tuple[float, float]], truth: np.ndarray,
-                 predicted: np.ndarray, majority_class: int, class_names: Sequence[str]) -> dict:
+def layer_report(
+    layer: LayerHeads,
+    grid: Sequence[tuple[float, float]],
+    truth: np.ndarray,
+    predicted: np.ndarray,
+    majority_class: int,
+    class_names: Sequence[str],
+) -> dict:
     """JSON-ready metrics of one layer's chosen head on the test split.
 
     macro_f1 averages over the classes present in the test labels or the predictions;
@@ -260,33 +289,64 @@ class TorchHeads:
     heads' `weight_decay / 2 * ||W||^2`.
     """
 
-    def __init__(self, kind: str, sources: Sequence[str], moments: Mapping[str, tuple[np.ndarray, np.ndarray]],
-                 num_classes: int, grid: Sequence[tuple[float, float]], device: torch.device,
-                 mlp: MLPSettings = MLPSettings(), seed: int = 0):
+    def __init__(
+        self,
+        kind: str,
+        sources: Sequence[str],
+        moments: Mapping[str, tuple[np.ndarray, np.ndarray]],
+        num_classes: int,
+        grid: Sequence[tuple[float, float]],
+        device: torch.device,
+        mlp: MLPSettings = MLPSettings(),
+        seed: int = 0,
+    ):
         from torch import nn
 
-        self.kind, self.sources, self.classes, self.heads = kind, list(sources), num_classes, len(grid)
-        self.shift = {n: torch.as_tensor(-moments[n][0] / moments[n][1], dtype=torch.float32, device=device)
-                      for n in self.sources}
-        self.inv_std = {n: torch.as_tensor(1.0 / moments[n][1], dtype=torch.float32, device=device)
-                        for n in self.sources}
+        self.kind, self.sources, self.classes, self.heads = (
+            kind,
+            list(sources),
+            num_classes,
+            len(grid),
+        )
+        self.shift = {
+            n: torch.as_tensor(-moments[n][0] / moments[n][1], dtype=torch.float32, device=device)
+            for n in self.sources
+        }
+        self.inv_std = {
+            n: torch.as_tensor(1.0 / moments[n][1], dtype=torch.float32, device=device)
+            for n in self.sources
+        }
         dim = len(moments[self.sources[0]][0])
         if any(len(moments[n][0]) != dim for n in self.sources):
-            raise ProbeError(f"{kind}: layers {self.sources} differ in width; a weighted sum needs one width")
+            raise ProbeError(
+                f"{kind}: layers {self.sources} differ in width; a weighted sum needs one width"
+            )
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)  # the init is a function of the seed, not of what ran before
         self.modules = []
         for _ in grid:
             if kind == "mlp":
-                module = nn.Sequential(nn.Linear(dim, mlp.hidden_size), nn.ReLU(), nn.Dropout(mlp.dropout),
-                                       nn.Linear(mlp.hidden_size, num_classes))
+                module = nn.Sequential(
+                    nn.Linear(dim, mlp.hidden_size),
+                    nn.ReLU(),
+                    nn.Dropout(mlp.dropout),
+                    nn.Linear(mlp.hidden_size, num_classes),
+                )
             else:
-                module = nn.ModuleDict({"weights": nn.ParameterDict({"logits": nn.Parameter(
-                    torch.zeros(len(self.sources)))}), "linear": nn.Linear(dim, num_classes)})
+                module = nn.ModuleDict(
+                    {
+                        "weights": nn.ParameterDict(
+                            {"logits": nn.Parameter(torch.zeros(len(self.sources)))}
+                        ),
+                        "linear": nn.Linear(dim, num_classes),
+                    }
+                )
             self.modules.append(module.to(device))
         torch.random.set_rng_state(generator_state)
-        self.optimizers = [torch.optim.Adam(m.parameters(), lr=lr, weight_decay=wd)
-                           for m, (lr, wd) in zip(self.modules, grid)]
+        self.optimizers = [
+            torch.optim.Adam(m.parameters(), lr=lr, weight_decay=wd)
+            for m, (lr, wd) in zip(self.modules, grid)
+        ]
         self.best_states = [self._state(m) for m in self.modules]
         self.best_dev = np.full(self.heads, -1.0)
         self.best_loss = np.full(self.heads, np.inf)
@@ -327,10 +387,16 @@ class TorchHeads:
         return correct, loss
 
     def end_epoch(self, epoch: int, dev_accuracy: np.ndarray, dev_loss: np.ndarray) -> None:
-        improved = (dev_accuracy > self.best_dev) | ((dev_accuracy == self.best_dev) & (dev_loss < self.best_loss))
+        improved = (dev_accuracy > self.best_dev) | (
+            (dev_accuracy == self.best_dev) & (dev_loss < self.best_loss)
+        )
         for g in np.flatnonzero(improved):
             self.best_states[g] = self._state(self.modules[g])
-            self.best_dev[g], self.best_loss[g], self.best_epoch[g] = dev_accuracy[g], dev_loss[g], epoch
+            self.best_dev[g], self.best_loss[g], self.best_epoch[g] = (
+                dev_accuracy[g],
+                dev_loss[g],
+                epoch,
+            )
 
     @property
     def chosen(self) -> int:

@@ -67,11 +67,21 @@ from mockingjay.store_layout import INPUT_STORE, layer_store_name
 class _FrameLabels:
     """Labelled frames of one split, sliceable per utterance: (frame positions, labels)."""
 
-    def __init__(self, features: RaggedArray, labels: RaggedArray, split: str, num_classes: int,
-                 include: set[str] | None = None):
+    def __init__(
+        self,
+        features: RaggedArray,
+        labels: RaggedArray,
+        split: str,
+        num_classes: int,
+        include: set[str] | None = None,
+    ):
         rows, self.values = labelled_frames(features, labels, split, num_classes)
-        if include is not None:  # only the selected utterances' frames (probe_plan.select_utterances)
-            wanted = np.fromiter((utt in include for utt in features.ids), dtype=bool, count=len(features))
+        if (
+            include is not None
+        ):  # only the selected utterances' frames (probe_plan.select_utterances)
+            wanted = np.fromiter(
+                (utt in include for utt in features.ids), dtype=bool, count=len(features)
+            )
             keep = wanted[np.searchsorted(features.offsets, rows, side="right") - 1]
             rows, self.values = rows[keep], self.values[keep]
         total_rows = int(features.lengths.sum())
@@ -84,26 +94,42 @@ class _FrameLabels:
     def of_batch(self, batch: EncodedBatch, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """(batch rows, frame positions in the row, labels) of the labelled frames of an encoded batch
         (whole items, or one window of an item: the frames it keeps, counted from its start)."""
-        spans = [(row, self.bounds[item], self.bounds[item + 1]) for row, item in enumerate(batch.indices)]
+        spans = [
+            (row, self.bounds[item], self.bounds[item + 1])
+            for row, item in enumerate(batch.indices)
+        ]
         if batch.starts is not None:
             start, end = int(batch.starts[0]), int(batch.starts[0] + batch.lengths[0])
-            (row, first, last), = spans
+            ((row, first, last),) = spans
             positions = self.positions[first:last]
-            first, last = first + np.searchsorted(positions, start), first + np.searchsorted(positions, end)
+            first, last = (
+                first + np.searchsorted(positions, start),
+                first + np.searchsorted(positions, end),
+            )
             spans = [(row, first, last)]
         else:
             start = 0
         batch_rows = np.concatenate([np.full(end - begin, row) for row, begin, end in spans])
         frames = np.concatenate([self.positions[begin:end] for _, begin, end in spans]) - start
-        labels = np.concatenate([self.values[begin:end] for _, begin, end in spans]).astype(np.int64)
+        labels = np.concatenate([self.values[begin:end] for _, begin, end in spans]).astype(
+            np.int64
+        )
         return tuple(torch.from_numpy(a).to(device) for a in (batch_rows, frames, labels))  # type: ignore[return-value]
 
 
 class _Passes:
     """Forward passes of the frozen model over batches of one split's utterances (counted)."""
 
-    def __init__(self, model: nn.Module, features: Mapping[str, RaggedArray], layer_ids: list[int],
-                 device: torch.device, include_input: bool, batch_frames: int, window_frames: int | None):
+    def __init__(
+        self,
+        model: nn.Module,
+        features: Mapping[str, RaggedArray],
+        layer_ids: list[int],
+        device: torch.device,
+        include_input: bool,
+        batch_frames: int,
+        window_frames: int | None,
+    ):
         self.model, self.features, self.layer_ids = model, features, layer_ids
         self.device, self.include_input, self.batch_frames = device, include_input, batch_frames
         self.window_frames = window_frames
@@ -114,12 +140,23 @@ class _Passes:
 
     def run(self, split: str, batches: Sequence[np.ndarray]) -> Iterator[EncodedBatch]:
         self.count += 1
-        return encode_batches(self.model, self.features[split], batches, self.layer_ids, self.device,
-                              self.include_input, self.window_frames)
+        return encode_batches(
+            self.model,
+            self.features[split],
+            batches,
+            self.layer_ids,
+            self.device,
+            self.include_input,
+            self.window_frames,
+        )
 
 
-def _statistics_pass(passes: _Passes, names: list[str], frame_labels: dict[str, _FrameLabels] | None,
-                     want_means: bool) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, RunningMoments]]:
+def _statistics_pass(
+    passes: _Passes,
+    names: list[str],
+    frame_labels: dict[str, _FrameLabels] | None,
+    want_means: bool,
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, RunningMoments]]:
     """Utterance means of every split (speaker probe) and train labelled-frame moments (phone probe)."""
     device = passes.device
     means: dict[str, dict[str, np.ndarray]] = {}
@@ -133,7 +170,9 @@ def _statistics_pass(passes: _Passes, names: list[str], frame_labels: dict[str, 
         else:
             continue
         means[split] = {}
-        windowed: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # name -> (count, mean, M2) of the windows so far
+        windowed: dict[
+            str, tuple[Tensor, Tensor, Tensor]
+        ] = {}  # name -> (count, mean, M2) of the windows so far
         for batch in passes.run(split, passes.batches(split, items)):
             lengths = batch.lengths.to(device)
             steps = batch.states[names[0]].size(1)
@@ -150,8 +189,16 @@ def _statistics_pass(passes: _Passes, names: list[str], frame_labels: dict[str, 
     return means, moments
 
 
-def _pool(means: dict[str, np.ndarray], windowed: dict[str, tuple[Tensor, Tensor, Tensor]], name: str,
-          states: Tensor, lengths: Tensor, mask: Tensor, batch: EncodedBatch, store: RaggedArray) -> None:
+def _pool(
+    means: dict[str, np.ndarray],
+    windowed: dict[str, tuple[Tensor, Tensor, Tensor]],
+    name: str,
+    states: Tensor,
+    lengths: Tensor,
+    mask: Tensor,
+    batch: EncodedBatch,
+    store: RaggedArray,
+) -> None:
     """Mean and std of each utterance of a batch into `means[name]`; a window of a long utterance is
     combined with its earlier windows (`windowed`) and stored with the last one."""
     values = states.double()
@@ -169,29 +216,46 @@ def _pool(means: dict[str, np.ndarray], windowed: dict[str, tuple[Tensor, Tensor
     means[name][batch.indices] = pooled.cpu().numpy()
 
 
-def _combine(n_a: Tensor, mean_a: Tensor, m2_a: Tensor, n_b: Tensor, mean_b: Tensor,
-             m2_b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _combine(
+    n_a: Tensor, mean_a: Tensor, m2_a: Tensor, n_b: Tensor, mean_b: Tensor, m2_b: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """Count, mean and sum of squared deviations of two parts together (Chan et al.'s update)."""
     n = n_a + n_b
     delta = mean_b - mean_a
-    return n, mean_a + delta * n_b / n, m2_a + m2_b + delta ** 2 * n_a * n_b / n
+    return n, mean_a + delta * n_b / n, m2_a + m2_b + delta**2 * n_a * n_b / n
 
 
-def _phone_probe(passes: _Passes, names: list[str], frame_labels: dict[str, _FrameLabels],
-                 moments: Mapping[str, RunningMoments], config: ProbeConfig, class_names: Sequence[str],
-                 shuffle_frames: int, progress: bool) -> dict:
+def _phone_probe(
+    passes: _Passes,
+    names: list[str],
+    frame_labels: dict[str, _FrameLabels],
+    moments: Mapping[str, RunningMoments],
+    config: ProbeConfig,
+    class_names: Sequence[str],
+    shuffle_frames: int,
+    progress: bool,
+) -> dict:
     device, grid = passes.device, config.grid()
-    heads = {name: LayerHeads(*moments[name].mean_std(), len(class_names), grid, device) for name in names}
+    heads = {
+        name: LayerHeads(*moments[name].mean_std(), len(class_names), grid, device)
+        for name in names
+    }
     generator = torch.Generator().manual_seed(config.seed)
-    labelled = {split: passes.batches(split, frame_labels[split].labelled_items) for split in SPLITS}
+    labelled = {
+        split: passes.batches(split, frame_labels[split].labelled_items) for split in SPLITS
+    }
 
-    def labelled_states(split: str, batches: Sequence[np.ndarray]) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+    def labelled_states(
+        split: str, batches: Sequence[np.ndarray]
+    ) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
         """(labels, name -> float16 states) of the labelled frames of each encoder batch."""
         for batch in passes.run(split, batches):
             rows, frames, targets = frame_labels[split].of_batch(batch, device)
             yield targets, {name: states[rows, frames] for name, states in batch.states.items()}
 
-    def mini_batches(targets: Tensor, inputs: Mapping[str, Tensor], order: Tensor, size: int) -> Iterator[Batch]:
+    def mini_batches(
+        targets: Tensor, inputs: Mapping[str, Tensor], order: Tensor, size: int
+    ) -> Iterator[Batch]:
         for start in range(0, len(targets), size):
             chosen = order[start : start + size]
             yield targets[chosen], {name: x[chosen] for name, x in inputs.items()}
@@ -222,7 +286,9 @@ def _phone_probe(passes: _Passes, names: list[str], frame_labels: dict[str, _Fra
 
     def in_order(split: str) -> Iterator[Batch]:
         for targets, inputs in labelled_states(split, labelled[split]):
-            yield from mini_batches(targets, inputs, torch.arange(len(targets), device=device), config.eval_batch)
+            yield from mini_batches(
+                targets, inputs, torch.arange(len(targets), device=device), config.eval_batch
+            )
 
     def dev_batches() -> Iterator[Batch]:
         return in_order("dev")
@@ -237,8 +303,10 @@ def _phone_probe(passes: _Passes, names: list[str], frame_labels: dict[str, _Fra
         "majority_class": class_names[majority],
         "config": config.to_dict(),
         "standardisation": "per layer, exact mean/std of the train split's labelled frames (statistics pass)",
-        "layers": {name: layer_report(heads[name], grid, truth, predicted[name], majority, class_names)
-                   for name in names},
+        "layers": {
+            name: layer_report(heads[name], grid, truth, predicted[name], majority, class_names)
+            for name in names
+        },
     }
 
 
@@ -286,25 +354,46 @@ def probe_online(
     if speakers is not None and utterance_tasks is None:
         utterance_tasks = {"speaker": (speakers, speaker_config, {})}
     if labels is None and not utterance_tasks:
-        raise ProbeError("nothing to probe: give frame labels (phone probe) and/or speakers (speaker probe)")
+        raise ProbeError(
+            "nothing to probe: give frame labels (phone probe) and/or speakers (speaker probe)"
+        )
     frame_labels = None
     if labels is not None:
-        frame_labels = {split: _FrameLabels(features[split], labels[split], split, len(class_names),
-                                            phone_include[split] if phone_include is not None else None)
-                        for split in SPLITS}
+        frame_labels = {
+            split: _FrameLabels(
+                features[split],
+                labels[split],
+                split,
+                len(class_names),
+                phone_include[split] if phone_include is not None else None,
+            )
+            for split in SPLITS
+        }
         for split in SPLITS:
             if len(frame_labels[split].values) == 0:
-                raise ProbeError(f"{split}: no labelled frames (every label is -1); the phone probe needs labels "
-                                 f"in train, dev and test")
+                raise ProbeError(
+                    f"{split}: no labelled frames (every label is -1); the phone probe needs labels "
+                    f"in train, dev and test"
+                )
     passes = _Passes(model, features, layer_ids, device, include_input, batch_frames, window_frames)
     means, moments = _statistics_pass(passes, names, frame_labels, bool(utterance_tasks))
     result: dict = {"mode": "online"}
     if frame_labels is not None:
-        result["phone"] = _phone_probe(passes, names, frame_labels, moments, phone_config, class_names,
-                                       shuffle_frames, progress)
+        result["phone"] = _phone_probe(
+            passes,
+            names,
+            frame_labels,
+            moments,
+            phone_config,
+            class_names,
+            shuffle_frames,
+            progress,
+        )
     ids = {split: features[split].ids for split in SPLITS}
     for task, (classes, config, options) in (utterance_tasks or {}).items():
-        result[task] = probe_utterances(means, ids, classes, config, device, progress, task=task, **options)
+        result[task] = probe_utterances(
+            means, ids, classes, config, device, progress, task=task, **options
+        )
     result["forward_passes"] = passes.count
     result["seconds"] = round(time.perf_counter() - started, 3)
     return result

@@ -60,28 +60,47 @@ class Utterance:
 def read_utterances(utterances_tsv: str | Path) -> dict[str, Utterance]:
     """utt_id -> split, corpus, speaker, keyword (older tables without `keyword` read as "")."""
     with open(utterances_tsv, newline="", encoding="utf-8") as f:
-        return {row["utt_id"]: Utterance(row["split"], row["corpus"], row["speaker"], row.get("keyword") or "")
-                for row in csv.DictReader(f, delimiter="\t")}
+        return {
+            row["utt_id"]: Utterance(
+                row["split"], row["corpus"], row["speaker"], row.get("keyword") or ""
+            )
+            for row in csv.DictReader(f, delimiter="\t")
+        }
 
 
-def test_corpora_sets(utterances: Mapping[str, Utterance], test_corpora: Sequence[str],
-                      need_keyword: bool = False) -> dict[str, set[str]]:
+def test_corpora_sets(
+    utterances: Mapping[str, Utterance], test_corpora: Sequence[str], need_keyword: bool = False
+) -> dict[str, set[str]]:
     """corpus -> its test utterances, for the corpora prepared only for testing (`test_only`)."""
-    sets = {c: {u for u, i in utterances.items() if i.corpus == c and i.split == "test"
-                and (i.keyword or not need_keyword)} for c in test_corpora}
+    sets = {
+        c: {
+            u
+            for u, i in utterances.items()
+            if i.corpus == c and i.split == "test" and (i.keyword or not need_keyword)
+        }
+        for c in test_corpora
+    }
     for corpus, chosen in sets.items():
         if not chosen:
-            raise ProbeError(f"test_corpora: corpus {corpus!r} has no test utterances for this task "
-                             f"(prepare it with test_only: true)")
+            raise ProbeError(
+                f"test_corpora: corpus {corpus!r} has no test utterances for this task "
+                f"(prepare it with test_only: true)"
+            )
     return sets
 
 
-def select_utterances(utterances: Mapping[str, Utterance], corpora: Sequence[str] = (),
-                      speaker_independent: bool = False, need_keyword: bool = False,
-                      exclude_corpora: Sequence[str] = ()) -> dict[str, set[str]]:
+def select_utterances(
+    utterances: Mapping[str, Utterance],
+    corpora: Sequence[str] = (),
+    speaker_independent: bool = False,
+    need_keyword: bool = False,
+    exclude_corpora: Sequence[str] = (),
+) -> dict[str, set[str]]:
     """split -> the utterance ids that take part in a task (see the module docstring); the
     `exclude_corpora` (test-only corpora, scored on their own) take no part."""
-    unknown = sorted((set(corpora) | set(exclude_corpora)) - {u.corpus for u in utterances.values()})
+    unknown = sorted(
+        (set(corpora) | set(exclude_corpora)) - {u.corpus for u in utterances.values()}
+    )
     if unknown:
         have = sorted({u.corpus for u in utterances.values()})
         raise ProbeError(f"corpora {unknown} are not in the features (have {have})")
@@ -97,15 +116,23 @@ def select_utterances(utterances: Mapping[str, Utterance], corpora: Sequence[str
         for split in ("dev", "test"):
             unseen = {u for u in chosen[split] if utterances[u].speaker not in heard}
             if split == "test" and not unseen:
-                raise ProbeError("speaker_independent: no test utterance of a speaker absent from train; "
-                                 "prepare the corpus with split_by: speaker")
-            chosen[split] = unseen or chosen[split]  # no unseen dev speaker: select on the usual dev split
+                raise ProbeError(
+                    "speaker_independent: no test utterance of a speaker absent from train; "
+                    "prepare the corpus with split_by: speaker"
+                )
+            chosen[split] = (
+                unseen or chosen[split]
+            )  # no unseen dev speaker: select on the usual dev split
     return chosen
 
 
-def fraction_members(train_ids: Iterable[str], fractions: Sequence[float], seed: int) -> dict[float, set[str]]:
+def fraction_members(
+    train_ids: Iterable[str], fractions: Sequence[float], seed: int
+) -> dict[float, set[str]]:
     """fraction -> the nested, deterministic subset of train utterances it learns from."""
-    ranked = sorted(train_ids, key=lambda u: hashlib.sha256(f"{seed}:fraction:{u}".encode()).digest())
+    ranked = sorted(
+        train_ids, key=lambda u: hashlib.sha256(f"{seed}:fraction:{u}".encode()).digest()
+    )
     return {f: set(ranked[: max(1, math.ceil(f * len(ranked)))]) for f in fractions}
 
 
@@ -113,10 +140,16 @@ def fraction_key(name: str, fraction: float) -> str:
     return name if fraction == 1.0 else f"{name}@{fraction:g}"
 
 
-def build_heads(names: Sequence[str], moments: Mapping[str, tuple[np.ndarray, np.ndarray]], num_classes: int,
-                config: ProbeConfig, device: torch.device, kinds: Sequence[str] = ("linear",),
-                fractions: Sequence[float] = (1.0,), mlp: MLPSettings = MLPSettings()
-                ) -> tuple[dict[str, LayerHeads | TorchHeads], dict[str, int], dict[str, tuple[str, str, float]]]:
+def build_heads(
+    names: Sequence[str],
+    moments: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    num_classes: int,
+    config: ProbeConfig,
+    device: torch.device,
+    kinds: Sequence[str] = ("linear",),
+    fractions: Sequence[float] = (1.0,),
+    mlp: MLPSettings = MLPSettings(),
+) -> tuple[dict[str, LayerHeads | TorchHeads], dict[str, int], dict[str, tuple[str, str, float]]]:
     """(heads by key, epochs by key, key -> (kind, layer, fraction)) for one task."""
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown:
@@ -129,13 +162,26 @@ def build_heads(names: Sequence[str], moments: Mapping[str, tuple[np.ndarray, np
         if "linear" in kinds:
             for name in names:
                 key = fraction_key(name, fraction)
-                heads[key] = LayerHeads(*moments[name], num_classes, config.grid(), device, source=name,
-                                        fraction=fraction)
+                heads[key] = LayerHeads(
+                    *moments[name],
+                    num_classes,
+                    config.grid(),
+                    device,
+                    source=name,
+                    fraction=fraction,
+                )
                 epochs[key], described[key] = config.epochs, ("linear", name, fraction)
         if "weighted_sum" in kinds and len(hidden) >= 2:
             key = fraction_key("weighted_sum", fraction)
-            heads[key] = TorchHeads("weighted_sum", hidden, moments, num_classes, config.grid(), device,
-                                    seed=config.seed)
+            heads[key] = TorchHeads(
+                "weighted_sum",
+                hidden,
+                moments,
+                num_classes,
+                config.grid(),
+                device,
+                seed=config.seed,
+            )
             heads[key].fraction = fraction
             epochs[key], described[key] = config.epochs, ("weighted_sum", "weighted_sum", fraction)
     if "mlp" in kinds:
@@ -145,7 +191,9 @@ def build_heads(names: Sequence[str], moments: Mapping[str, tuple[np.ndarray, np
             raise ProbeError(f"mlp.layers {missing} are not among the probed layers {list(names)}")
         for name in [n for n in names if not mlp.layers or n in mlp.layers]:
             key = f"mlp:{name}"
-            heads[key] = TorchHeads("mlp", [name], moments, num_classes, grid, device, mlp=mlp, seed=config.seed)
+            heads[key] = TorchHeads(
+                "mlp", [name], moments, num_classes, grid, device, mlp=mlp, seed=config.seed
+            )
             heads[key].fraction = 1.0
             epochs[key], described[key] = mlp.epochs or config.epochs, ("mlp", name, 1.0)
     return heads, epochs, described
@@ -155,14 +203,17 @@ def mlp_grid(config: ProbeConfig, mlp: MLPSettings) -> list[tuple[float, float]]
     return [(mlp.learning_rate, wd) for wd in (mlp.weight_decays or config.weight_decays)]
 
 
-def head_grid(head: LayerHeads | TorchHeads, config: ProbeConfig, mlp: MLPSettings) -> list[tuple[float, float]]:
+def head_grid(
+    head: LayerHeads | TorchHeads, config: ProbeConfig, mlp: MLPSettings
+) -> list[tuple[float, float]]:
     if isinstance(head, TorchHeads) and head.kind == "mlp":
         return mlp_grid(config, mlp)
     return config.grid()
 
 
-def fraction_masks(members: Mapping[float, set[str]], ids: Sequence[str], example_items: np.ndarray
-                   ) -> dict[float, np.ndarray]:
+def fraction_masks(
+    members: Mapping[float, set[str]], ids: Sequence[str], example_items: np.ndarray
+) -> dict[float, np.ndarray]:
     """fraction -> bool per train example (examples map to utterances through `example_items`)."""
     masks = {}
     for fraction, chosen in members.items():
@@ -177,12 +228,16 @@ def position_chunks(count: int, size: int) -> Iterator[np.ndarray]:
         yield np.arange(start, min(start + size, count))
 
 
-def head_reports(heads, described, config, mlp, truth, predicted, majority, class_names) -> tuple[dict, list]:
+def head_reports(
+    heads, described, config, mlp, truth, predicted, majority, class_names
+) -> tuple[dict, list]:
     """({layer: report} of the linear heads at fraction 1, [report with kind/layer/fraction] of every head)."""
     layers, probes = {}, []
     for key, head in heads.items():
         kind, layer, fraction = described[key]
-        report = layer_report(head, head_grid(head, config, mlp), truth, predicted[key], majority, class_names)
+        report = layer_report(
+            head, head_grid(head, config, mlp), truth, predicted[key], majority, class_names
+        )
         probes.append({"kind": kind, "layer": layer, "fraction": fraction, **report})
         if kind == "linear" and fraction == 1.0:
             layers[layer] = report
@@ -195,6 +250,13 @@ def extra_test_report(heads, described, truth, predicted, majority) -> dict:
     for key in heads:
         kind, layer, fraction = described[key]
         accuracy = float(np.mean(predicted[key] == truth)) if len(truth) else float("nan")
-        reports.append({"kind": kind, "layer": layer, "fraction": fraction, "accuracy": accuracy,
-                        "majority_rate": float(np.mean(truth == majority)) if len(truth) else float("nan")})
+        reports.append(
+            {
+                "kind": kind,
+                "layer": layer,
+                "fraction": fraction,
+                "accuracy": accuracy,
+                "majority_rate": float(np.mean(truth == majority)) if len(truth) else float("nan"),
+            }
+        )
     return {"examples": int(len(truth)), "heads": reports}

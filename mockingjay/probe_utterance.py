@@ -56,10 +56,14 @@ def probe_utterances(
     """
     started = time.perf_counter()
     device = torch.device(device)
-    chosen_ids = {split: [i for i, utt in enumerate(ids[split]) if include is None or utt in include[split]]
-                  for split in SPLITS}
+    chosen_ids = {
+        split: [i for i, utt in enumerate(ids[split]) if include is None or utt in include[split]]
+        for split in SPLITS
+    }
     for split in SPLITS:
-        missing = next((ids[split][i] for i in chosen_ids[split] if ids[split][i] not in speakers), None)
+        missing = next(
+            (ids[split][i] for i in chosen_ids[split] if ids[split][i] not in speakers), None
+        )
         if missing is not None:
             raise ProbeError(f"{split}: utterance {missing!r} has no {task} label")
     classes = sorted({speakers[ids["train"][i]] for i in chosen_ids["train"]})
@@ -69,7 +73,9 @@ def probe_utterances(
     sets = {split: split for split in SPLITS}
     for name, wanted in (extra_tests or {}).items():
         sets[f"test:{name}"] = "test"
-        chosen_ids[f"test:{name}"] = [i for i, utt in enumerate(ids["test"]) if utt in wanted and utt in speakers]
+        chosen_ids[f"test:{name}"] = [
+            i for i, utt in enumerate(ids["test"]) if utt in wanted and utt in speakers
+        ]
     keep, targets, ignored = {}, {}, {}
     for key, split in sets.items():
         known = [i for i in chosen_ids[key] if speakers[ids[split][i]] in class_of]
@@ -78,49 +84,77 @@ def probe_utterances(
         if not known and key in SPLITS:
             raise ProbeError(f"{key}: no utterance of a {task} class seen in train")
         keep[key] = np.asarray(known, dtype=np.int64)
-        targets[key] = torch.tensor([class_of[speakers[ids[split][i]]] for i in known], device=device)
+        targets[key] = torch.tensor(
+            [class_of[speakers[ids[split][i]]] for i in known], device=device
+        )
     names = list(vectors["train"])
-    inputs = {key: {name: torch.from_numpy(vectors[split][name][keep[key]]).to(device) for name in names}
-              for key, split in sets.items()}
+    inputs = {
+        key: {name: torch.from_numpy(vectors[split][name][keep[key]]).to(device) for name in names}
+        for key, split in sets.items()
+    }
     moments = {}
     for name in names:
         running = RunningMoments(inputs["train"][name].shape[1])
         running.update(inputs["train"][name])
         moments[name] = running.mean_std()
-    heads, epochs, described = build_heads(names, moments, len(classes), config, device, kinds, fractions, mlp)
+    heads, epochs, described = build_heads(
+        names, moments, len(classes), config, device, kinds, fractions, mlp
+    )
     train_ids = [ids["train"][i] for i in keep["train"]]
     members = fraction_members(train_ids, fractions, config.seed)
-    masks = {f: torch.from_numpy(m).to(device)
-             for f, m in fraction_masks(members, train_ids, np.arange(len(train_ids))).items()}
+    masks = {
+        f: torch.from_numpy(m).to(device)
+        for f, m in fraction_masks(members, train_ids, np.arange(len(train_ids))).items()
+    }
 
     def batches(split: str, positions: Iterator[np.ndarray]) -> Iterator[tuple]:
         for chosen in positions:
             index = torch.from_numpy(chosen).to(device)
             batch_masks = {f: m[index] for f, m in masks.items()} if split == "train" else {}
-            yield targets[split][index], {name: inputs[split][name][index] for name in names}, batch_masks
+            yield (
+                targets[split][index],
+                {name: inputs[split][name][index] for name in names},
+                batch_masks,
+            )
 
     generator = torch.Generator().manual_seed(config.seed)
     count = len(keep["train"])
     batch_size = config.batch_size or count
 
     def train_batches(epoch: int) -> Iterator[tuple]:
-        order = torch.randperm(count, generator=generator).numpy() if batch_size < count else np.arange(count)
-        return batches("train", (np.sort(order[i : i + batch_size]) for i in range(0, count, batch_size)))
+        order = (
+            torch.randperm(count, generator=generator).numpy()
+            if batch_size < count
+            else np.arange(count)
+        )
+        return batches(
+            "train", (np.sort(order[i : i + batch_size]) for i in range(0, count, batch_size))
+        )
 
     def dev_batches() -> Iterator[tuple]:
         return batches("dev", position_chunks(len(keep["dev"]), config.eval_batch))
 
     train_heads(heads, epochs, train_batches, dev_batches, progress, f"{task} probe")
-    truth, predicted = predict(heads, batches("test", position_chunks(len(keep["test"]), config.eval_batch)))
+    truth, predicted = predict(
+        heads, batches("test", position_chunks(len(keep["test"]), config.eval_batch))
+    )
     majority = int(np.bincount(targets["train"].cpu().numpy(), minlength=len(classes)).argmax())
-    layers, probes = head_reports(heads, described, config, mlp, truth, predicted, majority, classes)
+    layers, probes = head_reports(
+        heads, described, config, mlp, truth, predicted, majority, classes
+    )
     extra = {}
     for name in extra_tests or {}:
         key = f"test:{name}"
         if not len(keep[key]):  # e.g. a closed-set speaker probe on a corpus of unseen speakers
-            extra[name] = {"examples": 0, "heads": [], "note": f"no test utterance of a {task} class seen in train"}
+            extra[name] = {
+                "examples": 0,
+                "heads": [],
+                "note": f"no test utterance of a {task} class seen in train",
+            }
             continue
-        extra_truth, extra_predicted = predict(heads, batches(key, position_chunks(len(keep[key]), config.eval_batch)))
+        extra_truth, extra_predicted = predict(
+            heads, batches(key, position_chunks(len(keep[key]), config.eval_batch))
+        )
         extra[name] = extra_test_report(heads, described, extra_truth, extra_predicted, majority)
     return {
         **({"extra_tests": extra} if extra else {}),

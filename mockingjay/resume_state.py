@@ -37,8 +37,17 @@ TRAIN_LOG = "train_log.jsonl"
 LOCK_FILE = ".lock"
 # TrainConfig fields that do not change what is trained: a checkpoint resumes across them
 # (frame_rate: what older versions recorded there, now a property of the data).
-IGNORED_TRAINING_KEYS = frozenset({"device", "progress", "log_every", "num_workers", "checkpoint_every",
-                                   "keep_checkpoints", "frame_rate"})
+IGNORED_TRAINING_KEYS = frozenset(
+    {
+        "device",
+        "progress",
+        "log_every",
+        "num_workers",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "frame_rate",
+    }
+)
 # What an older version left at the top of the folder (one configuration's state, unnamed).
 _LEGACY = re.compile(r"^(step-\d+|\.step-.*|train_log\.jsonl)$")
 _STEP = re.compile(r"^step-(\d+)$")
@@ -52,8 +61,12 @@ def training_record(training: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in training.items() if k not in IGNORED_TRAINING_KEYS}
 
 
-def run_record(model: dict[str, Any], mask: dict[str, Any], training: dict[str, Any],
-               provenance: dict[str, Any]) -> dict[str, Any]:
+def run_record(
+    model: dict[str, Any],
+    mask: dict[str, Any],
+    training: dict[str, Any],
+    provenance: dict[str, Any],
+) -> dict[str, Any]:
     """What must match to resume, for the run about to start: the model, masking and training
     settings (`to_dict()`s) and its provenance ({"features": ..., "data": {"fingerprint": ...}})."""
     return {"model": model, "mask": mask, "training": training_record(training), **provenance}
@@ -67,9 +80,13 @@ def data_fingerprint(stores: list[Path]) -> str:
 
 def resume_record(stored: dict[str, Any]) -> dict[str, Any]:
     """What must match to resume, from a checkpoint's config.json (the same shape the stage builds)."""
-    return {"model": stored.get("model"), "mask": stored.get("mask"),
-            "training": training_record(stored.get("training") or {}),
-            "features": stored.get("features"), "data": stored.get("data")}
+    return {
+        "model": stored.get("model"),
+        "mask": stored.get("mask"),
+        "training": training_record(stored.get("training") or {}),
+        "features": stored.get("features"),
+        "data": stored.get("data"),
+    }
 
 
 def fingerprint(record: dict[str, Any]) -> str:
@@ -84,12 +101,18 @@ def state_dir(checkpoints: Path, record: dict[str, Any]) -> Path:
 
 def is_checkpoints_folder(folder: Path) -> bool:
     """True when every entry is one this module or an older version of it wrote."""
-    return all(p.name.startswith(STATE_PREFIX) or p.name == LOCK_FILE or _LEGACY.match(p.name)
-               for p in Path(folder).iterdir())
+    return all(
+        p.name.startswith(STATE_PREFIX) or p.name == LOCK_FILE or _LEGACY.match(p.name)
+        for p in Path(folder).iterdir()
+    )
 
 
 def legacy_entries(checkpoints: Path) -> list[Path]:
-    return sorted(p for p in Path(checkpoints).iterdir() if _LEGACY.match(p.name)) if Path(checkpoints).is_dir() else []
+    return (
+        sorted(p for p in Path(checkpoints).iterdir() if _LEGACY.match(p.name))
+        if Path(checkpoints).is_dir()
+        else []
+    )
 
 
 def adopt_legacy(checkpoints: Path, stored_config: dict[str, Any]) -> Path:
@@ -97,14 +120,18 @@ def adopt_legacy(checkpoints: Path, stored_config: dict[str, Any]) -> Path:
     folder of its configuration (`stored_config`: its newest complete checkpoint's config.json)."""
     dest = state_dir(checkpoints, resume_record(stored_config))
     if dest.exists():
-        raise ResumeStateError(f"{dest} exists beside the older layout's step-* folders in {checkpoints}; "
-                               "move one of them away by hand")
+        raise ResumeStateError(
+            f"{dest} exists beside the older layout's step-* folders in {checkpoints}; "
+            "move one of them away by hand"
+        )
     tmp = dest.with_name(f".{dest.name}.adopting")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for entry in legacy_entries(checkpoints):
         os.replace(entry, tmp / entry.name)
-    publish_directory(tmp, dest)  # the state appears under its name whole, or stays in the hidden folder
+    publish_directory(
+        tmp, dest
+    )  # the state appears under its name whole, or stays in the hidden folder
     return dest
 
 
@@ -126,7 +153,9 @@ class ResumeDecision:
     state: Path  # this configuration's folder (state_dir)
     latest: Path | None  # its newest complete checkpoint, resumed; None: the run starts afresh
     others: list[dict[str, Any]]  # the other configurations' states (list_states), kept as they are
-    aside: Path | None  # `<checkpoints>.previous`, state an older version moved aside: never resumed
+    aside: (
+        Path | None
+    )  # `<checkpoints>.previous`, state an older version moved aside: never resumed
 
 
 def resume_decision(checkpoints: Path, record: dict[str, Any]) -> ResumeDecision:
@@ -166,7 +195,9 @@ def is_model_dir(folder: Path) -> bool:
 
 
 def _steps(folder: Path) -> list[int]:
-    return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _STEP.match(p.name)) and p.is_dir())
+    return sorted(
+        int(m.group(1)) for p in folder.iterdir() if (m := _STEP.match(p.name)) and p.is_dir()
+    )
 
 
 def _stored_config(folder: Path) -> dict[str, Any]:
@@ -180,7 +211,9 @@ def _stored_config(folder: Path) -> dict[str, Any]:
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(value, dict):
-        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+        return {
+            k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()
+        }
     return {prefix[:-1]: value}
 
 
@@ -190,23 +223,41 @@ def list_states(checkpoints: Path, current: dict[str, Any] | None = None) -> lis
     checkpoints = Path(checkpoints)
     if not checkpoints.is_dir():
         return []
-    now = _flat(json.loads(json.dumps(current, default=str))) if current else {}  # a tuple reads back as a list
+    now = (
+        _flat(json.loads(json.dumps(current, default=str))) if current else {}
+    )  # a tuple reads back as a list
     states = []
-    for folder in sorted(p for p in checkpoints.iterdir() if p.name.startswith(STATE_PREFIX) and p.is_dir()):
+    for folder in sorted(
+        p for p in checkpoints.iterdir() if p.name.startswith(STATE_PREFIX) and p.is_dir()
+    ):
         stored = _stored_config(folder)
         steps = _steps(folder)
         theirs = _flat(resume_record(stored)) if stored else {}
-        differs = [f"{key}={theirs.get(key)!r}" for key in sorted(set(now) | set(theirs))
-                   if now and theirs and key != "data.fingerprint" and now.get(key) != theirs.get(key)]
+        differs = [
+            f"{key}={theirs.get(key)!r}"
+            for key in sorted(set(now) | set(theirs))
+            if now and theirs and key != "data.fingerprint" and now.get(key) != theirs.get(key)
+        ]
         if now and theirs and now.get("data.fingerprint") != theirs.get("data.fingerprint"):
             differs.append("other data")
-        states.append({"name": folder.name, "path": folder, "step": steps[-1] if steps else None,
-                       "total_steps": (stored.get("training") or {}).get("total_steps"), "differs": differs})
+        states.append(
+            {
+                "name": folder.name,
+                "path": folder,
+                "step": steps[-1] if steps else None,
+                "total_steps": (stored.get("training") or {}).get("total_steps"),
+                "differs": differs,
+            }
+        )
     return states
 
 
 def describe(state: dict[str, Any]) -> str:
-    done = "no checkpoint" if state["step"] is None else f"step {state['step']} of {state['total_steps']}"
+    done = (
+        "no checkpoint"
+        if state["step"] is None
+        else f"step {state['step']} of {state['total_steps']}"
+    )
     differs = f"; differs in {', '.join(state['differs'][:4])}" if state["differs"] else ""
     more = f" and {len(state['differs']) - 4} more" if len(state["differs"]) > 4 else ""
     return f"{state['path']}: {done}{differs}{more}"
@@ -249,4 +300,6 @@ def locked(checkpoints: Path) -> Iterator[Path]:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield checkpoints
     finally:
-        os.close(fd)  # releases the lock; the file stays (removing it would race with the next taker)
+        os.close(
+            fd
+        )  # releases the lock; the file stays (removing it would race with the next taker)

@@ -41,9 +41,17 @@ from .checkpoint import CheckpointError
 # s3prl's old top-level module (builder.py maps it to s3prl.optimizers); the BERT ports carry
 # BertAdam and the Warmup*Schedule classes.
 INERT_MODULES = (
-    "optimizers", "s3prl.optimizers", "s3prl.schedulers", "schedulers", "utility.optimizers",
-    "mockingjay.optimization", "transformer.optimization", "pytorch_pretrained_bert.optimization",
-    "pytorch_transformers.optimization", "transformers.optimization", "apex.optimizers",
+    "optimizers",
+    "s3prl.optimizers",
+    "s3prl.schedulers",
+    "schedulers",
+    "utility.optimizers",
+    "mockingjay.optimization",
+    "transformer.optimization",
+    "pytorch_pretrained_bert.optimization",
+    "pytorch_transformers.optimization",
+    "transformers.optimization",
+    "apex.optimizers",
     "torch.optim",
 )
 MAX_PLACEHOLDERS = 64
@@ -109,17 +117,26 @@ def load_untrusted(path: str | Path) -> Any:
         except pickle.UnpicklingError as err:
             match = _REFUSED_GLOBAL.search(str(err))
             name = match.group(1) if match else None
-            if name and is_inert(name) and name not in placeholders and len(placeholders) < MAX_PLACEHOLDERS:
+            if (
+                name
+                and is_inert(name)
+                and name not in placeholders
+                and len(placeholders) < MAX_PLACEHOLDERS
+            ):
                 placeholders[name] = _placeholder(name)
                 continue
             reason = _reason(err)
             if name or _ERROR_LINE.search(reason):
                 raise UnsafeCheckpointError(_refusal(path, name, reason)) from None
-            raise CheckpointError(f"{path}: not a torch checkpoint the safe loader reads ({reason})") from None
+            raise CheckpointError(
+                f"{path}: not a torch checkpoint the safe loader reads ({reason})"
+            ) from None
         except Exception as err:  # noqa: BLE001 - truncated zips, garbage: all say "unreadable"
             detail = _without_advice(str(err).splitlines()[0] if str(err) else "")
-            raise CheckpointError(f"{path}: unreadable as a torch checkpoint ({type(err).__name__}"
-                                  f"{': ' + detail if detail else ''})") from None
+            raise CheckpointError(
+                f"{path}: unreadable as a torch checkpoint ({type(err).__name__}"
+                f"{': ' + detail if detail else ''})"
+            ) from None
 
 
 def _without_advice(text: str) -> str:
@@ -132,13 +149,19 @@ def _reason(err: Exception) -> str:
     """The line of torch's weights-only error that says what it met (not its generic advice)."""
     lines = [_without_advice(line.strip()) for line in str(err).splitlines() if line.strip()]
     lines = [line for line in lines if line]
-    specific = [line for line in lines if _ERROR_LINE.search(line) or "operand" in line or "load key" in line]
+    specific = [
+        line
+        for line in lines
+        if _ERROR_LINE.search(line) or "operand" in line or "load key" in line
+    ]
     return (specific or lines[-1:] or [""])[0][:300]
 
 
 def _refusal(path: Path, name: str | None, reason: str) -> str:
     what = f"the global {name}" if name else "an operation the safe loader does not allow"
     detail = "" if name else f" ({reason})"
-    return (f"{path}: refused: its pickle needs {what}{detail}, which is not on the allow-list "
-            f"(tensors, containers, argparse.Namespace, numpy scalars, optimizer state); loading it "
-            f"could run code, so nothing from it was executed or converted")
+    return (
+        f"{path}: refused: its pickle needs {what}{detail}, which is not on the allow-list "
+        f"(tensors, containers, argparse.Namespace, numpy scalars, optimizer state); loading it "
+        f"could run code, so nothing from it was executed or converted"
+    )

@@ -26,7 +26,9 @@ def warmup_steps_for(total_steps: int, warmup_proportion: float = DEFAULT_WARMUP
     return int(round(total_steps * warmup_proportion))
 
 
-def lr_multiplier(step: int, total_steps: int, warmup_proportion: float = DEFAULT_WARMUP_PROPORTION) -> float:
+def lr_multiplier(
+    step: int, total_steps: int, warmup_proportion: float = DEFAULT_WARMUP_PROPORTION
+) -> float:
     """Fraction of the peak learning rate used by the update with index `step`."""
     warmup = warmup_steps_for(total_steps, warmup_proportion)
     if step < warmup:
@@ -36,7 +38,12 @@ def lr_multiplier(step: int, total_steps: int, warmup_proportion: float = DEFAUL
     return (total_steps - step) / (total_steps - warmup)
 
 
-def lr_at(step: int, peak_lr: float, total_steps: int, warmup_proportion: float = DEFAULT_WARMUP_PROPORTION) -> float:
+def lr_at(
+    step: int,
+    peak_lr: float,
+    total_steps: int,
+    warmup_proportion: float = DEFAULT_WARMUP_PROPORTION,
+) -> float:
     """Learning rate of the update with index `step`."""
     return peak_lr * lr_multiplier(step, total_steps, warmup_proportion)
 

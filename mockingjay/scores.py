@@ -13,7 +13,11 @@ import numpy as np
 
 def accuracy(truth: np.ndarray, predicted: np.ndarray) -> float:
     """The fraction of predictions equal to the truth; NaN when there is nothing to score."""
-    return float(np.average(np.asarray(truth) == np.asarray(predicted))) if len(truth) else float("nan")
+    return (
+        float(np.average(np.asarray(truth) == np.asarray(predicted)))
+        if len(truth)
+        else float("nan")
+    )
 
 
 def macro_f1(truth: np.ndarray, predicted: np.ndarray) -> float:
@@ -23,7 +27,7 @@ def macro_f1(truth: np.ndarray, predicted: np.ndarray) -> float:
         return float("nan")
     truth, predicted = np.asarray(truth), np.asarray(predicted)
     labels, codes = np.unique(np.concatenate([truth, predicted]), return_inverse=True)
-    true_code, predicted_code = codes[: len(truth)], codes[len(truth):]
+    true_code, predicted_code = codes[: len(truth)], codes[len(truth) :]
     hits = np.bincount(true_code[true_code == predicted_code], minlength=len(labels))
     true_count = np.bincount(true_code, minlength=len(labels))
     predicted_count = np.bincount(predicted_code, minlength=len(labels))

@@ -50,7 +50,7 @@ class _WholeWrites:
         view = memoryview(data).cast("B")
         try:
             while view:
-                view = view[os.write(self._fd, view):]
+                view = view[os.write(self._fd, view) :]
         except OSError as err:
             self.error = err
             raise
@@ -60,7 +60,9 @@ class _WholeWrites:
         pass
 
 
-def save_safetensors(save: Callable[..., None], what: Any, file: str | Path, metadata: dict[str, str]) -> None:
+def save_safetensors(
+    save: Callable[..., None], what: Any, file: str | Path, metadata: dict[str, str]
+) -> None:
     """`save(what, file, metadata=...)` of safetensors, whose failed write is a SafetensorError
     ("Error while serializing: I/O error: File too large (os error 27)"): said as the OSError it
     is, naming the file.
@@ -68,8 +70,10 @@ def save_safetensors(save: Callable[..., None], what: Any, file: str | Path, met
     At most one metadata key: safetensors writes its metadata map in no fixed order, so with two
     keys the same weights become a different file from run to run (DVC hashes, bitwise checks)."""
     if len(metadata) > 1:
-        raise ValueError(f"{file}: one safetensors metadata key at most (the file must be deterministic), "
-                         f"got {sorted(metadata)}")
+        raise ValueError(
+            f"{file}: one safetensors metadata key at most (the file must be deterministic), "
+            f"got {sorted(metadata)}"
+        )
     try:
         save(what, str(file), metadata=metadata)
     except OSError as err:
@@ -107,13 +111,15 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     python = state["python"]
     random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
     numpy_state = state["numpy"]
-    np.random.set_state((
-        numpy_state["name"],
-        numpy_state["keys"].numpy().astype(np.uint32),
-        numpy_state["position"],
-        numpy_state["has_gauss"],
-        numpy_state["cached_gaussian"],
-    ))
+    np.random.set_state(
+        (
+            numpy_state["name"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["position"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

@@ -44,12 +44,22 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field (NaN fails every check)."""
+
         def check(name: str, ok: bool, requirement: str) -> None:
             if not ok:
-                raise ValueError(f"TrainConfig.{name} must be {requirement}, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"TrainConfig.{name} must be {requirement}, got {getattr(self, name)!r}"
+                )
 
-        for name in ("total_steps", "grad_accumulation", "max_frames_per_batch", "bucket_pool_size",
-                     "log_every", "checkpoint_every", "keep_checkpoints"):
+        for name in (
+            "total_steps",
+            "grad_accumulation",
+            "max_frames_per_batch",
+            "bucket_pool_size",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+        ):
             check(name, getattr(self, name) >= 1, ">= 1")
         for name in ("max_batch_size", "max_length", "eval_max_utterances"):
             check(name, getattr(self, name) is None or getattr(self, name) >= 1, ">= 1 or null")
@@ -58,12 +68,18 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip", "eval_every"):
             check(name, getattr(self, name) >= 0, ">= 0")
         check("warmup_proportion", 0.0 <= self.warmup_proportion < 1.0, "in [0, 1)")
-        check("adam_betas", len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
-              "two numbers in [0, 1)")
+        check(
+            "adam_betas",
+            len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+            "two numbers in [0, 1)",
+        )
         check("adam_eps", self.adam_eps > 0, "> 0")
         check("precision", self.precision in ("auto", "bf16", "fp32"), "auto, bf16 or fp32")
-        check("device", self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-              "auto, cpu, cuda or cuda:N")
+        check(
+            "device",
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            "auto, cpu, cuda or cuda:N",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -77,7 +93,9 @@ class TrainData:
     heldout: str | Path | None = None
     train_targets: Sequence[str | Path | None] | None = None
     heldout_target: str | Path | None = None
-    frame_rate: float = 100.0  # feature frames per second of audio: only for the audio-seconds figures
+    frame_rate: float = (
+        100.0  # feature frames per second of audio: only for the audio-seconds figures
+    )
 
     def __post_init__(self):
         if not self.frame_rate > 0:

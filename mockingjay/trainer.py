@@ -84,10 +84,19 @@ class Trainer:
     with TrainingStopped after a checkpoint of the step reached.
     """
 
-    def __init__(self, model_config: ModelConfig, mask_config: MaskConfig, train_config: TrainConfig,
-                 data: TrainData, checkpoints_dir: str | Path, model_dir: str | Path, *,
-                 extra_config: dict[str, Any] | None = None, callback: Callback | None = None,
-                 should_stop: Callable[[], bool] | None = None):
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        mask_config: MaskConfig,
+        train_config: TrainConfig,
+        data: TrainData,
+        checkpoints_dir: str | Path,
+        model_dir: str | Path,
+        *,
+        extra_config: dict[str, Any] | None = None,
+        callback: Callback | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ):
         train_config.validate()
         model_config.validate()
         mask_config.validate()
@@ -100,13 +109,20 @@ class Trainer:
         # agree on the step): True stops the run with a checkpoint of the step reached.
         self.should_stop = should_stop
         self.train_data = FeatureDataset(data.train, data.train_targets)
-        self.heldout_data = (FeatureDataset(data.heldout, [data.heldout_target] if data.heldout_target else None)
-                             if data.heldout is not None else None)
+        self.heldout_data = (
+            FeatureDataset(data.heldout, [data.heldout_target] if data.heldout_target else None)
+            if data.heldout is not None
+            else None
+        )
         for name, store in (("train", self.train_data), ("held-out", self.heldout_data)):
-            if store is not None and (store.input_dim, store.target_dim) != (model_config.input_dim,
-                                                                             model_config.target_dim):
-                raise ValueError(f"{name} features are {store.input_dim}-d in, {store.target_dim}-d target; the model "
-                                 f"expects input_dim={model_config.input_dim}, target_dim={model_config.target_dim}")
+            if store is not None and (store.input_dim, store.target_dim) != (
+                model_config.input_dim,
+                model_config.target_dim,
+            ):
+                raise ValueError(
+                    f"{name} features are {store.input_dim}-d in, {store.target_dim}-d target; the model "
+                    f"expects input_dim={model_config.input_dim}, target_dim={model_config.target_dim}"
+                )
 
     # -- setup -------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -119,20 +135,40 @@ class Trainer:
         decay = [p for p in self.model.parameters() if p.ndim >= 2]
         no_decay = [p for p in self.model.parameters() if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
-            fused=self.device.type == "cuda")
+            [
+                {"params": decay, "weight_decay": cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=cfg.learning_rate,
+            betas=tuple(cfg.adam_betas),
+            eps=cfg.adam_eps,
+            fused=self.device.type == "cuda",
+        )
         self.scheduler = warmup_linear_decay(self.optimizer, cfg.total_steps, cfg.warmup_proportion)
         self.sampler = LengthBucketBatchSampler(
-            self.train_data.lengths, cfg.max_frames_per_batch, cfg.max_batch_size, cfg.max_length, seed=cfg.seed,
-            pool_size=cfg.bucket_pool_size, rank=self.dist.rank, world_size=self.dist.world_size)
+            self.train_data.lengths,
+            cfg.max_frames_per_batch,
+            cfg.max_batch_size,
+            cfg.max_length,
+            seed=cfg.seed,
+            pool_size=cfg.bucket_pool_size,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
         num_workers = cfg.num_workers
         if num_workers is None:  # the collate (memmap -> padded float32) must keep up with a GPU
             num_workers = min(4, (os.cpu_count() or 2) // 2) if self.device.type == "cuda" else 0
         on_gpu = self.device.type == "cuda"
-        self.loader = make_loader(self.train_data, self.sampler, num_workers, pin_memory=on_gpu,
-                                  multiprocessing_context="forkserver" if on_gpu else None)
-        self.mask_generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 7919 * self.dist.rank)
+        self.loader = make_loader(
+            self.train_data,
+            self.sampler,
+            num_workers,
+            pin_memory=on_gpu,
+            multiprocessing_context="forkserver" if on_gpu else None,
+        )
+        self.mask_generator = torch.Generator(device=self.device).manual_seed(
+            cfg.seed + 7919 * self.dist.rank
+        )
         self.step = self.epoch = self.batch_in_epoch = self.skipped_before = 0
         self.heldout_loss_initial: float | None = None
         self.resumed_from = latest_checkpoint(self.checkpoints_dir)
@@ -141,7 +177,8 @@ class Trainer:
         module: torch.nn.Module = self.model
         if self.dist.enabled:
             module = DistributedDataParallel(
-                module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                module, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         self.ddp = module if self.dist.enabled else None
         self.train_module = torch.compile(module) if cfg.compile else module
 
@@ -150,7 +187,11 @@ class Trainer:
         state = load_trainer_state(path, map_location="cpu")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.step, self.epoch, self.batch_in_epoch = (
+            state["step"],
+            state["epoch"],
+            state["batch_in_epoch"],
+        )
         self.skipped_before = state["skipped_batches"]
         self.heldout_loss_initial = state["heldout_loss_initial"]
         per_rank = state["rank_states"]
@@ -159,7 +200,9 @@ class Trainer:
             self.mask_generator.set_state(per_rank[self.dist.rank]["mask_generator"])
         else:  # different world size: the random streams restart, the epoch's batches differ
             torch.manual_seed(self.config.seed + self.step)
-            self.batch_in_epoch = min(self.batch_in_epoch, self.sampler.batches_per_epoch(self.epoch))
+            self.batch_in_epoch = min(
+                self.batch_in_epoch, self.sampler.batches_per_epoch(self.epoch)
+            )
             self.mask_generator.manual_seed(self.config.seed + self.step + 7919 * self.dist.rank)
         self._emit({"event": "resume", "step": self.step, "path": str(path)})
 
@@ -179,19 +222,29 @@ class Trainer:
 
     def _sum_over_ranks(self, values: list[torch.Tensor | float]) -> list[float]:
         """Sum per-rank numbers (one all-reduce) and read them on the host: a sync point."""
-        stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values])
+        stacked = torch.stack(
+            [torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values]
+        )
         if self.dist.enabled:
             dist.all_reduce(stacked)
         return stacked.tolist()
 
-    def _masked_loss(self, module: torch.nn.Module, batch, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _masked_loss(
+        self, module: torch.nn.Module, batch, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # Batches come in the store's float16 and become float32 on the device (exact).
         inputs = batch.inputs.to(self.device, non_blocking=True).float()
-        targets = batch.targets.to(self.device, non_blocking=True).float() if batch.targets is not None else inputs
+        targets = (
+            batch.targets.to(self.device, non_blocking=True).float()
+            if batch.targets is not None
+            else inputs
+        )
         lengths = batch.lengths.to(self.device, non_blocking=True)
         # Decided on the host from the collate's lengths: no padding lets attention skip its mask.
         unpadded = int(batch.lengths.min()) == inputs.size(1)
-        masked = mask_batch(inputs, lengths, self.mask_config, self.model_config.downsample_rate, generator)
+        masked = mask_batch(
+            inputs, lengths, self.mask_config, self.model_config.downsample_rate, generator
+        )
         with autocast(self.device, self.config.precision):
             predictions = module(masked.inputs, None if unpadded else lengths)
         return mam_l1_loss(predictions, targets, masked.target_loss_mask(targets.size(-1)))
@@ -204,10 +257,21 @@ class Trainer:
             return None
         cfg = self.config
         lengths = self.heldout_data.lengths[: cfg.eval_max_utterances]
-        sampler = LengthBucketBatchSampler(lengths, cfg.max_frames_per_batch, cfg.max_batch_size, cfg.max_length,
-                                           shuffle=False, rank=self.dist.rank, world_size=self.dist.world_size)
-        loader = make_loader(self.heldout_data, sampler, num_workers=0, pin_memory=self.device.type == "cuda")
-        generator = torch.Generator(device=self.device).manual_seed(cfg.seed + EVAL_SEED_OFFSET + self.dist.rank)
+        sampler = LengthBucketBatchSampler(
+            lengths,
+            cfg.max_frames_per_batch,
+            cfg.max_batch_size,
+            cfg.max_length,
+            shuffle=False,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
+        loader = make_loader(
+            self.heldout_data, sampler, num_workers=0, pin_memory=self.device.type == "cuda"
+        )
+        generator = torch.Generator(device=self.device).manual_seed(
+            cfg.seed + EVAL_SEED_OFFSET + self.dist.rank
+        )
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = torch.zeros((), dtype=torch.float64, device=self.device)
         self.model.eval()
@@ -234,22 +298,37 @@ class Trainer:
         path = None
         if self.dist.is_main:
             state = {
-                "version": TRAINER_STATE_VERSION, "step": self.step, "epoch": self.epoch,
-                "batch_in_epoch": self.batch_in_epoch, "skipped_batches": skipped_total,
-                "heldout_loss_initial": self.heldout_loss_initial, "world_size": self.dist.world_size,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "version": TRAINER_STATE_VERSION,
+                "step": self.step,
+                "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch,
+                "skipped_batches": skipped_total,
+                "heldout_loss_initial": self.heldout_loss_initial,
+                "world_size": self.dist.world_size,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
                 "rank_states": per_rank,
             }
-            path = save_checkpoint(self.checkpoints_dir, self.step, self.model, self._config_record(), state,
-                                   keep_last=self.config.keep_checkpoints)
+            path = save_checkpoint(
+                self.checkpoints_dir,
+                self.step,
+                self.model,
+                self._config_record(),
+                state,
+                keep_last=self.config.keep_checkpoints,
+            )
             self._emit({"event": "checkpoint", "step": self.step, "path": str(path)})
         if self.dist.enabled:
             dist.barrier()  # no rank runs ahead (or exits) while rank 0 is still writing
         return path
 
     def _config_record(self) -> dict[str, Any]:
-        return {**self.extra_config, "model": self.model_config.to_dict(), "mask": self.mask_config.to_dict(),
-                "training": self.config.to_dict()}
+        return {
+            **self.extra_config,
+            "model": self.model_config.to_dict(),
+            "mask": self.mask_config.to_dict(),
+            "training": self.config.to_dict(),
+        }
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -265,13 +344,24 @@ class Trainer:
         if self.resumed_from is None:
             self.heldout_loss_initial = self.evaluate()
         batches = self._batches()
-        tally = _Tally(*(torch.zeros((), dtype=dtype, device=self.device)
-                         for dtype in (torch.float64, torch.int64, torch.bool, torch.float32)))
+        tally = _Tally(
+            *(
+                torch.zeros((), dtype=dtype, device=self.device)
+                for dtype in (torch.float64, torch.int64, torch.bool, torch.float32)
+            )
+        )
         start_step, run_start, self.last_good = self.step, tally.start, self.resumed_from
         # One process on CPU: reading the flags every step costs nothing, so a bad step never updates.
         sync_every_step = self.device.type == "cpu" and not self.dist.enabled
-        progress = tqdm(total=cfg.total_steps, initial=self.step, disable=not (cfg.progress and self.dist.is_main),
-                        file=sys.stderr, desc="pretrain", unit="step", dynamic_ncols=True)
+        progress = tqdm(
+            total=cfg.total_steps,
+            initial=self.step,
+            disable=not (cfg.progress and self.dist.is_main),
+            file=sys.stderr,
+            desc="pretrain",
+            unit="step",
+            dynamic_ncols=True,
+        )
         self.model.train()
         while self.step < cfg.total_steps:
             self._train_step(batches, tally, check_now=sync_every_step)
@@ -290,7 +380,11 @@ class Trainer:
             frames = int(batch.lengths.sum())  # host tensor: no device sync
             tally.frames, tally.run_frames = tally.frames + frames, tally.run_frames + frames
             last_micro = micro == cfg.grad_accumulation - 1
-            no_sync = self.ddp.no_sync() if self.ddp is not None and not last_micro else contextlib.nullcontext()
+            no_sync = (
+                self.ddp.no_sync()
+                if self.ddp is not None and not last_micro
+                else contextlib.nullcontext()
+            )
             with no_sync:
                 loss, num_masked = self._masked_loss(self.train_module, batch, self.mask_generator)
                 (loss / cfg.grad_accumulation).backward()
@@ -298,7 +392,9 @@ class Trainer:
             tally.nonfinite |= ~torch.isfinite(loss)
             tally.loss += loss.detach().double()
             tally.micro_batches += 1
-        tally.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
+        tally.grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), cfg.grad_clip or math.inf
+        )
         tally.nonfinite |= ~torch.isfinite(tally.grad_norm)
         if check_now and bool(tally.nonfinite):
             self._raise_nonfinite(self.step + 1)  # before the update: the weights stay clean
@@ -312,15 +408,25 @@ class Trainer:
         interval's numbers once, log, evaluate, checkpoint, and stop if asked."""
         cfg = self.config
         is_log = self.step % cfg.log_every == 0 or self.step == cfg.total_steps
-        is_eval = cfg.eval_every > 0 and self.step % cfg.eval_every == 0 and self.step < cfg.total_steps
+        is_eval = (
+            cfg.eval_every > 0 and self.step % cfg.eval_every == 0 and self.step < cfg.total_steps
+        )
         is_checkpoint = self.step % cfg.checkpoint_every == 0 or self.step == cfg.total_steps
         stop = self.should_stop is not None and not self.dist.enabled and self.should_stop()
         if not (is_log or is_eval or is_checkpoint or stop):
             return
         wants_stop = float(self.should_stop is not None and self.should_stop())
         loss_sum, micro_batches, frames_sum, skipped_sum, bad, norm, stops = self._sum_over_ranks(
-            [tally.loss, float(tally.micro_batches), float(tally.frames), tally.skipped, tally.nonfinite,
-             tally.grad_norm, wants_stop])
+            [
+                tally.loss,
+                float(tally.micro_batches),
+                float(tally.frames),
+                tally.skipped,
+                tally.nonfinite,
+                tally.grad_norm,
+                wants_stop,
+            ]
+        )
         if bad:
             self._raise_nonfinite(self.step)
         stop = stop or stops > 0
@@ -328,12 +434,22 @@ class Trainer:
         if is_log:
             now = time.perf_counter()
             tally.last_loss = loss_sum / max(micro_batches, 1.0)
-            record = {"event": "train", "step": self.step, "epoch": self.epoch, "loss": tally.last_loss,
-                      "learning_rate": self.scheduler.get_last_lr()[0],
-                      "grad_norm": norm / self.dist.world_size, "skipped_batches": skipped_total,
-                      "audio_seconds_per_second": frames_sum / self.frame_rate / max(now - tally.start, 1e-9)}
+            record = {
+                "event": "train",
+                "step": self.step,
+                "epoch": self.epoch,
+                "loss": tally.last_loss,
+                "learning_rate": self.scheduler.get_last_lr()[0],
+                "grad_norm": norm / self.dist.world_size,
+                "skipped_batches": skipped_total,
+                "audio_seconds_per_second": frames_sum
+                / self.frame_rate
+                / max(now - tally.start, 1e-9),
+            }
             self._emit(record)
-            progress.set_postfix(loss=f"{tally.last_loss:.4f}", lr=f"{record['learning_rate']:.2e}", refresh=False)
+            progress.set_postfix(
+                loss=f"{tally.last_loss:.4f}", lr=f"{record['learning_rate']:.2e}", refresh=False
+            )
             tally.loss.zero_()
             tally.micro_batches = tally.frames = 0
             tally.start = now
@@ -353,20 +469,33 @@ class Trainer:
         skipped_total = self.skipped_before + int(self._sum_over_ranks([tally.skipped])[0])
         heldout_loss_final = self.evaluate()
         if self.dist.is_main:
-            save_model_dir(self.model_dir, self.model, self.model_config,
-                           extra={k: v for k, v in self._config_record().items() if k != "model"})
+            save_model_dir(
+                self.model_dir,
+                self.model,
+                self.model_config,
+                extra={k: v for k, v in self._config_record().items() if k != "model"},
+            )
         if self.dist.enabled:
             dist.barrier()
-        seen = tally.run_frames * self.dist.world_size / self.frame_rate  # unpadded seconds, after cropping
+        seen = (
+            tally.run_frames * self.dist.world_size / self.frame_rate
+        )  # unpadded seconds, after cropping
         result = {
-            "steps": self.step, "steps_this_run": self.step - start_step, "epoch": self.epoch,
-            "train_loss_final": tally.last_loss, "heldout_loss_initial": self.heldout_loss_initial,
-            "heldout_loss_final": heldout_loss_final, "skipped_batches": skipped_total,
-            "audio_seconds_per_second": seen / max(run_seconds, 1e-9), "audio_seconds_seen": seen,
-            "train_seconds": run_seconds, "model_dir": str(self.model_dir),
+            "steps": self.step,
+            "steps_this_run": self.step - start_step,
+            "epoch": self.epoch,
+            "train_loss_final": tally.last_loss,
+            "heldout_loss_initial": self.heldout_loss_initial,
+            "heldout_loss_final": heldout_loss_final,
+            "skipped_batches": skipped_total,
+            "audio_seconds_per_second": seen / max(run_seconds, 1e-9),
+            "audio_seconds_seen": seen,
+            "train_seconds": run_seconds,
+            "model_dir": str(self.model_dir),
             "last_checkpoint": str(self.last_good) if self.last_good else None,
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
-            "world_size": self.dist.world_size, "device": str(self.device),
+            "world_size": self.dist.world_size,
+            "device": str(self.device),
             "precision": "bf16" if self.autocast_dtype is not None else "fp32",
             "num_parameters": self.model.num_parameters(),
         }
@@ -374,11 +503,16 @@ class Trainer:
         return result
 
     def _raise_nonfinite(self, step: int) -> None:
-        where = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written yet"
+        where = (
+            f"the last good checkpoint is {self.last_good}"
+            if self.last_good
+            else "no checkpoint was written yet"
+        )
         raise NonFiniteLossError(
             f"training loss or gradient norm became inf/NaN by step {step} (learning rate "
             f"{self.scheduler.get_last_lr()[0]:.3g}); stopped without writing a checkpoint; {where}. "
-            "Check the features for inf/NaN values or lower TrainConfig.learning_rate.")
+            "Check the features for inf/NaN values or lower TrainConfig.learning_rate."
+        )
 
 
 def train(*args, **kwargs) -> dict[str, Any]:

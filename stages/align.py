@@ -90,10 +90,14 @@ def _align_row(item: tuple[ManifestRow, str | None]) -> tuple[str, list[Segment]
     row, lexicon = item
     try:
         audio = read_audio(row.path, segment=row.segment)
-        return row.utt_id, align_in_process(audio.samples, row.transcript, audio.sample_rate, lexicon)
+        return row.utt_id, align_in_process(
+            audio.samples, row.transcript, audio.sample_rate, lexicon
+        )
     except (AlignmentError, AudioError) as err:
         reason = type(err).__name__
-        return row.utt_id, Problem(row.utt_id, row.path, reason, str(err).replace(f"{row.path}: ", ""))
+        return row.utt_id, Problem(
+            row.utt_id, row.path, reason, str(err).replace(f"{row.path}: ", "")
+        )
 
 
 def _init_worker() -> None:
@@ -114,11 +118,15 @@ def align_rows(
         return dict(tqdm(pool.map(_align_row, items, chunksize=4), **progress))
 
 
-def import_labels(spec: LabelImport, rows: list[ManifestRow], features: FeatureConfig) -> dict[str, list[Segment] | np.ndarray | Problem]:
+def import_labels(
+    spec: LabelImport, rows: list[ManifestRow], features: FeatureConfig
+) -> dict[str, list[Segment] | np.ndarray | Problem]:
     """Labels of `rows` (one corpus) from existing files: segments, or frame arrays for CPC."""
     root = Path(spec.path)
     if not root.exists():
-        raise StageError(f"align.imports: label path {root} for corpus {spec.corpus!r} does not exist")
+        raise StageError(
+            f"align.imports: label path {root} for corpus {spec.corpus!r} does not exist"
+        )
     native = {row.utt_id: row.utt_id[len(spec.corpus) + 1 :] for row in rows}
     results: dict[str, list[Segment] | np.ndarray | Problem] = {}
     if spec.format == "cpc":
@@ -126,19 +134,27 @@ def import_labels(spec: LabelImport, rows: list[ManifestRow], features: FeatureC
         for row in rows:
             frames = table.get(native[row.utt_id], table.get(row.utt_id))
             if frames is None:
-                results[row.utt_id] = Problem(row.utt_id, row.path, "no_labels", f"no line for it in {root}")
+                results[row.utt_id] = Problem(
+                    row.utt_id, row.path, "no_labels", f"no line for it in {root}"
+                )
             else:
                 count = num_frames(row.num_samples, features.hop_length)
-                results[row.utt_id] = resample_frame_labels(frames, spec.hop_ms / 1000, features.hop_sec, count)
+                results[row.utt_id] = resample_frame_labels(
+                    frames, spec.hop_ms / 1000, features.hop_sec, count
+                )
         return results
     suffix = ".lab" if spec.format == "lab" else ".TextGrid"
     for row in rows:
         path = root / f"{native[row.utt_id]}{suffix}"
         if not path.is_file():
-            results[row.utt_id] = Problem(row.utt_id, row.path, "no_labels", f"label file {path} not found")
+            results[row.utt_id] = Problem(
+                row.utt_id, row.path, "no_labels", f"label file {path} not found"
+            )
             continue
         try:
-            results[row.utt_id] = read_lab(path) if spec.format == "lab" else read_textgrid(path, spec.tier)
+            results[row.utt_id] = (
+                read_lab(path) if spec.format == "lab" else read_textgrid(path, spec.tier)
+            )
         except LabelError as err:
             results[row.utt_id] = Problem(row.utt_id, row.path, "bad_labels", str(err))
     return results
@@ -155,20 +171,35 @@ def corpus_lexicons(params: Path) -> dict[str, str]:
 @cli_errors
 def main(
     params: Path = PARAMS_OPTION,
-    manifest: Path = typer.Option(Path("data/prepared/manifest.tsv"), help="manifest from the prepare stage"),
+    manifest: Path = typer.Option(
+        Path("data/prepared/manifest.tsv"), help="manifest from the prepare stage"
+    ),
     out: Path = typer.Option(Path("data/alignments"), help="output directory"),
-    metrics: Path = typer.Option(None, "--metrics", help="write the summary JSON here (DVC metrics); default: none"),
-    force: bool = typer.Option(False, "--force", help="replace --out even if this stage did not make it"),
+    metrics: Path = typer.Option(
+        None, "--metrics", help="write the summary JSON here (DVC metrics); default: none"
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="replace --out even if this stage did not make it"
+    ),
 ) -> None:
     """Forced-align transcripts to phones (pocketsphinx) or import existing labels."""
     config = from_section(AlignConfig, section(params, "align"), "align")
-    features = from_section(FeatureConfig, feature_config(section(params, "featurize")), "featurize")
+    features = from_section(
+        FeatureConfig, feature_config(section(params, "featurize")), "featurize"
+    )
     rows = [r for r in read_manifest(manifest) if r.align]
     corpora = {r.corpus for r in read_manifest(manifest)}
     for spec in config.imports:
         if spec.corpus not in corpora:
-            raise StageError(f"align.imports: corpus {spec.corpus!r} is not in the manifest (have {sorted(corpora)})")
-    check_output_dir(out, "align", force, inputs=[params, manifest, *audio_folders(rows), *(s.path for s in config.imports)])
+            raise StageError(
+                f"align.imports: corpus {spec.corpus!r} is not in the manifest (have {sorted(corpora)})"
+            )
+    check_output_dir(
+        out,
+        "align",
+        force,
+        inputs=[params, manifest, *audio_folders(rows), *(s.path for s in config.imports)],
+    )
     check_output_file(metrics, "--metrics")
     imported = {spec.corpus: spec for spec in config.imports}
     results: dict[str, list[Segment] | np.ndarray | Problem] = {}
@@ -177,11 +208,22 @@ def main(
     to_align = [r for r in rows if r.corpus not in imported]
     workers = worker_count(config.workers)
     failures: list[Problem] = []
-    params_flat = {**to_flat_dict(config), "featurize.hop_length": features.hop_length, "to_align": len(to_align)}
-    with tracking.stage_run("align", params_flat) as mlflow, atomic_output_dir(out, "align", force) as tmp:
+    params_flat = {
+        **to_flat_dict(config),
+        "featurize.hop_length": features.hop_length,
+        "to_align": len(to_align),
+    }
+    with (
+        tracking.stage_run("align", params_flat) as mlflow,
+        atomic_output_dir(out, "align", force) as tmp,
+    ):
         results.update(align_rows(to_align, workers, corpus_lexicons(params)))
         (tmp / "lab").mkdir()
-        attrs = {"hop_length": features.hop_length, "sample_rate": features.sample_rate, "phones": list(PHONES)}
+        attrs = {
+            "hop_length": features.hop_length,
+            "sample_rate": features.sample_rate,
+            "phones": list(PHONES),
+        }
         with RaggedWriter(frame_labels_store(tmp), 1, "int16", attrs) as writer:
             for row in sorted(rows, key=lambda r: r.utt_id):
                 result = results[row.utt_id]
@@ -204,8 +246,14 @@ def main(
         summary = {
             "to_label": len(rows),
             "labelled": labelled,
-            "aligned_with_pocketsphinx": sum(1 for r in to_align if not isinstance(results[r.utt_id], Problem)),
-            "imported": sum(1 for r in rows if r.corpus in imported and not isinstance(results[r.utt_id], Problem)),
+            "aligned_with_pocketsphinx": sum(
+                1 for r in to_align if not isinstance(results[r.utt_id], Problem)
+            ),
+            "imported": sum(
+                1
+                for r in rows
+                if r.corpus in imported and not isinstance(results[r.utt_id], Problem)
+            ),
             "failed": len(failures),
             "hop_length": features.hop_length,
         }
@@ -217,4 +265,7 @@ def main(
         write_json(metrics, summary)
     for problem in failures:
         print(f"align: failed {problem.path}: {problem.detail}", file=sys.stderr)
-    print(f"align: {labelled}/{len(rows)} utterances labelled, {len(failures)} failed -> {out}", file=sys.stderr)
+    print(
+        f"align: {labelled}/{len(rows)} utterances labelled, {len(failures)} failed -> {out}",
+        file=sys.stderr,
+    )

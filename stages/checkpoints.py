@@ -15,10 +15,16 @@ from mockingjay import resume_state
 
 from .common import StageError, cli_errors
 
-CHECKPOINTS_OPTION = typer.Option(Path("models/checkpoints"), "--checkpoints", help="pretrain's checkpoints folder")
+CHECKPOINTS_OPTION = typer.Option(
+    Path("models/checkpoints"), "--checkpoints", help="pretrain's checkpoints folder"
+)
 
-app = typer.Typer(help="List or remove the resume state pretrain keeps per configuration.", no_args_is_help=True,
-                  add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="List or remove the resume state pretrain keeps per configuration.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 
 
 @app.command("list")
@@ -35,7 +41,9 @@ def list_main(checkpoints: Path = CHECKPOINTS_OPTION) -> None:
 @app.command("remove")
 @cli_errors
 def remove_main(
-    names: list[str] = typer.Argument(..., help="config-<fingerprint> folder name(s), or the fingerprint(s)"),
+    names: list[str] = typer.Argument(
+        ..., help="config-<fingerprint> folder name(s), or the fingerprint(s)"
+    ),
     checkpoints: Path = CHECKPOINTS_OPTION,
 ) -> None:
     """Delete the resume state of the named configuration(s); refused while a pretrain run holds the folder."""
@@ -43,4 +51,7 @@ def remove_main(
         raise StageError(f"{checkpoints}: no such checkpoints folder")
     with resume_state.locked(checkpoints):
         for name in names:
-            print(f"checkpoints: removed {resume_state.remove_state(checkpoints, name)}", file=sys.stderr)
+            print(
+                f"checkpoints: removed {resume_state.remove_state(checkpoints, name)}",
+                file=sys.stderr,
+            )

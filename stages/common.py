@@ -22,7 +22,9 @@ from mockingjay.atomic import atomic_directory, write_json, write_text_atomicall
 from mockingjay.config import ParamError, load_params
 from mockingjay.store_layout import feature_config_file
 
-PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="params file to read the stage's section from")
+PARAMS_OPTION = typer.Option(
+    Path("params.yaml"), "--params", help="params file to read the stage's section from"
+)
 
 
 class StageError(RuntimeError):
@@ -43,8 +45,10 @@ def section(params_file: Path, name: str) -> dict:
         if key not in STAGE_SECTIONS:
             close = difflib.get_close_matches(str(key), STAGE_SECTIONS, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ParamError(f"{key}: unknown section in {params_file}{hint}; the stages read only "
-                             f"{', '.join(STAGE_SECTIONS)}")
+            raise ParamError(
+                f"{key}: unknown section in {params_file}{hint}; the stages read only "
+                f"{', '.join(STAGE_SECTIONS)}"
+            )
     value = params.get(name, {})
     if value is None:
         return {}
@@ -54,16 +58,25 @@ def section(params_file: Path, name: str) -> dict:
 
 
 # The errors of bad data, by the module that raises them (module -> class name).
-DATA_ERRORS = {"mockingjay.audio": "AudioError", "mockingjay.checkpoint": "CheckpointError",
-               "mockingjay.corpora": "CorpusError", "mockingjay.featstore": "StoreError",
-               "mockingjay.featurize": "FeaturizeError", "mockingjay.resume_state": "ResumeStateError",
-               "stages.tracking": "TrackingError"}
+DATA_ERRORS = {
+    "mockingjay.audio": "AudioError",
+    "mockingjay.checkpoint": "CheckpointError",
+    "mockingjay.corpora": "CorpusError",
+    "mockingjay.featstore": "StoreError",
+    "mockingjay.featurize": "FeaturizeError",
+    "mockingjay.resume_state": "ResumeStateError",
+    "stages.tracking": "TrackingError",
+}
 
 
 def _loaded_data_errors() -> tuple[type, ...]:
     # Only a module already imported can have raised its error; importing the others here would
     # load torch (mockingjay.checkpoint) and make every parameter error seconds slower.
-    return tuple(getattr(sys.modules[module], name) for module, name in DATA_ERRORS.items() if module in sys.modules)
+    return tuple(
+        getattr(sys.modules[module], name)
+        for module, name in DATA_ERRORS.items()
+        if module in sys.modules
+    )
 
 
 class StageInterrupted(BaseException):
@@ -88,7 +101,10 @@ def _on_stop_signal(signum, frame) -> None:
         return  # already stopping: let the cleanup finish (SIGKILL still ends everything at once)
     _stop["pending"] = signum
     if _stop["defer"]:
-        print(f"{signal.Signals(signum).name}: finishing the current step, then writing a checkpoint", file=sys.stderr)
+        print(
+            f"{signal.Signals(signum).name}: finishing the current step, then writing a checkpoint",
+            file=sys.stderr,
+        )
         return
     raise StageInterrupted(signum)
 
@@ -169,8 +185,11 @@ def cli_errors(func: Callable) -> Callable:
                 raise StageError("; ".join(_at_exit))
             return result
         except StageInterrupted as err:
-            print(f"error: stopped by {signal.Signals(err.signum).name}" + (f"; {err.detail}" if err.detail else ""),
-                  file=sys.stderr)
+            print(
+                f"error: stopped by {signal.Signals(err.signum).name}"
+                + (f"; {err.detail}" if err.detail else ""),
+                file=sys.stderr,
+            )
             raise typer.Exit(128 + err.signum)
         except ParamError as err:
             print(f"error: invalid parameter: {_with_params_file(str(err))}", file=sys.stderr)
@@ -178,7 +197,10 @@ def cli_errors(func: Callable) -> Callable:
         except Exception as err:
             if not isinstance(err, (StageError, OSError, *_loaded_data_errors())):
                 raise
-            print(f"error: {_os_error_line(err) if isinstance(err, OSError) else err}", file=sys.stderr)
+            print(
+                f"error: {_os_error_line(err) if isinstance(err, OSError) else err}",
+                file=sys.stderr,
+            )
             raise typer.Exit(1)
 
     return wrapper
@@ -209,11 +231,15 @@ def check_inputs_apart(path: Path, inputs, option: str = "--out") -> None:
             continue
         real = _real(item)
         if target == real or target in real.parents:
-            raise StageError(f"{option} {path} holds the input {item}: the stage would delete it. A stage never "
-                             "deletes or writes inside its inputs; choose another folder (--force does not override this)")
+            raise StageError(
+                f"{option} {path} holds the input {item}: the stage would delete it. A stage never "
+                "deletes or writes inside its inputs; choose another folder (--force does not override this)"
+            )
         if real in target.parents:
-            raise StageError(f"{option} {path} is inside the input {item}: a stage never writes inside its inputs; "
-                             "choose a folder outside it (--force does not override this)")
+            raise StageError(
+                f"{option} {path} is inside the input {item}: a stage never writes inside its inputs; "
+                "choose a folder outside it (--force does not override this)"
+            )
 
 
 def audio_folders(rows) -> list[Path]:
@@ -221,14 +247,18 @@ def audio_folders(rows) -> list[Path]:
     return sorted({Path(row.path).parent for row in rows})
 
 
-def check_output_dir(path: Path, stage: str, force: bool = False, inputs=(), option: str = "--out") -> None:
+def check_output_dir(
+    path: Path, stage: str, force: bool = False, inputs=(), option: str = "--out"
+) -> None:
     """Before any work: `path` may become `stage`'s output folder only if it does not exist, is
     empty, or was made by `stage` (its marker file); `force` lets a non-empty folder be replaced.
     Never when it is the working directory (or holds it) or holds/lies inside an input."""
     target, cwd = _real(path), _real(Path.cwd())
     if not target.name or target == cwd or target in cwd.parents:
-        raise StageError(f"{option} {path} is the current directory or holds it: the stage replaces its output "
-                         f"folder as a whole; name a folder for it, e.g. {Path(path) / stage}")
+        raise StageError(
+            f"{option} {path} is the current directory or holds it: the stage replaces its output "
+            f"folder as a whole; name a folder for it, e.g. {Path(path) / stage}"
+        )
     check_inputs_apart(path, inputs, option)
     if target.exists() and not target.is_dir():
         raise StageError(f"{option} {path} is a file; the stage writes a folder there")
@@ -241,14 +271,18 @@ def check_output_dir(path: Path, stage: str, force: bool = False, inputs=(), opt
     entries = sorted(p.name for p in target.iterdir())
     shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
     who = f"made by {made_by}" if made_by else f"not made by `mockingjay {stage}`"
-    raise StageError(f"{option} {path} is a non-empty folder {who} (holds {shown}); the stage would replace it "
-                     "and delete what it holds. Choose another folder, or pass --force to replace it")
+    raise StageError(
+        f"{option} {path} is a non-empty folder {who} (holds {shown}); the stage would replace it "
+        "and delete what it holds. Choose another folder, or pass --force to replace it"
+    )
 
 
 def check_output_file(path: Path | None, option: str) -> None:
     """A file option (--metrics, --plot) must not name a folder: found now, not after the work."""
     if path is not None and Path(path).is_dir():
-        raise StageError(f"{option} {path} is a folder; give a file name, e.g. {Path(path) / 'metrics.json'}")
+        raise StageError(
+            f"{option} {path} is a folder; give a file name, e.g. {Path(path) / 'metrics.json'}"
+        )
     if path is not None:
         check_writable(path, option)
 
@@ -282,13 +316,17 @@ def atomic_output_dir(path: Path, stage: str | None = None, force: bool = False)
     path = Path(os.path.abspath(path))  # "./" has no name to build a sibling from
     with atomic_directory(path, "partial") as tmp:
         yield tmp
-        write_json(tmp / OUTPUT_MARKER, {"made_by": f"mockingjay {stage}" if stage else "mockingjay"})
+        write_json(
+            tmp / OUTPUT_MARKER, {"made_by": f"mockingjay {stage}" if stage else "mockingjay"}
+        )
         if path.is_dir() and not force:
             made_by = _made_by(path)
             ours = made_by is not None and (stage is None or made_by == f"mockingjay {stage}")
             if not ours and any(path.iterdir()):
-                raise StageError(f"{path} became a non-empty folder the stage did not make while it ran; "
-                                 "left as it is (pass --force to replace it)")
+                raise StageError(
+                    f"{path} became a non-empty folder the stage did not make while it ran; "
+                    "left as it is (pass --force to replace it)"
+                )
 
 
 def worker_count(requested: int) -> int:

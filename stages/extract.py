@@ -44,18 +44,26 @@ def totals(summaries: dict[str, dict], layers: list[int], frame_rate: float) -> 
         "bytes_written": sum(s["bytes_written"] for s in summaries.values()),
         "seconds": round(sum(s["seconds"] for s in summaries.values()), 3),
     }
-    total["audio_seconds_per_second"] = round(total["frames"] / frame_rate / max(total["seconds"], 1e-9), 1)
+    total["audio_seconds_per_second"] = round(
+        total["frames"] / frame_rate / max(total["seconds"], 1e-9), 1
+    )
     return total
 
 
 @cli_errors
 def main(
     params: Path = PARAMS_OPTION,
-    model: Path = typer.Option(Path("models/pretrain/model"), help="model directory (model.safetensors + config.json)"),
+    model: Path = typer.Option(
+        Path("models/pretrain/model"), help="model directory (model.safetensors + config.json)"
+    ),
     features: Path = typer.Option(Path("data/features"), help="featurize stage output"),
     out: Path = typer.Option(Path("data/representations"), help="output directory"),
-    metrics: Path = typer.Option(None, "--metrics", help="write the run's totals JSON here; default: none"),
-    force: bool = typer.Option(False, "--force", help="replace --out even if this stage did not make it"),
+    metrics: Path = typer.Option(
+        None, "--metrics", help="write the run's totals JSON here; default: none"
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="replace --out even if this stage did not make it"
+    ),
 ) -> None:
     """Run the frozen model over every split and store each layer's representations (float16)."""
     config = extract_config(params)
@@ -74,19 +82,34 @@ def main(
         raise StageError(f"extract.layers: {err}") from err
     window = window_frames(config, model_config.downsample_rate)
     summaries = {}
-    with tracking.stage_run("extract", {**to_flat_dict(config), "model": str(model)}) as mlflow, atomic_output_dir(out, "extract", force) as tmp:
+    with (
+        tracking.stage_run("extract", {**to_flat_dict(config), "model": str(model)}) as mlflow,
+        atomic_output_dir(out, "extract", force) as tmp,
+    ):
         for split in SPLITS:
             print(f"extract: {split} ({len(stores[split])} utterances)", file=sys.stderr)
             summaries[split] = extract_representations(
-                network, stores[split], tmp / split, layers, device, config.batch_frames, include_input=True,
-                frame_rate=frame_rate, window_frames=window,
+                network,
+                stores[split],
+                tmp / split,
+                layers,
+                device,
+                config.batch_frames,
+                include_input=True,
+                frame_rate=frame_rate,
+                window_frames=window,
             )
         total = totals(summaries, layers, frame_rate)
         # content only (no seconds, no device): a redo elsewhere gives a byte-identical output folder
         run_facts = ("seconds", "audio_seconds_per_second", "device")
-        timeless = {split: {k: v for k, v in part.items() if k not in run_facts} for split, part in summaries.items()}
-        write_json(tmp / "summary.json", {"total": {k: v for k, v in total.items() if k not in run_facts},
-                                          "splits": timeless})
+        timeless = {
+            split: {k: v for k, v in part.items() if k not in run_facts}
+            for split, part in summaries.items()
+        }
+        write_json(
+            tmp / "summary.json",
+            {"total": {k: v for k, v in total.items() if k not in run_facts}, "splits": timeless},
+        )
         mlflow.log_metrics({k: float(v) for k, v in total.items()})
         mlflow.log_artifact(str(tmp / "summary.json"))
     if metrics:

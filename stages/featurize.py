@@ -48,12 +48,20 @@ RUN_FACTS = ("workers", "seconds", "real_time_factor")
 @cli_errors
 def main(
     params: Path = PARAMS_OPTION,
-    manifest: Path = typer.Option(Path("data/prepared/manifest.tsv"), help="manifest from the prepare stage"),
-    alignments: Path = typer.Option(Path("data/alignments"), help="align stage output (frame labels)"),
+    manifest: Path = typer.Option(
+        Path("data/prepared/manifest.tsv"), help="manifest from the prepare stage"
+    ),
+    alignments: Path = typer.Option(
+        Path("data/alignments"), help="align stage output (frame labels)"
+    ),
     no_labels: bool = typer.Option(False, "--no-labels", help="featurize without phone labels"),
     out: Path = typer.Option(Path("data/features"), help="output directory"),
-    metrics: Path = typer.Option(None, "--metrics", help="write the summary JSON here (DVC metrics); default: none"),
-    force: bool = typer.Option(False, "--force", help="replace --out even if this stage did not make it"),
+    metrics: Path = typer.Option(
+        None, "--metrics", help="write the summary JSON here (DVC metrics); default: none"
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="replace --out even if this stage did not make it"
+    ),
 ) -> None:
     """Compute log-mel (+ delta) features with CMVN into memory-mappable float16 stores."""
     config = from_section(FeatureConfig, feature_config(section(params, "featurize")), "featurize")
@@ -65,7 +73,11 @@ def main(
     workers = worker_count(config.workers)
     total_sec = sum(r.duration for r in rows)
     import mockingjay.features  # noqa: F401  torch loads now (~2 s), not in the timed part below
-    with tracking.stage_run("featurize", to_flat_dict(config)) as mlflow, atomic_output_dir(out, "featurize", force) as tmp:
+
+    with (
+        tracking.stage_run("featurize", to_flat_dict(config)) as mlflow,
+        atomic_output_dir(out, "featurize", force) as tmp,
+    ):
         started = time.time()
         _, table = write_features(rows, config, tmp, workers, labels)
         elapsed = time.time() - started

@@ -40,8 +40,10 @@ def check_checkpoint_file(src: Path) -> None:
     if not head:
         raise StageError(f"{src}: empty file (0 bytes); not a checkpoint")
     if head != _ZIP_MAGIC and not (head[0] == 0x80 and 2 <= head[1] <= 5):
-        raise StageError(f"{src}: not a torch checkpoint (neither a zip archive nor a pickle; starts with "
-                         f"{head.hex(' ')})")
+        raise StageError(
+            f"{src}: not a torch checkpoint (neither a zip archive nor a pickle; starts with "
+            f"{head.hex(' ')})"
+        )
 
 
 def _print_report(title: str, items) -> None:
@@ -55,7 +57,9 @@ def _print_report(title: str, items) -> None:
 @cli_errors
 def import_main(
     src: Path = typer.Argument(..., help="s3prl or original Mockingjay checkpoint file (.ckpt)"),
-    dest: Path = typer.Argument(..., help="model directory to write (model.safetensors + config.json)"),
+    dest: Path = typer.Argument(
+        ..., help="model directory to write (model.safetensors + config.json)"
+    ),
     force: bool = typer.Option(False, "--force", help="replace DEST if it exists"),
 ) -> None:
     """Convert an s3prl / original Mockingjay checkpoint into our model directory (read safely)."""
@@ -69,26 +73,52 @@ def import_main(
     check_writable(dest, "DEST")
     imported = import_checkpoint(src)
     model, config = imported.model, imported.model.config
-    print(f"import-checkpoint: {imported.layout} layout, {config.num_layers} layers, hidden {config.hidden_size}, "
-          f"{config.num_heads} heads, FFN {config.intermediate_size}, R={config.downsample_rate}, "
-          f"input {config.input_dim}-d, target {config.target_dim}-d, {config.activation}", file=sys.stderr)
-    _print_report("fields not mapped (kept in config.json 'import.unmapped')",
-                  (f"{k} = {v!r}" for k, v in imported.unmapped.items()))
+    print(
+        f"import-checkpoint: {imported.layout} layout, {config.num_layers} layers, hidden {config.hidden_size}, "
+        f"{config.num_heads} heads, FFN {config.intermediate_size}, R={config.downsample_rate}, "
+        f"input {config.input_dim}-d, target {config.target_dim}-d, {config.activation}",
+        file=sys.stderr,
+    )
+    _print_report(
+        "fields not mapped (kept in config.json 'import.unmapped')",
+        (f"{k} = {v!r}" for k, v in imported.unmapped.items()),
+    )
     _print_report("entries not used (training state)", imported.ignored)
     _print_report("notes", imported.notes)
     features = imported.sections.get("features")
     if features:
-        settings = " ".join(f"{k}={features[k]}" for k in
-                            ("sample_rate", "n_mels", "win_ms", "hop_ms", "n_fft", "delta_order",
-                             "delta_window", "log_offset", "cmvn"))
+        settings = " ".join(
+            f"{k}={features[k]}"
+            for k in (
+                "sample_rate",
+                "n_mels",
+                "win_ms",
+                "hop_ms",
+                "n_fft",
+                "delta_order",
+                "delta_window",
+                "log_offset",
+                "cmvn",
+            )
+        )
         print(f"features (featurize params the model expects): {settings}", file=sys.stderr)
-    _print_report("features: known differences from the source's own extraction", imported.feature_differences)
-    run_params = {"src": str(src), "dest": str(dest), "layout": imported.layout,
-                  **{f"model.{k}": v for k, v in config.to_dict().items()}}
+    _print_report(
+        "features: known differences from the source's own extraction", imported.feature_differences
+    )
+    run_params = {
+        "src": str(src),
+        "dest": str(dest),
+        "layout": imported.layout,
+        **{f"model.{k}": v for k, v in config.to_dict().items()},
+    }
     with tracking.stage_run("import-checkpoint", run_params) as mlflow:
         save_model_dir(dest, model, config, extra=imported.sections)
-        mlflow.log_metrics({"num_parameters": float(model.num_parameters(include_head=False)),
-                            "unmapped_fields": float(len(imported.unmapped))})
+        mlflow.log_metrics(
+            {
+                "num_parameters": float(model.num_parameters(include_head=False)),
+                "unmapped_fields": float(len(imported.unmapped)),
+            }
+        )
         mlflow.log_artifact(str(dest / "config.json"))
     print(f"import-checkpoint: {src} -> {dest}", file=sys.stderr)
 
@@ -97,13 +127,17 @@ def import_main(
 def export_main(
     src: Path = typer.Argument(..., help="our model directory (model.safetensors + config.json)"),
     dest: Path = typer.Argument(..., help="checkpoint file to write (.ckpt)"),
-    layout: str = typer.Option("s3prl", "--layout", help="s3prl (s3prl/upstream/mockingjay) | mockingjay (original code)"),
+    layout: str = typer.Option(
+        "s3prl", "--layout", help="s3prl (s3prl/upstream/mockingjay) | mockingjay (original code)"
+    ),
     force: bool = typer.Option(False, "--force", help="replace DEST if it exists"),
 ) -> None:
     """Write our model as an s3prl (or original Mockingjay) checkpoint that their loaders read."""
     # Checked before torch loads and the model is converted: as import-checkpoint does.
     if dest.is_dir():
-        raise StageError(f"{dest} is a folder; export writes one checkpoint file: name it, e.g. {dest / 'model.ckpt'}")
+        raise StageError(
+            f"{dest} is a folder; export writes one checkpoint file: name it, e.g. {dest / 'model.ckpt'}"
+        )
     if dest.exists() and not force:
         raise StageError(f"{dest} exists; pass --force to replace it")
     check_inputs_apart(dest, [src], "DEST")
@@ -118,8 +152,12 @@ def export_main(
     model, _ = load_model_dir(src)
     checkpoint, notes = export_checkpoint(model, load_config(src), layout)
     _print_report("notes", notes)
-    with tracking.stage_run("export-checkpoint", {"src": str(src), "dest": str(dest), "layout": layout}) as mlflow:
+    with tracking.stage_run(
+        "export-checkpoint", {"src": str(src), "dest": str(dest), "layout": layout}
+    ) as mlflow:
         # a failed or interrupted write leaves no half file behind
-        write_file_atomically(dest, lambda tmp: save_torch(checkpoint, tmp), dest.with_name(f".{dest.name}.partial"))
+        write_file_atomically(
+            dest, lambda tmp: save_torch(checkpoint, tmp), dest.with_name(f".{dest.name}.partial")
+        )
         mlflow.log_metric("bytes_written", float(dest.stat().st_size))
     print(f"export-checkpoint: {src} -> {dest} ({layout} layout)", file=sys.stderr)

@@ -62,9 +62,15 @@ class PretrainConfig:
 
     preset: str = "tera-base"
     model: dict = field(default_factory=dict)  # ModelConfig fields (hidden_size, num_layers, ...)
-    mask: dict = field(default_factory=dict)  # MaskConfig fields (mask_proportion, span_length, ...)
-    train: dict = field(default_factory=dict)  # TrainConfig fields (total_steps, learning_rate, ...)
-    snapshots: list[int] = field(default_factory=list)  # checkpoint steps also kept as models in out/snapshots
+    mask: dict = field(
+        default_factory=dict
+    )  # MaskConfig fields (mask_proportion, span_length, ...)
+    train: dict = field(
+        default_factory=dict
+    )  # TrainConfig fields (total_steps, learning_rate, ...)
+    snapshots: list[int] = field(
+        default_factory=list
+    )  # checkpoint steps also kept as models in out/snapshots
 
 
 def resolve_configs(section_values: dict, feature_dim: int, target_dim: int):
@@ -74,7 +80,9 @@ def resolve_configs(section_values: dict, feature_dim: int, target_dim: int):
 
     config = from_section(PretrainConfig, section_values, "pretrain")
     if config.preset not in PRESETS:
-        raise ParamError(f"pretrain.preset: unknown preset {config.preset!r}; valid: {', '.join(sorted(PRESETS))}")
+        raise ParamError(
+            f"pretrain.preset: unknown preset {config.preset!r}; valid: {', '.join(sorted(PRESETS))}"
+        )
     model_overrides = dict(config.model)
     preset = PRESETS[config.preset]
     for name, have in (("input_dim", feature_dim), ("target_dim", target_dim)):
@@ -98,8 +106,12 @@ def resolve_configs(section_values: dict, feature_dim: int, target_dim: int):
         raise ParamError(str(err).replace("MaskConfig.", "pretrain.mask.")) from err
     try:
         train = from_section(TrainConfig, config.train, "pretrain.train")
-    except ParamError as err:  # "pretrain.train: TrainConfig.x must be ..." -> "pretrain.train.x must be ..."
-        raise ParamError(str(err).replace("pretrain.train: TrainConfig.", "pretrain.train.")) from err
+    except (
+        ParamError
+    ) as err:  # "pretrain.train: TrainConfig.x must be ..." -> "pretrain.train.x must be ..."
+        raise ParamError(
+            str(err).replace("pretrain.train: TrainConfig.", "pretrain.train.")
+        ) from err
     _check_snapshots(config.snapshots, train)
     return model, mask, train
 
@@ -108,14 +120,18 @@ def _check_snapshots(snapshots: list[int], train) -> None:
     """Snapshot steps must be checkpoint steps that are still kept when training ends."""
     for step in snapshots:
         if not 0 < step <= train.total_steps or step % train.checkpoint_every:
-            raise ParamError(f"pretrain.snapshots: {step} is not a checkpoint step (multiples of "
-                             f"pretrain.train.checkpoint_every = {train.checkpoint_every} up to total_steps "
-                             f"{train.total_steps})")
+            raise ParamError(
+                f"pretrain.snapshots: {step} is not a checkpoint step (multiples of "
+                f"pretrain.train.checkpoint_every = {train.checkpoint_every} up to total_steps "
+                f"{train.total_steps})"
+            )
     if snapshots:
         needed = (train.total_steps - min(snapshots)) // train.checkpoint_every + 1
         if train.keep_checkpoints < needed:
-            raise ParamError(f"pretrain.train.keep_checkpoints: {train.keep_checkpoints} would delete the "
-                             f"step-{min(snapshots)} checkpoint before the end; pretrain.snapshots needs >= {needed}")
+            raise ParamError(
+                f"pretrain.train.keep_checkpoints: {train.keep_checkpoints} would delete the "
+                f"step-{min(snapshots)} checkpoint before the end; pretrain.snapshots needs >= {needed}"
+            )
 
 
 def write_snapshots(checkpoints: Path, steps: list[int], out: Path) -> list[Path]:
@@ -139,7 +155,9 @@ def write_snapshots(checkpoints: Path, steps: list[int], out: Path) -> list[Path
 def _check_keys(values: dict, cls, name: str) -> None:
     unknown, known = unknown_fields(cls, values)
     if unknown:
-        raise ParamError(f"{name}: unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        raise ParamError(
+            f"{name}: unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
+        )
 
 
 def _check_folders(features: Path, out: Path, checkpoints: Path, force: bool) -> None:
@@ -152,32 +170,52 @@ def _check_folders(features: Path, out: Path, checkpoints: Path, force: bool) ->
         if path.exists() and not path.is_dir():
             raise StageError(f"{option} {path} is a file; the stage writes a folder there")
     if not force and checkpoints.is_dir() and not resume_state.is_checkpoints_folder(checkpoints):
-        raise StageError(f"--checkpoints {checkpoints} holds files that are not resume state; the stage would write "
-                         "among them. Choose another folder, or pass --force to use it anyway")
-    if not force and model_dir.is_dir() and any(model_dir.iterdir()) and not resume_state.is_model_dir(model_dir):
-        raise StageError(f"--out {out}: {model_dir} is a folder that is not a model directory; the stage would replace "
-                         "it and delete what it holds. Choose another --out, or pass --force to replace it")
+        raise StageError(
+            f"--checkpoints {checkpoints} holds files that are not resume state; the stage would write "
+            "among them. Choose another folder, or pass --force to use it anyway"
+        )
+    if (
+        not force
+        and model_dir.is_dir()
+        and any(model_dir.iterdir())
+        and not resume_state.is_model_dir(model_dir)
+    ):
+        raise StageError(
+            f"--out {out}: {model_dir} is a folder that is not a model directory; the stage would replace "
+            "it and delete what it holds. Choose another --out, or pass --force to replace it"
+        )
 
 
 def _resume_state(checkpoints: Path, record: dict) -> Path:
     """This configuration's folder in `checkpoints`: says whether it resumes, and lists the others."""
     moved = resume_state.adopt_older_layout(checkpoints)
     if moved is not None:
-        print(f"pretrain: moved the resume state in {checkpoints} (older layout) to {moved}", file=sys.stderr)
+        print(
+            f"pretrain: moved the resume state in {checkpoints} (older layout) to {moved}",
+            file=sys.stderr,
+        )
     decision = resume_state.resume_decision(checkpoints, record)
     if decision.latest is None:
-        print(f"pretrain: no resume state for this configuration; starting afresh in {decision.state}", file=sys.stderr)
+        print(
+            f"pretrain: no resume state for this configuration; starting afresh in {decision.state}",
+            file=sys.stderr,
+        )
     else:
         print(f"pretrain: resuming from {decision.latest}", file=sys.stderr)
     if decision.others:
-        print(f"pretrain: kept the resume state of {len(decision.others)} other configuration(s), resumed when one "
-              "comes back (`mockingjay checkpoints list`; `mockingjay checkpoints remove NAME` deletes one):",
-              file=sys.stderr)
+        print(
+            f"pretrain: kept the resume state of {len(decision.others)} other configuration(s), resumed when one "
+            "comes back (`mockingjay checkpoints list`; `mockingjay checkpoints remove NAME` deletes one):",
+            file=sys.stderr,
+        )
         for other in decision.others:
             print(f"  {resume_state.describe(other)}", file=sys.stderr)
     if decision.aside is not None:
-        print(f"pretrain: note: {decision.aside} holds state an older version moved aside; it is not resumed (move "
-              f"its contents into {checkpoints} to adopt it)", file=sys.stderr)
+        print(
+            f"pretrain: note: {decision.aside} holds state an older version moved aside; it is not resumed (move "
+            f"its contents into {checkpoints} to adopt it)",
+            file=sys.stderr,
+        )
     return decision.state
 
 
@@ -196,18 +234,38 @@ class _Logger:
         if record.get("event") == "train":
             self.train.append(record)
             if self.log_path is not None:
-                self.log_path.parent.mkdir(parents=True, exist_ok=True)  # before the first checkpoint makes it
+                self.log_path.parent.mkdir(
+                    parents=True, exist_ok=True
+                )  # before the first checkpoint makes it
                 with open(self.log_path, self._mode) as f:
                     f.write(json.dumps(record) + "\n")
                 self._mode = "a"
             if self.mlflow is not None:
-                keys = ("loss", "learning_rate", "grad_norm", "audio_seconds_per_second", "skipped_batches")
-                self.mlflow.log_metrics({k: float(record[k]) for k in keys}, step=int(record["step"]))
+                keys = (
+                    "loss",
+                    "learning_rate",
+                    "grad_norm",
+                    "audio_seconds_per_second",
+                    "skipped_batches",
+                )
+                self.mlflow.log_metrics(
+                    {k: float(record[k]) for k in keys}, step=int(record["step"])
+                )
         elif record.get("event") == "resume":
-            print(f"pretrain: resumed at step {record['step']} from {record['path']}", file=sys.stderr)
-            if self.log_path is not None:  # steps after the checkpoint are trained again: drop their records
-                self.train = [r for r in resume_state.read_train_log(self.log_path) if r["step"] <= record["step"]]
-                write_text_atomically(self.log_path, "".join(json.dumps(r) + "\n" for r in self.train))
+            print(
+                f"pretrain: resumed at step {record['step']} from {record['path']}", file=sys.stderr
+            )
+            if (
+                self.log_path is not None
+            ):  # steps after the checkpoint are trained again: drop their records
+                self.train = [
+                    r
+                    for r in resume_state.read_train_log(self.log_path)
+                    if r["step"] <= record["step"]
+                ]
+                write_text_atomically(
+                    self.log_path, "".join(json.dumps(r) + "\n" for r in self.train)
+                )
                 self._mode = "a"
             if self.mlflow is not None:
                 self.mlflow.set_tag("resumed_from", record["path"])
@@ -218,20 +276,34 @@ def main(
     params: Path = PARAMS_OPTION,
     features: Path = typer.Option(Path("data/features"), help="featurize stage output"),
     out: Path = typer.Option(Path("models/pretrain"), help="final model directory parent"),
-    checkpoints: Path = typer.Option(Path("models/checkpoints"), help="resumable checkpoints, one folder per config"),
-    device: str = typer.Option(None, help="override pretrain.train.device (auto, cpu, cuda, cuda:N)"),
-    metrics: Path = typer.Option(None, "--metrics", help="write the metrics JSON here (DVC metrics); default: none"),
-    plot: Path = typer.Option(None, "--plot", help="write the loss table here (DVC plots); default: none"),
-    force: bool = typer.Option(False, "--force", help="use --out/--checkpoints folders this stage did not make"),
+    checkpoints: Path = typer.Option(
+        Path("models/checkpoints"), help="resumable checkpoints, one folder per config"
+    ),
+    device: str = typer.Option(
+        None, help="override pretrain.train.device (auto, cpu, cuda, cuda:N)"
+    ),
+    metrics: Path = typer.Option(
+        None, "--metrics", help="write the metrics JSON here (DVC metrics); default: none"
+    ),
+    plot: Path = typer.Option(
+        None, "--plot", help="write the loss table here (DVC plots); default: none"
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="use --out/--checkpoints folders this stage did not make"
+    ),
 ) -> None:
     """Pretrain the masked acoustic model; resumes from the newest checkpoint after a crash."""
     check_output_file(metrics, "--metrics")
     check_output_file(plot, "--plot")
     _check_folders(features, out, checkpoints, force)
     feature_config = read_feature_config(features)
-    settings = FeatureConfig(**{f.name: feature_config[f.name] for f in dataclasses.fields(FeatureConfig)})
+    settings = FeatureConfig(
+        **{f.name: feature_config[f.name] for f in dataclasses.fields(FeatureConfig)}
+    )
     pretrain_section = section(params, "pretrain")
-    model_config, mask_config, train_config = resolve_configs(pretrain_section, settings.dim, settings.target_dim)
+    model_config, mask_config, train_config = resolve_configs(
+        pretrain_section, settings.dim, settings.target_dim
+    )
     if device:
         train_config = dataclasses.replace(train_config, device=device)
         try:
@@ -241,7 +313,10 @@ def main(
     train_stores = [features / "train", features / "dev"]
     target_stores, heldout_target = None, None
     if settings.target == "linear":
-        target_stores, heldout_target = [target_store(store) for store in train_stores], target_store(features / "test")
+        target_stores, heldout_target = (
+            [target_store(store) for store in train_stores],
+            target_store(features / "test"),
+        )
     # Open every store now (fails naming the store if featurize did not finish or a value is NaN or
     # inf, which would only show up later as a NaN loss), and check that the longest utterance fits
     # one batch before any run starts, not when the trainer builds its sampler.
@@ -260,18 +335,46 @@ def main(
     # the model's config.json and every checkpoint record what it was trained on
     fingerprint = resume_state.data_fingerprint(train_stores + (target_stores or []))
     provenance = {"features": feature_config, "data": {"fingerprint": fingerprint}}
-    record = resume_state.run_record(model_config.to_dict(), mask_config.to_dict(), train_config.to_dict(), provenance)
-    flat = {**to_flat_dict({"model": model_config.to_dict(), "mask": mask_config.to_dict()}),
-            **to_flat_dict({"train": train_config.to_dict()}), "preset": pretrain_section.get("preset", "tera-base")}
+    record = resume_state.run_record(
+        model_config.to_dict(), mask_config.to_dict(), train_config.to_dict(), provenance
+    )
+    flat = {
+        **to_flat_dict({"model": model_config.to_dict(), "mask": mask_config.to_dict()}),
+        **to_flat_dict({"train": train_config.to_dict()}),
+        "preset": pretrain_section.get("preset", "tera-base"),
+    }
     # Rank 0 locks the folder for the whole run: a second run would prune, rewrite and log into the same state.
     with resume_state.locked(checkpoints) if rank == 0 else contextlib.nullcontext():
-        state = _resume_state(checkpoints, record) if rank == 0 else resume_state.state_dir(checkpoints, record)
+        state = (
+            _resume_state(checkpoints, record)
+            if rank == 0
+            else resume_state.state_dir(checkpoints, record)
+        )
         # Under torchrun every rank trains; rank 0 alone tracks.
-        run = tracking.stage_run("pretrain", flat, system_metrics=True) if rank == 0 else contextlib.nullcontext()
+        run = (
+            tracking.stage_run("pretrain", flat, system_metrics=True)
+            if rank == 0
+            else contextlib.nullcontext()
+        )
         with run as mlflow:
             logger = _Logger(mlflow, state / TRAIN_LOG if rank == 0 else None)
-            data = TrainData(train_stores, features / "test", target_stores, heldout_target, frame_rate=settings.frame_rate)
-            result = _train(model_config, mask_config, train_config, data, state, out / "model", logger, provenance)
+            data = TrainData(
+                train_stores,
+                features / "test",
+                target_stores,
+                heldout_target,
+                frame_rate=settings.frame_rate,
+            )
+            result = _train(
+                model_config,
+                mask_config,
+                train_config,
+                data,
+                state,
+                out / "model",
+                logger,
+                provenance,
+            )
             if rank != 0:
                 return
             config = from_section(PretrainConfig, pretrain_section, "pretrain")
@@ -283,7 +386,9 @@ def main(
                 write_json(metrics, metrics_values)
             if plot:
                 _write_loss_plot(plot, logger.train)
-            mlflow.log_metrics({k: float(v) for k, v in metrics_values.items() if isinstance(v, (int, float))})
+            mlflow.log_metrics(
+                {k: float(v) for k, v in metrics_values.items() if isinstance(v, (int, float))}
+            )
             _log_figures(mlflow, out / "model", features, mask_config, logger.train, metrics_values)
             mlflow.log_artifact(str(out / "model" / "config.json"))
     speed = metrics_values["audio_seconds_per_second"]
@@ -296,8 +401,19 @@ def main(
 
 
 def _metrics(result: dict, logger: _Logger) -> dict:
-    metrics = {k: result[k] for k in ("steps", "heldout_loss_initial", "heldout_loss_final", "train_loss_final",
-                                      "skipped_batches", "audio_seconds_per_second", "train_seconds", "num_parameters")}
+    metrics = {
+        k: result[k]
+        for k in (
+            "steps",
+            "heldout_loss_initial",
+            "heldout_loss_final",
+            "train_loss_final",
+            "skipped_batches",
+            "audio_seconds_per_second",
+            "train_seconds",
+            "num_parameters",
+        )
+    }
     metrics["audio_hours_seen"] = result["audio_seconds_seen"] / 3600  # in this run
     metrics["device"] = result["device"]
     if result["steps_this_run"] == 0:  # resumed at the last step: nothing was trained in this run
@@ -307,18 +423,36 @@ def _metrics(result: dict, logger: _Logger) -> dict:
     return metrics
 
 
-def _train(model_config, mask_config, train_config, data, checkpoints, model_dir, logger, provenance):
+def _train(
+    model_config, mask_config, train_config, data, checkpoints, model_dir, logger, provenance
+):
     from mockingjay.trainer import NonFiniteLossError, TrainingStopped, train
 
     # A stop signal only raises a flag here: the trainer finishes its step and checkpoints it first.
     with stop_signals_deferred() as stop_requested:
         try:
-            return train(model_config, mask_config, train_config, data, checkpoints, model_dir, extra_config=provenance,
-                         callback=logger, should_stop=lambda: stop_requested() is not None)
+            return train(
+                model_config,
+                mask_config,
+                train_config,
+                data,
+                checkpoints,
+                model_dir,
+                extra_config=provenance,
+                callback=logger,
+                should_stop=lambda: stop_requested() is not None,
+            )
         except TrainingStopped as err:
-            where = f"wrote checkpoint {err.checkpoint}" if err.checkpoint else "no checkpoint could be written"
-            raise StageInterrupted(stop_requested(), f"pretrain stopped at step {err.step} and {where}; run the same "
-                                   "command again (or `dvc repro pretrain`) to resume from it") from err
+            where = (
+                f"wrote checkpoint {err.checkpoint}"
+                if err.checkpoint
+                else "no checkpoint could be written"
+            )
+            raise StageInterrupted(
+                stop_requested(),
+                f"pretrain stopped at step {err.step} and {where}; run the same "
+                "command again (or `dvc repro pretrain`) to resume from it",
+            ) from err
         except NonFiniteLossError as err:
             raise StageError(str(err)) from err
         except ValueError as err:
@@ -331,10 +465,19 @@ def _write_loss_plot(path: Path, records: list[dict]) -> None:
         writer = csv.writer(f, delimiter="\t", lineterminator="\n")
         writer.writerow(["step", "loss", "learning_rate", "grad_norm"])
         for r in records:
-            writer.writerow([r["step"], f"{r['loss']:.6f}", f"{r['learning_rate']:.6g}", f"{r['grad_norm']:.4f}"])
+            writer.writerow(
+                [
+                    r["step"],
+                    f"{r['loss']:.6f}",
+                    f"{r['learning_rate']:.6g}",
+                    f"{r['grad_norm']:.4f}",
+                ]
+            )
 
 
-def _log_figures(mlflow, model_dir: Path, features: Path, mask_config, records: list[dict], metrics: dict) -> None:
+def _log_figures(
+    mlflow, model_dir: Path, features: Path, mask_config, records: list[dict], metrics: dict
+) -> None:
     import tempfile
 
     from mockingjay.checkpoint import load_model_dir
@@ -350,11 +493,23 @@ def _log_figures(mlflow, model_dir: Path, features: Path, mask_config, records: 
             original, masked, recon, time_mask = reconstruction_example(
                 model, heldout[index], mask_config, config.downsample_rate, seed=0
             )
-            plot_reconstruction(original, masked, recon, time_mask, tmp / "reconstruction.png",
-                                f"held-out {heldout.ids[index]}: input, masked input, reconstruction")
+            plot_reconstruction(
+                original,
+                masked,
+                recon,
+                time_mask,
+                tmp / "reconstruction.png",
+                f"held-out {heldout.ids[index]}: input, masked input, reconstruction",
+            )
         final_step = metrics["steps"]
-        plot_loss_curve([r["step"] for r in records], [r["loss"] for r in records], tmp / "loss_curve.png",
-                        {"held-out at init": (0, metrics["heldout_loss_initial"]),
-                         "held-out at end": (final_step, metrics["heldout_loss_final"])})
+        plot_loss_curve(
+            [r["step"] for r in records],
+            [r["loss"] for r in records],
+            tmp / "loss_curve.png",
+            {
+                "held-out at init": (0, metrics["heldout_loss_initial"]),
+                "held-out at end": (final_step, metrics["heldout_loss_final"]),
+            },
+        )
         for png in tmp.glob("*.png"):
             mlflow.log_artifact(str(png))

@@ -51,13 +51,17 @@ from .probe_report import (
 from .runtime import check_model_features, extract_config, resolve_device, window_frames
 
 TASKS = ("phone", "speaker", "keyword")
+
+
 @dataclass(frozen=True)
 class ProbeTaskConfig(ProbeConfig):
     """One task's section (`probe.phone`, ...): how its heads train (ProbeConfig's fields) and what
     they are trained on."""
 
     kinds: list[str] = field(default_factory=lambda: ["linear"])  # linear | mlp | weighted_sum
-    label_fractions: list[float] = field(default_factory=lambda: [1.0])  # of the labelled train utterances
+    label_fractions: list[float] = field(
+        default_factory=lambda: [1.0]
+    )  # of the labelled train utterances
     speaker_independent: bool = False  # dev/test only on speakers with no train utterance
     corpora: list[str] = field(default_factory=list)  # empty: every corpus with the task's labels
     mlp: MLPSettings = field(default_factory=MLPSettings)
@@ -65,16 +69,26 @@ class ProbeTaskConfig(ProbeConfig):
     def validate(self) -> None:
         super().validate()
         if not self.kinds or sorted(set(self.kinds) - set(KINDS)):
-            raise ValueError(f"kinds: must be a non-empty subset of {list(KINDS)}, got {self.kinds}")
+            raise ValueError(
+                f"kinds: must be a non-empty subset of {list(KINDS)}, got {self.kinds}"
+            )
         if not self.label_fractions or not all(0 < f <= 1 for f in self.label_fractions):
-            raise ValueError(f"label_fractions: need at least one, each in (0, 1], got {self.label_fractions}")
+            raise ValueError(
+                f"label_fractions: need at least one, each in (0, 1], got {self.label_fractions}"
+            )
         if len(set(self.label_fractions)) != len(self.label_fractions):
             raise ValueError(f"label_fractions: each fraction once, got {self.label_fractions}")
 
     def options(self) -> dict:
         """The probe functions' keyword options for this task (kinds, fractions, MLP settings)."""
-        mlp = dataclasses.replace(self.mlp, weight_decays=self.mlp.weight_decays or self.weight_decays)
-        return {"kinds": tuple(self.kinds), "fractions": tuple(sorted(self.label_fractions)), "mlp": mlp}
+        mlp = dataclasses.replace(
+            self.mlp, weight_decays=self.mlp.weight_decays or self.weight_decays
+        )
+        return {
+            "kinds": tuple(self.kinds),
+            "fractions": tuple(sorted(self.label_fractions)),
+            "mlp": mlp,
+        }
 
 
 @dataclass(frozen=True)
@@ -98,14 +112,20 @@ class ProbeStageConfig:
     phone: ProbeTaskConfig = field(default_factory=ProbeTaskConfig)
     speaker: UtteranceTaskConfig = field(default_factory=UtteranceTaskConfig)
     keyword: UtteranceTaskConfig = field(default_factory=UtteranceTaskConfig)
-    test_corpora: list[str] = field(default_factory=list)  # corpora prepared test_only: scored on their own
+    test_corpora: list[str] = field(
+        default_factory=list
+    )  # corpora prepared test_only: scored on their own
 
     def validate(self) -> None:
         unknown = sorted(set(self.tasks) - set(TASKS))
         if unknown or not self.tasks:
-            raise ValueError(f"tasks: must be a non-empty subset of {list(TASKS)}, got {self.tasks}")
+            raise ValueError(
+                f"tasks: must be a non-empty subset of {list(TASKS)}, got {self.tasks}"
+            )
         if isinstance(self.layers, list) and not self.layers:
-            raise ValueError("layers: an empty list probes nothing; use all, input, N or [N, M, ...]")
+            raise ValueError(
+                "layers: an empty list probes nothing; use all, input, N or [N, M, ...]"
+            )
 
 
 def parse_layer(value, num_layers: int) -> tuple[list[int] | None, bool]:
@@ -123,7 +143,9 @@ def parse_layer(value, num_layers: int) -> tuple[list[int] | None, bool]:
         try:
             indices = [int(part) for part in text.split(",")]
         except ValueError:
-            raise ParamError(f"--layer: expected all, input, a layer index or a list of them, got {value!r}") from None
+            raise ParamError(
+                f"--layer: expected all, input, a layer index or a list of them, got {value!r}"
+            ) from None
     for index in indices:
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= num_layers:
             raise ParamError(
@@ -136,31 +158,54 @@ def parse_layer(value, num_layers: int) -> tuple[list[int] | None, bool]:
 def _stored_layers(representations: Path) -> int:
     indices = layer_indices(representations / "train")
     if not indices:
-        raise StageError(f"{representations}/train holds no layer stores; run the extract stage first")
+        raise StageError(
+            f"{representations}/train holds no layer stores; run the extract stage first"
+        )
     return max(indices)
 
 
 @cli_errors
 def main(
     params: Path = PARAMS_OPTION,
-    layer: str = typer.Option(None, "--layer", help="all | input | a layer index | indices as 1,3 (default: probe.layers)"),
-    checkpoint: Path = typer.Option(None, "--checkpoint", help="probe this model directory (runs it on the fly)"),
-    mode: str = typer.Option(None, help="extracted | online (default: probe.mode; --checkpoint implies online)"),
+    layer: str = typer.Option(
+        None, "--layer", help="all | input | a layer index | indices as 1,3 (default: probe.layers)"
+    ),
+    checkpoint: Path = typer.Option(
+        None, "--checkpoint", help="probe this model directory (runs it on the fly)"
+    ),
+    mode: str = typer.Option(
+        None, help="extracted | online (default: probe.mode; --checkpoint implies online)"
+    ),
     representations: Path = typer.Option(Path("data/representations"), help="extract stage output"),
-    features: Path = typer.Option(Path("data/features"), help="featurize stage output (labels, speakers)"),
-    model: Path = typer.Option(Path("models/pretrain/model"), help="the pipeline's model (for its params)"),
+    features: Path = typer.Option(
+        Path("data/features"), help="featurize stage output (labels, speakers)"
+    ),
+    model: Path = typer.Option(
+        Path("models/pretrain/model"), help="the pipeline's model (for its params)"
+    ),
     metrics: Path = typer.Option(None, help="write compact metrics JSON here (DVC metrics)"),
     plot: Path = typer.Option(None, help="write the accuracy-per-layer table here (DVC plots)"),
     report: Path = typer.Option(None, help="write full results and a PNG figure into this folder"),
-    baseline_features: Path = typer.Option(None, help="take the log-mel baseline from these features (a "
-                                                    "featurize output, e.g. made with cmvn: global) instead of the extracted input"),
-    force: bool = typer.Option(False, "--force", help="replace --report even if this stage did not make it"),
+    baseline_features: Path = typer.Option(
+        None,
+        help="take the log-mel baseline from these features (a "
+        "featurize output, e.g. made with cmvn: global) instead of the extracted input",
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="replace --report even if this stage did not make it"
+    ),
 ) -> None:
     """Linear phone (frame) and speaker (utterance) probes per layer; prints a result table."""
     config = from_section(ProbeStageConfig, section(params, "probe"), "probe")
     model_dir = checkpoint or model
     if report:
-        check_output_dir(report, "probe", force, inputs=[params, representations, features, model_dir], option="--report")
+        check_output_dir(
+            report,
+            "probe",
+            force,
+            inputs=[params, representations, features, model_dir],
+            option="--report",
+        )
     check_output_file(metrics, "--metrics")
     check_output_file(plot, "--plot")
     mode = mode or ("online" if checkpoint else config.mode)
@@ -173,20 +218,37 @@ def main(
 
         model_record = load_config(model_dir)["model"]
         num_layers = model_record["num_layers"]
-        if mode == "online":  # long utterances go through the model in the windows extract would use
+        if (
+            mode == "online"
+        ):  # long utterances go through the model in the windows extract would use
             window = window_frames(extract_config(params), model_record.get("downsample_rate", 1))
     else:
         num_layers = _stored_layers(representations)
     layers, include_input = parse_layer(layer or config.layers, num_layers)
     labels = {split: RaggedArray(labels_store(features, split)) for split in SPLITS}
 
-    run_params = {**to_flat_dict(config), "mode": mode, "layer": layer or config.layers, "model": str(model_dir),
-                  "baseline_features": str(baseline_features) if baseline_features else "extracted input"}
+    run_params = {
+        **to_flat_dict(config),
+        "mode": mode,
+        "layer": layer or config.layers,
+        "model": str(model_dir),
+        "baseline_features": str(baseline_features) if baseline_features else "extracted input",
+    }
     run_params.update(_pretrain_params(model_dir))
     with tracking.stage_run("probe", run_params) as mlflow:
         try:
-            results = _run_probes(config, mode, model_dir, features, representations, layers, include_input,
-                                  labels, baseline_features, window)
+            results = _run_probes(
+                config,
+                mode,
+                model_dir,
+                features,
+                representations,
+                layers,
+                include_input,
+                labels,
+                baseline_features,
+                window,
+            )
         except ProbeError as err:
             raise StageError(str(err)) from err
         rows = result_rows(results)
@@ -204,8 +266,12 @@ def main(
                 from mockingjay.figures import plot_layer_weights, plot_probe_accuracy
 
                 plot_probe_accuracy(rows, tmp / "probe_accuracy.png", figure_extras(results))
-                weights = {task: p["layer_weights"] for task, r in results.items() for p in extra_probes(r)
-                           if p.get("layer_weights") and p["fraction"] == 1.0}
+                weights = {
+                    task: p["layer_weights"]
+                    for task, r in results.items()
+                    for p in extra_probes(r)
+                    if p.get("layer_weights") and p["fraction"] == 1.0
+                }
                 if weights:
                     plot_layer_weights(weights, tmp / "layer_weights.png")
             for figure in ("probe_accuracy.png", "layer_weights.png"):
@@ -225,8 +291,18 @@ def _pretrain_params(model_dir: Path) -> dict:
     return {f"pretrain.{k}": v for k, v in to_flat_dict(wanted).items()}
 
 
-def _run_probes(config, mode, model_dir, features, representations, layers, include_input, labels,
-                baseline_features: Path | None = None, window: int | None = None) -> dict:
+def _run_probes(
+    config,
+    mode,
+    model_dir,
+    features,
+    representations,
+    layers,
+    include_input,
+    labels,
+    baseline_features: Path | None = None,
+    window: int | None = None,
+) -> dict:
     from mockingjay.probe_plan import read_utterances, select_utterances, test_corpora_sets
 
     device = resolve_device(config.device)
@@ -235,32 +311,61 @@ def _run_probes(config, mode, model_dir, features, representations, layers, incl
     selections = {}
     for task in config.tasks:
         settings: ProbeTaskConfig = getattr(config, task)
-        selections[task] = (select_utterances(utterances, settings.corpora, settings.speaker_independent,
-                                              need_keyword=task == "keyword", exclude_corpora=config.test_corpora),
-                            test_corpora_sets(utterances, config.test_corpora, need_keyword=task == "keyword"))
+        selections[task] = (
+            select_utterances(
+                utterances,
+                settings.corpora,
+                settings.speaker_independent,
+                need_keyword=task == "keyword",
+                exclude_corpora=config.test_corpora,
+            ),
+            test_corpora_sets(utterances, config.test_corpora, need_keyword=task == "keyword"),
+        )
     classes_of = {"speaker": speakers, "keyword": {u: i.keyword for u, i in utterances.items()}}
     if mode == "online":
         if baseline_features is not None:
-            raise ParamError("--baseline-features: extracted mode only (online probes the model's own input)")
+            raise ParamError(
+                "--baseline-features: extracted mode only (online probes the model's own input)"
+            )
         phone = config.phone
-        if "phone" in config.tasks and (phone.kinds != ["linear"] or phone.label_fractions != [1.0]
-                                        or config.test_corpora):
-            raise ParamError("probe.mode: online probes phones with linear heads on all labels only (no kinds, "
-                             "label_fractions or test_corpora): extract the representations for those")
+        if "phone" in config.tasks and (
+            phone.kinds != ["linear"] or phone.label_fractions != [1.0] or config.test_corpora
+        ):
+            raise ParamError(
+                "probe.mode: online probes phones with linear heads on all labels only (no kinds, "
+                "label_fractions or test_corpora): extract the representations for those"
+            )
         from mockingjay.checkpoint import load_model_dir
         from mockingjay.probe import probe_online
 
         network, _ = load_model_dir(model_dir, device=device)
         stores = {split: RaggedArray(features / split, finite=True) for split in SPLITS}
-        utterance_tasks = {task: (classes_of[task], getattr(config, task).training(),
-                                  {"include": selections[task][0], "extra_tests": selections[task][1],
-                                   **getattr(config, task).options()})
-                           for task in config.tasks if task != "phone"}
-        online = probe_online(network, stores, labels if "phone" in config.tasks else None, None,
-                              layers=layers or [], include_input=include_input, device=device,
-                              phone_config=phone.training(),
-                              phone_include=selections["phone"][0] if "phone" in config.tasks else None,
-                              utterance_tasks=utterance_tasks, window_frames=window)
+        utterance_tasks = {
+            task: (
+                classes_of[task],
+                getattr(config, task).training(),
+                {
+                    "include": selections[task][0],
+                    "extra_tests": selections[task][1],
+                    **getattr(config, task).options(),
+                },
+            )
+            for task in config.tasks
+            if task != "phone"
+        }
+        online = probe_online(
+            network,
+            stores,
+            labels if "phone" in config.tasks else None,
+            None,
+            layers=layers or [],
+            include_input=include_input,
+            device=device,
+            phone_config=phone.training(),
+            phone_include=selections["phone"][0] if "phone" in config.tasks else None,
+            utterance_tasks=utterance_tasks,
+            window_frames=window,
+        )
         return {task: online[task] for task in config.tasks}
     from mockingjay.probe import (
         open_representations,
@@ -269,20 +374,38 @@ def _run_probes(config, mode, model_dir, features, representations, layers, incl
         probe_utterances,
     )
 
-    reps = open_representations(representations, layers=layers, include_input=include_input,
-                                input_root=baseline_features)
+    reps = open_representations(
+        representations, layers=layers, include_input=include_input, input_root=baseline_features
+    )
     results = {}
     pooled = None  # the speaker and keyword tasks share one pooling pass over the stores
     for task in config.tasks:
         settings = getattr(config, task)
         include, extra = selections[task]
         if task == "phone":
-            results[task] = probe_phones(reps, labels, settings.training(), device=device, include=include,
-                                         extra_tests=extra, **settings.options())
+            results[task] = probe_phones(
+                reps,
+                labels,
+                settings.training(),
+                device=device,
+                include=include,
+                extra_tests=extra,
+                **settings.options(),
+            )
         else:
             pooled = pooled or pooled_utterances(reps)
-            results[task] = probe_utterances(*pooled, classes_of[task], settings.training(), device,
-                                             task=task, include=include, extra_tests=extra, **settings.options())
-        results[task]["selection"] = {"corpora": settings.corpora or "all",
-                                      "speaker_independent": settings.speaker_independent}
+            results[task] = probe_utterances(
+                *pooled,
+                classes_of[task],
+                settings.training(),
+                device,
+                task=task,
+                include=include,
+                extra_tests=extra,
+                **settings.options(),
+            )
+        results[task]["selection"] = {
+            "corpora": settings.corpora or "all",
+            "speaker_independent": settings.speaker_independent,
+        }
     return results

@@ -15,14 +15,22 @@ def result_rows(results: dict) -> list[dict]:
     rows = []
     for task, result in results.items():
         for name, layer in result["layers"].items():
-            rows.append({"task": task, "layer": name if name == INPUT_STORE else layer_index(name),
-                         "accuracy": layer["accuracy"], "macro_f1": layer["macro_f1"],
-                         "majority_rate": layer["majority_rate"]})
+            rows.append(
+                {
+                    "task": task,
+                    "layer": name if name == INPUT_STORE else layer_index(name),
+                    "accuracy": layer["accuracy"],
+                    "macro_f1": layer["macro_f1"],
+                    "majority_rate": layer["majority_rate"],
+                }
+            )
     return rows
 
 
 def format_table(rows: list[dict], results: dict) -> str:
-    layers = sorted({r["layer"] for r in rows}, key=lambda v: (v != INPUT_STORE, v if v != INPUT_STORE else -1))
+    layers = sorted(
+        {r["layer"] for r in rows}, key=lambda v: (v != INPUT_STORE, v if v != INPUT_STORE else -1)
+    )
     tasks = list(results)
     cell = {(r["task"], r["layer"]): r for r in rows}
     header = f"{'layer':<10}" + "".join(f"{t + ' acc':>13}{t + ' F1':>12}" for t in tasks)
@@ -32,10 +40,14 @@ def format_table(rows: list[dict], results: dict) -> str:
         line = f"{name:<10}"
         for task in tasks:
             r = cell.get((task, layer))
-            line += f"{r['accuracy'] * 100:>12.1f}%{r['macro_f1'] * 100:>11.1f}%" if r else f"{'':>25}"
+            line += (
+                f"{r['accuracy'] * 100:>12.1f}%{r['macro_f1'] * 100:>11.1f}%" if r else f"{'':>25}"
+            )
         lines.append(line)
     majority = f"{'majority':<10}" + "".join(
-        f"{next(r['majority_rate'] for r in rows if r['task'] == t) * 100:>12.1f}%{'':>12}" for t in tasks)
+        f"{next(r['majority_rate'] for r in rows if r['task'] == t) * 100:>12.1f}%{'':>12}"
+        for t in tasks
+    )
     lines.append(majority)
     counts = ", ".join(f"{t}: {results[t]['examples']['test']} test examples" for t in tasks)
     lines.append(f"({counts}; layer 0 = input representation)")
@@ -44,7 +56,9 @@ def format_table(rows: list[dict], results: dict) -> str:
 
 def extra_probes(result: dict) -> list[dict]:
     """Every probe of a task except the linear ones on all labels (those are `result["layers"]`)."""
-    return [p for p in result.get("probes", []) if not (p["kind"] == "linear" and p["fraction"] == 1.0)]
+    return [
+        p for p in result.get("probes", []) if not (p["kind"] == "linear" and p["fraction"] == 1.0)
+    ]
 
 
 def figure_extras(results: dict) -> dict[str, dict[str, float]]:
@@ -78,8 +92,10 @@ def compact_metrics(results: dict) -> dict:
     keys = ("accuracy", "macro_f1", "majority_rate")
     out = {}
     for task, result in results.items():
-        out[task] = {name: {k: round(v, 4) for k, v in layer.items() if k in keys}
-                     for name, layer in result["layers"].items()}
+        out[task] = {
+            name: {k: round(v, 4) for k, v in layer.items() if k in keys}
+            for name, layer in result["layers"].items()
+        }
         for probe in extra_probes(result):
             values = {k: round(probe[k], 4) for k in keys}
             group = probe_group(probe)
@@ -89,10 +105,17 @@ def compact_metrics(results: dict) -> dict:
                 out[task].setdefault(group.split(".")[0], {})["weighted_sum"] = values
             else:
                 out[task].setdefault(group, {})[probe["layer"]] = values
-        for corpus, extra in result.get("extra_tests", {}).items():  # test-only corpora, linear heads
+        for corpus, extra in result.get(
+            "extra_tests", {}
+        ).items():  # test-only corpora, linear heads
             out[task][f"test_corpus_{corpus}"] = {
-                p["layer"]: {"accuracy": round(p["accuracy"], 4), "majority_rate": round(p["majority_rate"], 4)}
-                for p in extra["heads"] if p["kind"] == "linear" and p["fraction"] == 1.0}
+                p["layer"]: {
+                    "accuracy": round(p["accuracy"], 4),
+                    "majority_rate": round(p["majority_rate"], 4),
+                }
+                for p in extra["heads"]
+                if p["kind"] == "linear" and p["fraction"] == 1.0
+            }
     return out
 
 
@@ -104,14 +127,20 @@ def format_extra(results: dict) -> str:
             layer = "log-mel" if probe["layer"] == INPUT_STORE else probe["layer"]
             weights = ""
             if probe.get("layer_weights"):
-                weights = "  weights " + " ".join(f"{w:.2f}" for w in probe["layer_weights"].values())
-            lines.append(f"{task:<8} {probe['kind']:<13} {layer:<13} labels {probe['fraction']:>5g}  "
-                         f"{probe['accuracy'] * 100:5.1f}%  F1 {probe['macro_f1'] * 100:5.1f}%{weights}")
+                weights = "  weights " + " ".join(
+                    f"{w:.2f}" for w in probe["layer_weights"].values()
+                )
+            lines.append(
+                f"{task:<8} {probe['kind']:<13} {layer:<13} labels {probe['fraction']:>5g}  "
+                f"{probe['accuracy'] * 100:5.1f}%  F1 {probe['macro_f1'] * 100:5.1f}%{weights}"
+            )
         for corpus, extra in result.get("extra_tests", {}).items():
             for p in extra["heads"]:
                 if p["fraction"] == 1.0:
-                    lines.append(f"{task:<8} {p['kind']:<13} {p['layer']:<13} on {corpus} ({extra['examples']} "
-                                 f"test examples, unseen corpus)  {p['accuracy'] * 100:5.1f}%")
+                    lines.append(
+                        f"{task:<8} {p['kind']:<13} {p['layer']:<13} on {corpus} ({extra['examples']} "
+                        f"test examples, unseen corpus)  {p['accuracy'] * 100:5.1f}%"
+                    )
     return "\n".join(lines)
 
 
@@ -121,8 +150,12 @@ def write_plot_table(path: Path, rows: list[dict], results: dict | None = None) 
     path.parent.mkdir(parents=True, exist_ok=True)
     tasks = sorted({r["task"] for r in rows})
     baseline = {r["task"]: r["accuracy"] for r in rows if r["layer"] == INPUT_STORE}
-    weighted = {task: p["accuracy"] for task, result in (results or {}).items() for p in extra_probes(result)
-                if p["kind"] == "weighted_sum" and p["fraction"] == 1.0}
+    weighted = {
+        task: p["accuracy"]
+        for task, result in (results or {}).items()
+        for p in extra_probes(result)
+        if p["kind"] == "weighted_sum" and p["fraction"] == 1.0
+    }
     layers = sorted({r["layer"] for r in rows if r["layer"] != INPUT_STORE})
     cell = {(r["task"], r["layer"]): r["accuracy"] for r in rows}
     header, getters = ["layer"], []
@@ -162,22 +195,58 @@ def log_runs(mlflow, results: dict, rows: list[dict]) -> None:
     for task, result in results.items():
         for probe in extra_probes(result):
             name = f"{probe['kind']}/{probe['layer']}@{probe['fraction']:g}"
-            with mlflow.start_run(run_name=f"{task}/{name}", nested=True,
-                                  tags={"mockingjay.stage": "probe", "probe.task": task, "probe.layer": probe["layer"],
-                                        "probe.kind": probe["kind"], "probe.fraction": f"{probe['fraction']:g}"}):
-                mlflow.log_params({"task": task, "layer": probe["layer"], "kind": probe["kind"],
-                                   "label_fraction": probe["fraction"], "learning_rate": probe["learning_rate"],
-                                   "weight_decay": probe["weight_decay"], "best_epoch": probe["best_epoch"]})
-                mlflow.log_metrics({k: float(probe[k]) for k in ("accuracy", "macro_f1", "majority_rate",
-                                                                 "dev_accuracy")})
+            with mlflow.start_run(
+                run_name=f"{task}/{name}",
+                nested=True,
+                tags={
+                    "mockingjay.stage": "probe",
+                    "probe.task": task,
+                    "probe.layer": probe["layer"],
+                    "probe.kind": probe["kind"],
+                    "probe.fraction": f"{probe['fraction']:g}",
+                },
+            ):
+                mlflow.log_params(
+                    {
+                        "task": task,
+                        "layer": probe["layer"],
+                        "kind": probe["kind"],
+                        "label_fraction": probe["fraction"],
+                        "learning_rate": probe["learning_rate"],
+                        "weight_decay": probe["weight_decay"],
+                        "best_epoch": probe["best_epoch"],
+                    }
+                )
+                mlflow.log_metrics(
+                    {
+                        k: float(probe[k])
+                        for k in ("accuracy", "macro_f1", "majority_rate", "dev_accuracy")
+                    }
+                )
                 if probe.get("layer_weights"):
-                    mlflow.log_metrics({f"layer_weight.{k}": v for k, v in probe["layer_weights"].items()})
+                    mlflow.log_metrics(
+                        {f"layer_weight.{k}": v for k, v in probe["layer_weights"].items()}
+                    )
                 mlflow.log_dict(probe["confusion"], "confusion.json")
         for name, layer in result["layers"].items():
-            with mlflow.start_run(run_name=f"{task}/{name}", nested=True,
-                                  tags={"mockingjay.stage": "probe", "probe.task": task, "probe.layer": name}):
-                mlflow.log_params({"task": task, "layer": name, "learning_rate": layer["learning_rate"],
-                                   "weight_decay": layer["weight_decay"], "best_epoch": layer["best_epoch"]})
-                mlflow.log_metrics({k: float(layer[k]) for k in ("accuracy", "macro_f1", "majority_rate",
-                                                                 "dev_accuracy")})
+            with mlflow.start_run(
+                run_name=f"{task}/{name}",
+                nested=True,
+                tags={"mockingjay.stage": "probe", "probe.task": task, "probe.layer": name},
+            ):
+                mlflow.log_params(
+                    {
+                        "task": task,
+                        "layer": name,
+                        "learning_rate": layer["learning_rate"],
+                        "weight_decay": layer["weight_decay"],
+                        "best_epoch": layer["best_epoch"],
+                    }
+                )
+                mlflow.log_metrics(
+                    {
+                        k: float(layer[k])
+                        for k in ("accuracy", "macro_f1", "majority_rate", "dev_accuracy")
+                    }
+                )
                 mlflow.log_dict(layer["confusion"], "confusion.json")

@@ -21,7 +21,17 @@ def resolve_device(name: str):
         raise StageError(str(err)) from err
 
 
-FEATURE_KEYS = ("sample_rate", "n_mels", "win_ms", "hop_ms", "n_fft", "delta_order", "delta_window", "log_offset", "cmvn")
+FEATURE_KEYS = (
+    "sample_rate",
+    "n_mels",
+    "win_ms",
+    "hop_ms",
+    "n_fft",
+    "delta_order",
+    "delta_window",
+    "log_offset",
+    "cmvn",
+)
 
 
 def check_model_features(model_dir: Path, features_dir: Path) -> dict:
@@ -33,12 +43,19 @@ def check_model_features(model_dir: Path, features_dir: Path) -> dict:
     from mockingjay.checkpoint import load_config
 
     if not model_dir.is_dir():
-        raise StageError(f"model directory {model_dir} not found; run the pretrain stage or pass --model/--checkpoint")
+        raise StageError(
+            f"model directory {model_dir} not found; run the pretrain stage or pass --model/--checkpoint"
+        )
     features = read_feature_config(features_dir)
     stored = load_config(model_dir)
     model_features = stored.get("features")
-    for difference in (stored.get("import") or {}).get("feature_differences") or []:  # import-checkpoint
-        print(f"warning: {model_dir} was imported; its features may differ from the source's: {difference}", file=sys.stderr)
+    for difference in (stored.get("import") or {}).get(
+        "feature_differences"
+    ) or []:  # import-checkpoint
+        print(
+            f"warning: {model_dir} was imported; its features may differ from the source's: {difference}",
+            file=sys.stderr,
+        )
     if not model_features:
         print(
             f"warning: {model_dir} records no feature settings; make sure {features_dir} was made the way "
@@ -53,7 +70,8 @@ def check_model_features(model_dir: Path, features_dir: Path) -> dict:
     ]
     if differences:
         raise StageError(
-            f"{model_dir} was trained on other features than {features_dir}: " + "; ".join(differences)
+            f"{model_dir} was trained on other features than {features_dir}: "
+            + "; ".join(differences)
             + ". Re-featurize with the model's settings (params.yaml featurize section) or pick the matching model."
         )
     return features
@@ -74,8 +92,12 @@ class ExtractConfig:
     def validate(self) -> None:
         if self.batch_frames <= 0:
             raise ValueError(f"batch_frames: must be positive, got {self.batch_frames}")
-        if self.window_frames is not None and (isinstance(self.window_frames, bool) or self.window_frames < 16):
-            raise ValueError(f"window_frames: must be an integer >= 16 (or null = no windows), got {self.window_frames}")
+        if self.window_frames is not None and (
+            isinstance(self.window_frames, bool) or self.window_frames < 16
+        ):
+            raise ValueError(
+                f"window_frames: must be an integer >= 16 (or null = no windows), got {self.window_frames}"
+            )
 
 
 def extract_config(params: Path) -> ExtractConfig:

@@ -30,7 +30,11 @@ def repo_root(start: Path | None = None) -> Path:
         return Path(text.split(_DVC_TEMP_MARKER, 1)[0])
     try:
         top = subprocess.run(
-            ["git", "rev-parse", "--show-toplevel"], cwd=here, capture_output=True, text=True, check=True
+            ["git", "rev-parse", "--show-toplevel"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         return Path(top)
     except (subprocess.CalledProcessError, FileNotFoundError):
@@ -47,7 +51,11 @@ def tracking_uri() -> str:
 def git_commit(cwd: Path | None = None) -> str:
     try:
         return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd or Path.cwd(), capture_output=True, text=True, check=True
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd or Path.cwd(),
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
     except (subprocess.CalledProcessError, FileNotFoundError):
         return "unknown"
@@ -87,7 +95,9 @@ def _configure():
             artifact_location = None
             if uri.startswith("sqlite:///"):
                 artifact_location = (repo_root() / "mlartifacts").as_uri()
-            experiment_id = mlflow.create_experiment(EXPERIMENT_NAME, artifact_location=artifact_location)
+            experiment_id = mlflow.create_experiment(
+                EXPERIMENT_NAME, artifact_location=artifact_location
+            )
         else:
             experiment_id = experiment.experiment_id
     except Exception as err:  # noqa: BLE001 - any failure here means the store is unusable
@@ -106,7 +116,7 @@ class TrackingError(RuntimeError):
 
 
 def _local_store(uri: str) -> Path | None:
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
 def check_artifact_location(uri: str, location: str) -> None:
@@ -139,21 +149,33 @@ def relocate_artifacts_main() -> None:
     uri = tracking_uri()
     store = _local_store(uri)
     if store is None or not store.is_file():
-        raise TrackingError(f"relocate-artifacts works on a local store; {uri} is not one (unset MLFLOW_TRACKING_URI?)")
+        raise TrackingError(
+            f"relocate-artifacts works on a local store; {uri} is not one (unset MLFLOW_TRACKING_URI?)"
+        )
     new = (store.parent / "mlartifacts").as_uri()
     with _contextlib.closing(sqlite3.connect(store)) as db, db:
-        found = db.execute("SELECT experiment_id, artifact_location FROM experiments WHERE name = ?",
-                           (EXPERIMENT_NAME,)).fetchone()
+        found = db.execute(
+            "SELECT experiment_id, artifact_location FROM experiments WHERE name = ?",
+            (EXPERIMENT_NAME,),
+        ).fetchone()
         if found is None or found[1] == new:
-            print(f"relocate-artifacts: nothing to do; experiment {EXPERIMENT_NAME!r} in {store} "
-                  f"{'does not exist yet' if found is None else 'already keeps its artifacts in ' + new}", file=sys.stderr)
+            print(
+                f"relocate-artifacts: nothing to do; experiment {EXPERIMENT_NAME!r} in {store} "
+                f"{'does not exist yet' if found is None else 'already keeps its artifacts in ' + new}",
+                file=sys.stderr,
+            )
             return
         experiment_id, old = found
-        db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?", (new, experiment_id))
+        db.execute(
+            "UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+            (new, experiment_id),
+        )
         # the runs' artifact URIs start with the old location: repoint their prefix only
-        db.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) "
-                   "WHERE experiment_id = ? AND substr(artifact_uri, 1, ?) = ?",
-                   (new, len(old) + 1, experiment_id, len(old), old))
+        db.execute(
+            "UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) "
+            "WHERE experiment_id = ? AND substr(artifact_uri, 1, ?) = ?",
+            (new, len(old) + 1, experiment_id, len(old), old),
+        )
     print(f"relocate-artifacts: experiment {EXPERIMENT_NAME!r}: {old} -> {new}", file=sys.stderr)
 
 
@@ -194,7 +216,11 @@ def stage_run(
     except BaseException as err:
         # KILLED for a stop signal, so a preempted job is not left RUNNING or taken for a crash;
         # every run still open (a probe's child run, then the stage's) is ended.
-        _end_runs_down_to(tracker, run, "KILLED" if isinstance(err, (StageInterrupted, KeyboardInterrupt)) else "FAILED")
+        _end_runs_down_to(
+            tracker,
+            run,
+            "KILLED" if isinstance(err, (StageInterrupted, KeyboardInterrupt)) else "FAILED",
+        )
         raise
     else:
         _end_runs_down_to(tracker, run, "FINISHED")
@@ -252,7 +278,9 @@ class Tracker:
                     return _ChildRun(self, result) if name == "start_run" else result
                 except Exception as err:  # noqa: BLE001 - any store failure: report once, go on
                     self._failed(err)
-            if name == "end_run":  # still pop mlflow's local run stack, so a later run in this process starts clean
+            if (
+                name == "end_run"
+            ):  # still pop mlflow's local run stack, so a later run in this process starts clean
                 with contextlib.suppress(Exception):
                     attr(*args, **kwargs)
                 return None
@@ -265,18 +293,28 @@ class Tracker:
         from tqdm import tqdm
 
         self.error = err
-        with tqdm.external_write_mode(file=sys.stderr):  # a line of its own, not the end of a progress bar's
-            print(f"warning: mlflow: tracking to {self._uri} failed ({_root_cause(err)}); {self._stage} goes on "
-                  "without tracking and will exit 1 at the end", file=sys.stderr)
+        with tqdm.external_write_mode(
+            file=sys.stderr
+        ):  # a line of its own, not the end of a progress bar's
+            print(
+                f"warning: mlflow: tracking to {self._uri} failed ({_root_cause(err)}); {self._stage} goes on "
+                "without tracking and will exit 1 at the end",
+                file=sys.stderr,
+            )
 
     def fail_at_exit(self, run_id: str) -> None:
         """Make the command exit 1 once the stage is done (common.cli_errors), naming what was lost."""
         from .common import fail_at_exit
 
-        lost = ", ".join(f"{n} {name}" for name, n in sorted(self.skipped.items())) or "the end of the run"
-        fail_at_exit(f"mlflow: tracking to {self._uri} failed during the {self._stage} run ({_root_cause(self.error)}); "
-                     f"not logged: {lost}. The stage's outputs are complete; its MLflow run {run_id} is incomplete "
-                     "(fix the store, then rerun the stage to record it)")
+        lost = (
+            ", ".join(f"{n} {name}" for name, n in sorted(self.skipped.items()))
+            or "the end of the run"
+        )
+        fail_at_exit(
+            f"mlflow: tracking to {self._uri} failed during the {self._stage} run ({_root_cause(self.error)}); "
+            f"not logged: {lost}. The stage's outputs are complete; its MLflow run {run_id} is incomplete "
+            "(fix the store, then rerun the stage to record it)"
+        )
 
     def restore_loggers(self) -> None:
         """After a failure they stay quiet: mlflow's system-metrics thread and its exit handler would
@@ -312,6 +350,8 @@ def _root_cause(err: BaseException) -> str:
 
 def log_params(mlflow, params: dict[str, Any]) -> None:
     """Log flat params in batches; values longer than MLflow's limit are truncated visibly."""
-    items = [(k, str(v) if len(str(v)) <= 6000 else str(v)[:5990] + "...") for k, v in params.items()]
+    items = [
+        (k, str(v) if len(str(v)) <= 6000 else str(v)[:5990] + "...") for k, v in params.items()
+    ]
     for i in range(0, len(items), 100):
         mlflow.log_params(dict(items[i : i + 100]))

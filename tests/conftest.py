@@ -45,8 +45,15 @@ def cli_env(extra: dict | None = None) -> dict:
 def run(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a command to its end (in a process group of its own); fails only if it stalls (see
     `communicate`), never because a loaded machine makes it slow."""
-    proc = subprocess.Popen(args, cwd=cwd, env=cli_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, process_group=0)
+    proc = subprocess.Popen(
+        args,
+        cwd=cwd,
+        env=cli_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        process_group=0,
+    )
     out, err = communicate(proc, f"{' '.join(map(str, args))} in {cwd}")
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
@@ -59,8 +66,12 @@ def communicate(proc: subprocess.Popen, what: str) -> tuple[str, str]:
     reader = threading.Thread(target=lambda: result.update(outputs=proc.communicate()), daemon=True)
     reader.start()
     try:
-        wait_while_progressing(lambda: not reader.is_alive(), lambda: cpu_ticks(process_group(proc.pid)),
-                               lambda: f"{what} stalled", poll=0.01)
+        wait_while_progressing(
+            lambda: not reader.is_alive(),
+            lambda: cpu_ticks(process_group(proc.pid)),
+            lambda: f"{what} stalled",
+            poll=0.01,
+        )
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -70,7 +81,9 @@ def communicate(proc: subprocess.Popen, what: str) -> tuple[str, str]:
     return result["outputs"]
 
 
-def make_librispeech(root: Path, speakers: dict[str, list[Path]], chapter: str = "100", transcripts: bool = True) -> None:
+def make_librispeech(
+    root: Path, speakers: dict[str, list[Path]], chapter: str = "100", transcripts: bool = True
+) -> None:
     """Lay real recordings out as LibriSpeech: speaker/chapter/speaker-chapter-utt.flac + trans.txt."""
     for speaker, files in speakers.items():
         folder = root / speaker / chapter
@@ -98,7 +111,9 @@ def plant_bad_files(folder: Path) -> dict[str, str]:
 
     with_text("empty.wav").write_bytes(b"")
     flac_bytes = (FIXTURES / "cmu_arctic" / "wav" / "aew_a0002.wav").read_bytes()
-    sf.write(folder / "truncated.flac", sf.read(ARCTIC_DIR / "aew_a0002.wav", dtype="float32")[0], rate)
+    sf.write(
+        folder / "truncated.flac", sf.read(ARCTIC_DIR / "aew_a0002.wav", dtype="float32")[0], rate
+    )
     whole = (folder / "truncated.flac").read_bytes()
     (folder / "truncated.flac").write_bytes(whole[: len(whole) // 2])
     with_text("truncated.flac")
@@ -135,7 +150,13 @@ PARAMS = {
         ],
     },
     "align": {"workers": 2, "imports": []},
-    "featurize": {"preset": "tera", "sample_rate": 16000, "hop_ms": None, "cmvn": "utterance", "workers": 2},
+    "featurize": {
+        "preset": "tera",
+        "sample_rate": 16000,
+        "hop_ms": None,
+        "cmvn": "utterance",
+        "workers": 2,
+    },
 }
 
 
@@ -148,13 +169,25 @@ def make_repo(path: Path, params: dict = PARAMS) -> Path:
     sample = path / "data" / "sample"
     shutil.copytree(FSDD_DIR, sample / "fsdd")
     shutil.copytree(ARCTIC_DIR, sample / "arctic")
-    make_librispeech(sample / "libri", {"61": sorted(FSDD_DIR.glob("[0-4]_theo_0.wav")), "121": sorted(FSDD_DIR.glob("[5-9]_lucas_0.wav"))}, transcripts=False)
+    make_librispeech(
+        sample / "libri",
+        {
+            "61": sorted(FSDD_DIR.glob("[0-4]_theo_0.wav")),
+            "121": sorted(FSDD_DIR.glob("[5-9]_lucas_0.wav")),
+        },
+        transcripts=False,
+    )
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copy(ROOT / ".gitignore", path / ".gitignore")
     # A local identity: DVC experiments commit through pygit2, which ignores GIT_AUTHOR_* variables.
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.name", "mockingjay tests"],
-                ["git", "config", "user.email", "tests@mockingjay.invalid"], ["dvc", "init", "-q"],
-                ["git", "add", "-A"], ["git", "commit", "-qm", "fixture repo"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "config", "user.name", "mockingjay tests"],
+        ["git", "config", "user.email", "tests@mockingjay.invalid"],
+        ["dvc", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "fixture repo"],
+    ):
         result = run(cmd, path)
         assert result.returncode == 0, result.stderr
     return path
@@ -168,7 +201,10 @@ def copy_repo(src: Path, dest: Path) -> Path:
     if (dest / "mlflow.db").exists():
         old, new = (src / "mlartifacts").as_uri(), (dest / "mlartifacts").as_uri()
         with contextlib.closing(sqlite3.connect(dest / "mlflow.db")) as store, store:
-            store.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (old, new))
+            store.execute(
+                "UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)",
+                (old, new),
+            )
             store.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (old, new))
     return dest
 
@@ -203,9 +239,14 @@ def process_group(pgid: int) -> list[int]:
     return found
 
 
-def wait_while_progressing(done: Callable[[], bool], progress: Callable[[], object], what: Callable[[], str],
-                           poll: float = 0.002, check_every: float = 1.0,
-                           stalled_after: float | None = None) -> None:
+def wait_while_progressing(
+    done: Callable[[], bool],
+    progress: Callable[[], object],
+    what: Callable[[], str],
+    poll: float = 0.002,
+    check_every: float = 1.0,
+    stalled_after: float | None = None,
+) -> None:
     """Poll `done()` until it is true. Fails only when `progress()` (any value that changes while
     the awaited work goes on: output length, CPU time, files) stayed the same for `stalled_after`
     seconds; `what()` then says what was seen."""
@@ -226,8 +267,11 @@ def wait_while_progressing(done: Callable[[], bool], progress: Callable[[], obje
 
 def file_stats(root: Path) -> dict[str, tuple[int, int]]:
     """Relative path -> (size, mtime in ns) of every file below `root`: what changed between two calls."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in root.rglob("*") if p.is_file() and not p.is_symlink()}
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in root.rglob("*")
+        if p.is_file() and not p.is_symlink()
+    }
 
 
 def mlflow_runs(repo: Path) -> list:
@@ -284,14 +328,38 @@ TINY_PIPELINE = {
         "preset": "tera-base",
         "model": {"hidden_size": 32, "num_heads": 2, "intermediate_size": 64, "num_layers": 2},
         "mask": {},
-        "train": {"total_steps": 30, "learning_rate": 2.0e-3, "max_frames_per_batch": 3000, "max_length": 300,
-                  "log_every": 5, "checkpoint_every": 10, "keep_checkpoints": 2, "seed": 0, "device": "cpu"},
+        "train": {
+            "total_steps": 30,
+            "learning_rate": 2.0e-3,
+            "max_frames_per_batch": 3000,
+            "max_length": 300,
+            "log_every": 5,
+            "checkpoint_every": 10,
+            "keep_checkpoints": 2,
+            "seed": 0,
+            "device": "cpu",
+        },
     },
     "extract": {"layers": None, "batch_frames": 8000, "device": "cpu"},
     "probe": {
-        "tasks": ["phone", "speaker"], "layers": "all", "mode": "extracted", "device": "cpu",
-        "phone": {"epochs": 5, "batch_size": 512, "learning_rates": [0.002], "weight_decays": [0.0, 0.001], "seed": 0},
-        "speaker": {"epochs": 100, "batch_size": 0, "learning_rates": [0.01], "weight_decays": [0.0, 0.001], "seed": 0},
+        "tasks": ["phone", "speaker"],
+        "layers": "all",
+        "mode": "extracted",
+        "device": "cpu",
+        "phone": {
+            "epochs": 5,
+            "batch_size": 512,
+            "learning_rates": [0.002],
+            "weight_decays": [0.0, 0.001],
+            "seed": 0,
+        },
+        "speaker": {
+            "epochs": 100,
+            "batch_size": 0,
+            "learning_rates": [0.01],
+            "weight_decays": [0.0, 0.001],
+            "seed": 0,
+        },
     },
 }
 
@@ -302,9 +370,12 @@ def pristine_pipeline_repo(featurized_repo, tmp_path_factory) -> Path:
     that no test changes: the reference outputs of an uninterrupted run. Copy it before running
     anything in it. It starts from a copy of `featurized_repo`, so prepare/align/featurize ran
     in the repository it was copied from."""
+
     def repro(folder: Path) -> Path:
         repo = copy_repo(featurized_repo, folder / "repo")
-        (repo / "params.yaml").write_text(yaml.safe_dump({**PARAMS, **TINY_PIPELINE}, sort_keys=False))
+        (repo / "params.yaml").write_text(
+            yaml.safe_dump({**PARAMS, **TINY_PIPELINE}, sort_keys=False)
+        )
         result = run(["dvc", "repro"], repo)
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
         return repo
@@ -326,7 +397,9 @@ def pytest_configure(config):
     (measured: two tiny pipelines side by side took 98 s with the default threads, 83 s with one
     each). Set here, in the controller before it starts the workers and in each worker, so torch
     reads it when first imported; a value the user set is kept."""
-    workers = getattr(config, "workerinput", {}).get("workercount") or config.getoption("numprocesses", None)
+    workers = getattr(config, "workerinput", {}).get("workercount") or config.getoption(
+        "numprocesses", None
+    )
     workers = workers if isinstance(workers, int) and workers > 0 else 1
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(name, str(max(1, len(os.sched_getaffinity(0)) // workers)))

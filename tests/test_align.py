@@ -53,7 +53,9 @@ def test_alignment_matches_hand_reference(aligner):
 def test_segments_are_contiguous_and_cover_the_audio(aligner):
     audio, transcript = load_arctic("aew_a0002")
     segments = aligner.align(audio, transcript)
-    assert segments[0].start == 0.0 and segments[-1].end == pytest.approx(len(audio) / 16_000, abs=0.01)
+    assert segments[0].start == 0.0 and segments[-1].end == pytest.approx(
+        len(audio) / 16_000, abs=0.01
+    )
     assert all(a.end == pytest.approx(b.start) for a, b in zip(segments, segments[1:]))
     assert all(s.phone in PHONES for s in segments)
     assert all(round(s.start * 100, 6).is_integer() for s in segments)  # 10 ms frames
@@ -65,7 +67,9 @@ def test_alignment_reproduces_shipped_pocketsphinx_labels(aligner, utt_id):
     audio, transcript = load_arctic(utt_id)
     segments = aligner.align(audio, transcript)
     shipped = read_lab(ARCTIC / "lab_pocketsphinx" / f"{utt_id}.lab")
-    assert [(round(s.start, 2), round(s.end, 2), s.phone) for s in segments] == [tuple(s) for s in shipped]
+    assert [(round(s.start, 2), round(s.end, 2), s.phone) for s in segments] == [
+        tuple(s) for s in shipped
+    ]
 
 
 def test_fsdd_8khz_digit_after_resampling(aligner):
@@ -85,9 +89,13 @@ def test_short_fast_digit_that_default_beams_cannot_align(aligner):
     # the shipped FSDD labels lack 6_nicolas_0: pocketsphinx's default beams prune every path
     assert not (FSDD / "phone_align" / "6_nicolas_0.lab").exists()
     audio, sample_rate = sf.read(FSDD / "recordings" / "6_nicolas_0.wav", dtype="float32")
-    segments = aligner.align(resample_poly(audio, 16_000 // sample_rate, 1).astype(np.float32), "six")
+    segments = aligner.align(
+        resample_poly(audio, 16_000 // sample_rate, 1).astype(np.float32), "six"
+    )
     assert [s.phone for s in segments if s.phone != "SIL"] == ["S", "IH", "K", "S"]
-    assert all(s.end - s.start >= 0.03 for s in segments if s.phone != "SIL")  # >= 3 frames per phone
+    assert all(
+        s.end - s.start >= 0.03 for s in segments if s.phone != "SIL"
+    )  # >= 3 frames per phone
 
 
 def test_transcript_normalisation():
@@ -105,12 +113,17 @@ def test_dictionary_words_split_unknown_hyphenated_words(aligner):
 
 
 def test_possessive_of_known_name_is_not_out_of_vocabulary(aligner):
-    assert aligner.lookup_missing_words("Kerfoot's hat and Pearce's") == []  # CMUdict has kerfoot, pearce
+    assert (
+        aligner.lookup_missing_words("Kerfoot's hat and Pearce's") == []
+    )  # CMUdict has kerfoot, pearce
     assert aligner.decoder.lookup_word("pearce's") == "P IH R S IH Z"
 
 
 def test_out_of_vocabulary_words_are_reported_before_decoding(aligner):
-    assert aligner.lookup_missing_words("the Xyzzyq table, xyzzyq and Plughwort") == ["xyzzyq", "plughwort"]
+    assert aligner.lookup_missing_words("the Xyzzyq table, xyzzyq and Plughwort") == [
+        "xyzzyq",
+        "plughwort",
+    ]
     too_short_to_decode = np.zeros(10, dtype=np.float32)
     with pytest.raises(OutOfVocabularyError, match="xyzzyq, plughwort") as caught:
         aligner.align(too_short_to_decode, "the xyzzyq table plughwort")
@@ -134,7 +147,9 @@ def test_aligner_is_reusable_and_deterministic(aligner):
     aligner.align(*load_arctic("aew_a0001"))
     assert aligner.align(audio, transcript) == first  # not changed by what was aligned before
     assert PhoneAligner().align(audio, transcript) == first
-    assert aligner.align((audio * 32767).round().astype(np.int16), transcript) == first  # int16 input
+    assert (
+        aligner.align((audio * 32767).round().astype(np.int16), transcript) == first
+    )  # int16 input
 
 
 QUIET_SCRIPT = """
@@ -154,7 +169,10 @@ def test_pocketsphinx_is_quiet():
     # In a fresh interpreter: pocketsphinx's log level is process-wide, and its default
     # (WARN) prints an ERROR line to stderr for the failed alignment.
     done = subprocess.run(
-        [sys.executable, "-c", QUIET_SCRIPT], cwd=Path(__file__).parent.parent, capture_output=True, text=True
+        [sys.executable, "-c", QUIET_SCRIPT],
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "40\n" and done.stderr == ""

@@ -14,7 +14,9 @@ from mockingjay.batching import (
 from mockingjay.featstore import RaggedWriter
 
 
-def write_store(path: Path, lengths, dim: int = 4, seed: int = 0, prefix: str = "u") -> list[np.ndarray]:
+def write_store(
+    path: Path, lengths, dim: int = 4, seed: int = 0, prefix: str = "u"
+) -> list[np.ndarray]:
     """A store whose rows encode (utterance, frame) so crops can be checked exactly."""
     rng = np.random.default_rng(seed)
     items = []
@@ -33,7 +35,9 @@ def random_lengths(count: int, low: int = 5, high: int = 120, seed: int = 1) -> 
 
 def test_frame_cap_and_batch_size_are_respected():
     lengths = random_lengths(300)
-    sampler = LengthBucketBatchSampler(lengths, max_frames_per_batch=400, max_batch_size=6, seed=3, pool_size=64)
+    sampler = LengthBucketBatchSampler(
+        lengths, max_frames_per_batch=400, max_batch_size=6, seed=3, pool_size=64
+    )
     batches = sampler.epoch_batches(0)
     for batch in batches:
         padded = len(batch) * max(stop - start for _, start, stop in batch)
@@ -77,7 +81,11 @@ def test_collate_pads_crops_and_keeps_the_store_dtype(tmp_path):
     items = write_store(tmp_path / "train", [7, 30, 12], dim=4)
     dataset = FeatureDataset(tmp_path / "train")
     batch = collate_features([dataset[(1, 10, 25)], dataset[0], dataset[(2, 0, 12)]])
-    assert batch.inputs.dtype == torch.float16 and batch.inputs.shape == (3, 15, 4)  # float32 on the device
+    assert batch.inputs.dtype == torch.float16 and batch.inputs.shape == (
+        3,
+        15,
+        4,
+    )  # float32 on the device
     assert batch.lengths.tolist() == [15, 7, 12] and batch.lengths.dtype == torch.int64
     assert batch.indices.tolist() == [1, 0, 2]
     assert batch.targets is None
@@ -96,8 +104,12 @@ def test_batch_cap_below_one_utterance_is_an_error_naming_the_parameter():
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_distributed_shards_are_disjoint_equal_and_complete(world_size):
     lengths = random_lengths(101, seed=7)
-    shards = [LengthBucketBatchSampler(lengths, 600, seed=5, pool_size=40, rank=rank, world_size=world_size)
-              for rank in range(world_size)]
+    shards = [
+        LengthBucketBatchSampler(
+            lengths, 600, seed=5, pool_size=40, rank=rank, world_size=world_size
+        )
+        for rank in range(world_size)
+    ]
     for epoch in range(3):
         per_rank = [shard.epoch_batches(epoch) for shard in shards]
         assert len({len(batches) for batches in per_rank}) == 1  # same count: DDP cannot hang
@@ -141,7 +153,9 @@ def test_loader_yields_the_sampler_batches(tmp_path, num_workers, context):
     got = list(loader)
     # Persistent workers: the next epoch, positioned anew, comes through the same loader.
     sampler.set_epoch(2)
-    assert [b.indices.tolist() for b in loader] == [[i for i, _, _ in items] for items in sampler.epoch_batches(2)]
+    assert [b.indices.tolist() for b in loader] == [
+        [i for i, _, _ in items] for items in sampler.epoch_batches(2)
+    ]
     assert len(got) == len(expected)
     for batch, items in zip(got, expected):
         assert batch.indices.tolist() == [i for i, _, _ in items]

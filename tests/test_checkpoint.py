@@ -21,7 +21,9 @@ from mockingjay.checkpoint import (
 from mockingjay.model import MockingjayForMAM, ModelConfig
 from mockingjay.tensor_files import capture_rng_state, restore_rng_state
 
-CONFIG = ModelConfig(input_dim=6, target_dim=6, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32)
+CONFIG = ModelConfig(
+    input_dim=6, target_dim=6, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32
+)
 
 
 def tiny_model(seed: int = 0) -> MockingjayForMAM:
@@ -35,8 +37,14 @@ def save(directory, step, model=None, keep_last=3):
     model(torch.randn(2, 5, 6), torch.tensor([5, 3])).sum().backward()
     optimizer.step()
     state = {"step": step, "optimizer": optimizer.state_dict(), "rng": capture_rng_state()}
-    return save_checkpoint(directory, step, model, {"model": CONFIG.to_dict(), "mask": {}, "training": {}}, state,
-                           keep_last=keep_last)
+    return save_checkpoint(
+        directory,
+        step,
+        model,
+        {"model": CONFIG.to_dict(), "mask": {}, "training": {}},
+        state,
+        keep_last=keep_last,
+    )
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -47,7 +55,11 @@ def test_checkpoint_round_trip_with_weights_only_state(tmp_path):
     model = tiny_model(1)
     path = save(tmp_path, 100, model)
     assert path.name == "step-000100"
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "trainer_state.pt"]
+    assert sorted(p.name for p in path.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "trainer_state.pt",
+    ]
     assert latest_checkpoint(tmp_path) == path
     restored = tiny_model(2)
     assert not same_weights(model, restored)
@@ -95,7 +107,9 @@ def test_failed_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("damage", ["truncate_weights", "missing_state", "bad_config", "truncate_state"])
+@pytest.mark.parametrize(
+    "damage", ["truncate_weights", "missing_state", "bad_config", "truncate_state"]
+)
 def test_corrupt_newest_checkpoint_falls_back_with_warning(tmp_path, damage):
     save(tmp_path, 10)
     newest = save(tmp_path, 20)
@@ -149,7 +163,9 @@ def test_load_model_dir_rejects_foreign_or_mismatched_files(tmp_path):
     config_file.write_text(json.dumps({**payload, "format": "something-else"}))
     with pytest.raises(CheckpointError, match="config.json"):
         load_model_dir(tmp_path / "model")
-    config_file.write_text(json.dumps({**payload, "model": {**payload["model"], "hidden_size": 32}}))
+    config_file.write_text(
+        json.dumps({**payload, "model": {**payload["model"], "hidden_size": 32}})
+    )
     with pytest.raises(CheckpointError, match="do not match"):
         load_model_dir(tmp_path / "model")
     with pytest.raises(CheckpointError):

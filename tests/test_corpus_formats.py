@@ -38,7 +38,9 @@ def test_kaldi_data_dir_reads_speakers_text_and_metadata():
     assert len(utts) == 6 and {u.speaker for u in utts} == {"so_0001", "so_0005"}
     first = next(u for u in utts if u.utt_id == "so_000010011")
     assert first.transcript == "WE CALL IT BEAR" and first.gender == "m" and first.age == "6"
-    assert Path(first.path).is_file()  # resolved against the data dir's parent (speechocean762 layout)
+    assert Path(
+        first.path
+    ).is_file()  # resolved against the data dir's parent (speechocean762 layout)
     assert first.path.endswith("WAVE/SPEAKER0001/000010011.opus")
 
 
@@ -110,7 +112,11 @@ def test_speech_commands_labels_and_speakers(tmp_path):
     no = [u for u in utts if u.keyword == "no"]
     assert {u.speaker for u in no} == {"sc_03401e93"}  # the hash before _nohash_
     unknown = [u for u in utts if u.keyword == "_unknown_"]
-    assert {u.speaker for u in unknown} == {"sc_0c540988", "sc_0cb74144", "sc_5170b77f"}  # word prefix dropped
+    assert {u.speaker for u in unknown} == {
+        "sc_0c540988",
+        "sc_0cb74144",
+        "sc_5170b77f",
+    }  # word prefix dropped
     silence = [u for u in utts if u.keyword == "_silence_"]
     assert len({u.speaker for u in silence}) == len(silence)  # noise clips are not one speaker
     assert len({u.utt_id for u in utts}) == len(utts)
@@ -120,7 +126,9 @@ def test_speech_commands_split_lists_are_honoured(tmp_path):
     root = tmp_path / "sc"
     shutil.copytree(CORPORA / "speech_commands", root)
     (root / "testing_list.txt").write_text("no/03401e93_nohash_0.opus\n")
-    (root / "validation_list.txt").write_text("yes/" + sorted(p.name for p in (root / "yes").iterdir())[0] + "\n")
+    (root / "validation_list.txt").write_text(
+        "yes/" + sorted(p.name for p in (root / "yes").iterdir())[0] + "\n"
+    )
     utts = read_corpus(CorpusSpec("sc", "speech_commands", str(root)))
     splits = {u.utt_id: u.fixed_split for u in utts}
     assert splits["sc_no_03401e93_nohash_0"] == "test"
@@ -131,27 +139,43 @@ def test_speech_commands_split_lists_are_honoured(tmp_path):
 def test_corpus_of_unknown_audio_types_lists_what_it_found(tmp_path):
     (tmp_path / "a.aiff").write_bytes(b"x")
     (tmp_path / "b.txt").write_text("hello")
-    with pytest.raises(CorpusError, match=r"readable: .*\.opus.*\.mp3.*file types there: \.aiff, \.txt"):
+    with pytest.raises(
+        CorpusError, match=r"readable: .*\.opus.*\.mp3.*file types there: \.aiff, \.txt"
+    ):
         read_corpus(CorpusSpec("x", "arctic", str(tmp_path)))
 
 
 def test_numbers_in_transcripts_are_spelt_out():
-    assert transcript_words("Room 42, 1984 and 7th!") == ["room", "forty", "two", "nineteen", "eighty", "four",
-                                                          "and", "seven"]
+    assert transcript_words("Room 42, 1984 and 7th!") == [
+        "room",
+        "forty",
+        "two",
+        "nineteen",
+        "eighty",
+        "four",
+        "and",
+        "seven",
+    ]
     assert number_words(0) == ["zero"] and number_words(2005) == ["two", "thousand", "five"]
     assert number_words(115) == ["one", "hundred", "fifteen"]
 
 
 def _rows(speakers: dict[str, int], corpus: str = "c") -> list[ManifestRow]:
-    return [ManifestRow(f"{spk}_{i}", "x", corpus, spk, 1.0, 16000, 16000, 1, "", False)
-            for spk, n in speakers.items() for i in range(n)]
+    return [
+        ManifestRow(f"{spk}_{i}", "x", corpus, spk, 1.0, 16000, 16000, 1, "", False)
+        for spk, n in speakers.items()
+        for i in range(n)
+    ]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
 def test_speaker_split_never_shares_a_test_speaker(seed):
     rows = _rows({f"s{i:02d}": 5 + i % 4 for i in range(30)})
     heldout = heldout_speakers(rows, ["c"], 0.1, 0.2, seed)
-    assert sum(v == "test" for v in heldout.values()) == 6 and sum(v == "dev" for v in heldout.values()) == 3
+    assert (
+        sum(v == "test" for v in heldout.values()) == 6
+        and sum(v == "dev" for v in heldout.values()) == 3
+    )
     split = assign_splits(rows, 0.1, 0.2, seed, heldout)
     train_speakers = {r.speaker for r in split if r.split == "train"}
     for row in split:
@@ -166,5 +190,8 @@ def test_utterance_split_corpora_are_untouched_by_speaker_holdout():
     heldout = heldout_speakers(rows, ["s"], 0.1, 0.2, 0)
     assert all(spk.startswith("s") for spk in heldout)
     split = assign_splits(rows, 0.1, 0.2, 0, heldout)
-    for speaker in ("a", "b"):  # closed set: every speaker of an utterance-split corpus in train and test
+    for speaker in (
+        "a",
+        "b",
+    ):  # closed set: every speaker of an utterance-split corpus in train and test
         assert {r.split for r in split if r.speaker == speaker} >= {"train", "test"}

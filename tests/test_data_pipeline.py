@@ -17,6 +17,7 @@ from .conftest import copy_repo, mlflow_runs, run
 
 pytestmark = pytest.mark.slow
 
+
 @pytest.fixture(scope="session")  # not "module": see conftest.py, scheduling
 def repo(featurized_repo, tmp_path_factory) -> Path:
     """A private copy: these tests change params."""
@@ -83,7 +84,11 @@ def test_second_repro_does_nothing_and_featurize_param_reruns_only_featurize(rep
 
 
 def test_dvc_exp_name_is_tagged(repo, tmp_path):
-    result = run(["mockingjay", "prepare", "--out", str(tmp_path / "prep")], repo, env={"DVC_EXP_NAME": "exp-xyz"})
+    result = run(
+        ["mockingjay", "prepare", "--out", str(tmp_path / "prep")],
+        repo,
+        env={"DVC_EXP_NAME": "exp-xyz"},
+    )
     assert result.returncode == 0, result.stderr
     tagged = [r for r in mlflow_runs(repo) if r.data.tags.get("dvc_exp_name") == "exp-xyz"]
     assert len(tagged) == 1 and tagged[0].data.tags["mockingjay.stage"] == "prepare"
@@ -95,14 +100,18 @@ def test_align_imports_existing_lab_files_instead_of_aligning(repo, tmp_path):
     params["align"]["imports"] = [{"corpus": "arctic", "format": "lab", "path": str(labs)}]
     custom = tmp_path / "params.yaml"
     custom.write_text(yaml.safe_dump(params, sort_keys=False))
-    result = run(["mockingjay", "align", "--params", str(custom), "--out", str(tmp_path / "aligned")], repo)
+    result = run(
+        ["mockingjay", "align", "--params", str(custom), "--out", str(tmp_path / "aligned")], repo
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "aligned" / "summary.json").read_text())
     assert summary["imported"] == 8 and summary["aligned_with_pocketsphinx"] == 60
     imported = RaggedArray(tmp_path / "aligned" / "frame_labels").get("arctic_slt_a0009")[:, 0]
     aligned = RaggedArray(repo / "data/alignments/frame_labels").get("arctic_slt_a0009")[:, 0]
     assert len(imported) == len(aligned)
-    assert np.mean(imported == aligned) > 0.8  # the shipped machine labels agree with our own alignment
+    assert (
+        np.mean(imported == aligned) > 0.8
+    )  # the shipped machine labels agree with our own alignment
     params["align"]["imports"] = [{"corpus": "nosuch", "format": "lab", "path": str(labs)}]
     custom.write_text(yaml.safe_dump(params, sort_keys=False))
     bad = run(["mockingjay", "align", "--params", str(custom), "--out", str(tmp_path / "x")], repo)
@@ -117,10 +126,16 @@ def test_unreachable_tracking_server_fails_fast_before_any_output(repo, tmp_path
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     started = time.monotonic()
-    result = run(["mockingjay", "prepare", "--out", str(tmp_path / "out")], repo,
-                 env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+    result = run(
+        ["mockingjay", "prepare", "--out", str(tmp_path / "out")],
+        repo,
+        env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"},
+    )
     assert result.returncode == 1
-    assert f"http://127.0.0.1:{port} is unreachable" in result.stderr and "MLFLOW_TRACKING_URI" in result.stderr
+    assert (
+        f"http://127.0.0.1:{port} is unreachable" in result.stderr
+        and "MLFLOW_TRACKING_URI" in result.stderr
+    )
     assert time.monotonic() - started < 60  # MLflow's own HTTP retries would take minutes
     assert not (tmp_path / "out").exists()
 
@@ -132,11 +147,25 @@ def test_align_reports_each_failure_and_carries_on(repo, tmp_path):
     bad = arctic[1].split("\t")
     bad[columns.index("transcript")] = "qwzxvk " + bad[columns.index("transcript")]
     (tmp_path / "m.tsv").write_text("\n".join([header, arctic[0], "\t".join(bad)]) + "\n")
-    result = run(["mockingjay", "align", "--manifest", str(tmp_path / "m.tsv"), "--out", str(tmp_path / "out")], repo)
+    result = run(
+        [
+            "mockingjay",
+            "align",
+            "--manifest",
+            str(tmp_path / "m.tsv"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        repo,
+    )
     assert result.returncode == 0, result.stderr
     assert f"align: failed {bad[1]}" in result.stderr and "qwzxvk" in result.stderr
     summary = json.loads((tmp_path / "out/summary.json").read_text())
     assert summary["failed"] == 1 and summary["labelled"] == 1
     failures = (tmp_path / "out/failures.tsv").read_text().splitlines()
-    assert len(failures) == 2 and failures[1].startswith(bad[0]) and "OutOfVocabularyError" in failures[1]
+    assert (
+        len(failures) == 2
+        and failures[1].startswith(bad[0])
+        and "OutOfVocabularyError" in failures[1]
+    )
     assert RaggedArray(tmp_path / "out/frame_labels").ids == [arctic[0].split("\t")[0]]

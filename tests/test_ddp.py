@@ -88,11 +88,26 @@ def test_two_gloo_ranks_share_data_and_stay_identical(tmp_path):
     # One epoch exactly: the batch count per rank is the same in every epoch for this data.
     from mockingjay.batching import FeatureDataset, LengthBucketBatchSampler
 
-    steps = LengthBucketBatchSampler(FeatureDataset(features / "train").lengths, 120, max_length=40,
-                                     rank=0, world_size=2).batches_per_epoch(0)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(script), str(features), str(tmp_path), str(steps)]
+    steps = LengthBucketBatchSampler(
+        FeatureDataset(features / "train").lengths, 120, max_length=40, rank=0, world_size=2
+    ).batches_per_epoch(0)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(features),
+        str(tmp_path),
+        str(steps),
+    ]
     completed = run(command, Path.cwd(), env)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
 

@@ -92,11 +92,17 @@ def subcommand_modules(root: Path) -> dict[str, str]:
     mapping: dict[str, str] = {}
     for node in ast.walk(tree):
         # app.command("name")(module.function)
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Call)
-                and isinstance(node.func.func, ast.Attribute) and node.func.func.attr == "command"
-                and node.func.args and isinstance(node.func.args[0], ast.Constant)
-                and node.args and isinstance(node.args[0], ast.Attribute)
-                and isinstance(node.args[0].value, ast.Name)):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Call)
+            and isinstance(node.func.func, ast.Attribute)
+            and node.func.func.attr == "command"
+            and node.func.args
+            and isinstance(node.func.args[0], ast.Constant)
+            and node.args
+            and isinstance(node.args[0], ast.Attribute)
+            and isinstance(node.args[0].value, ast.Name)
+        ):
             mapping[node.func.args[0].value] = aliases[node.args[0].value.id]
     return mapping
 
@@ -106,7 +112,9 @@ def stage_subcommands(cmd: str | list[str]) -> list[str]:
     found = []
     for line in [cmd] if isinstance(cmd, str) else cmd:
         words = shlex.split(line)
-        found.extend(words[i + 1] for i, w in enumerate(words[:-1]) if os.path.basename(w) == "mockingjay")
+        found.extend(
+            words[i + 1] for i, w in enumerate(words[:-1]) if os.path.basename(w) == "mockingjay"
+        )
     return found
 
 
@@ -121,10 +129,15 @@ def missing_deps(root: Path, dvc_yaml: Path) -> dict[str, list[str]]:
         deps = [Path(os.path.normpath(dvc_yaml.parent / d)) for d in stage.get("deps", [])]
         need: set[Path] = set()
         for sub in stage_subcommands(stage.get("cmd", "")):
-            assert sub in commands, f"{dvc_yaml}: stage {name} runs `mockingjay {sub}`, which stages/cli.py does not define"
+            assert sub in commands, (
+                f"{dvc_yaml}: stage {name} runs `mockingjay {sub}`, which stages/cli.py does not define"
+            )
             need |= import_closure(root, commands[sub])
-        lost = sorted(str(f.relative_to(root)) for f in need
-                      if not any(f == d or d in f.parents for d in deps))
+        lost = sorted(
+            str(f.relative_to(root))
+            for f in need
+            if not any(f == d or d in f.parents for d in deps)
+        )
         if lost:
             missing[name] = lost
     return missing
@@ -138,7 +151,9 @@ def dvc_files(root: Path) -> list[Path]:
 def test_stage_deps_cover_their_import_closure(dvc_yaml: Path) -> None:
     missing = missing_deps(ROOT, dvc_yaml)
     report = "\n".join(f"  {stage}: {', '.join(files)}" for stage, files in missing.items())
-    assert not missing, f"{dvc_yaml.relative_to(ROOT)}: stages miss deps on code they import:\n{report}"
+    assert not missing, (
+        f"{dvc_yaml.relative_to(ROOT)}: stages miss deps on code they import:\n{report}"
+    )
 
 
 def test_every_subcommand_stage_is_checked() -> None:
@@ -156,9 +171,18 @@ def test_closure_follows_lazy_and_relative_imports() -> None:
     closure = {str(p.relative_to(ROOT)) for p in import_closure(ROOT, "stages.probe")}
     # figures.py is imported only inside a function, stages/runtime.py relatively, checkpoint.py
     # through mockingjay.probe_online -> mockingjay.extract's lazy imports or the stage itself.
-    assert {"stages/probe.py", "stages/runtime.py", "stages/common.py", "stages/tracking.py",
-            "mockingjay/figures.py", "mockingjay/config.py", "mockingjay/checkpoint.py"} <= closure
-    assert "stages/pretrain.py" not in closure and "stages/extract.py" not in closure  # no stage-to-stage import
+    assert {
+        "stages/probe.py",
+        "stages/runtime.py",
+        "stages/common.py",
+        "stages/tracking.py",
+        "mockingjay/figures.py",
+        "mockingjay/config.py",
+        "mockingjay/checkpoint.py",
+    } <= closure
+    assert (
+        "stages/pretrain.py" not in closure and "stages/extract.py" not in closure
+    )  # no stage-to-stage import
 
 
 def _fake_repo(root: Path, dvc_yaml: str, where: str = "dvc.yaml") -> Path:
@@ -166,17 +190,26 @@ def _fake_repo(root: Path, dvc_yaml: str, where: str = "dvc.yaml") -> Path:
     (root / "mockingjay").mkdir()
     (root / "stages" / "__init__.py").write_text("")
     (root / "mockingjay" / "__init__.py").write_text('"""Package."""\n')
-    (root / "stages" / "cli.py").write_text(textwrap.dedent("""\
+    (root / "stages" / "cli.py").write_text(
+        textwrap.dedent("""\
         from . import work
         app.command("work")(work.main)
-        """))
-    (root / "stages" / "work.py").write_text(textwrap.dedent("""\
+        """)
+    )
+    (root / "stages" / "work.py").write_text(
+        textwrap.dedent("""\
         from .helper import x
         def main():
             from mockingjay import plots
             import mockingjay.lazy
-        """))
-    for name in ("stages/helper.py", "mockingjay/plots.py", "mockingjay/lazy.py", "mockingjay/unused.py"):
+        """)
+    )
+    for name in (
+        "stages/helper.py",
+        "mockingjay/plots.py",
+        "mockingjay/lazy.py",
+        "mockingjay/unused.py",
+    ):
         (root / name).write_text("import os\n")
     path = root / where
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,23 +218,30 @@ def _fake_repo(root: Path, dvc_yaml: str, where: str = "dvc.yaml") -> Path:
 
 
 def test_missing_deps_names_each_missing_file(tmp_path: Path) -> None:
-    dvc_yaml = _fake_repo(tmp_path, """\
+    dvc_yaml = _fake_repo(
+        tmp_path,
+        """\
         stages:
           work:
             cmd: mockingjay work --out x
             deps: [stages/work.py, mockingjay/plots.py]
-        """)
+        """,
+    )
     assert missing_deps(tmp_path, dvc_yaml) == {"work": ["mockingjay/lazy.py", "stages/helper.py"]}
 
 
 def test_missing_deps_resolves_a_study_folder_and_directory_deps(tmp_path: Path) -> None:
-    dvc_yaml = _fake_repo(tmp_path, """\
+    dvc_yaml = _fake_repo(
+        tmp_path,
+        """\
         stages:
           work:
             cmd: >-
               mockingjay work
               --out x
             deps: [../../stages, ../../mockingjay/plots.py]
-        """, where="studies/one/dvc.yaml")
+        """,
+        where="studies/one/dvc.yaml",
+    )
     assert missing_deps(tmp_path, dvc_yaml) == {"work": ["mockingjay/lazy.py"]}
     assert dvc_files(tmp_path) == [dvc_yaml]

@@ -42,12 +42,19 @@ def reference_log_mel(path: Path, config: FeatureConfig) -> torch.Tensor:
     """[T, dim] without CMVN, computed directly with torchaudio."""
     wave = torch.from_numpy(read_audio(path, config.sample_rate).samples)
     mel = torchaudio.transforms.MelSpectrogram(
-        sample_rate=config.sample_rate, n_fft=config.n_fft, win_length=config.win_length,
-        hop_length=config.hop_length, n_mels=config.n_mels, center=True, power=2.0,
+        sample_rate=config.sample_rate,
+        n_fft=config.n_fft,
+        win_length=config.win_length,
+        hop_length=config.hop_length,
+        n_mels=config.n_mels,
+        center=True,
+        power=2.0,
     )(wave)
     parts = [torch.log(mel + 1e-6)]
     for _ in range(config.delta_order):
-        parts.append(torchaudio.functional.compute_deltas(parts[-1], win_length=config.delta_window))
+        parts.append(
+            torchaudio.functional.compute_deltas(parts[-1], win_length=config.delta_window)
+        )
     return torch.cat(parts, dim=0).T
 
 
@@ -59,9 +66,19 @@ def reference_cmvn(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
 
 def row_for(path: Path, utt_id: str, split: str) -> ManifestRow:
     audio = read_audio(path, 16_000)
-    return ManifestRow(utt_id=utt_id, path=str(path), corpus="c", speaker="s", duration=audio.duration,
-                       num_samples=len(audio.samples), sample_rate=audio.source_sample_rate, channels=1,
-                       transcript="", align=False, split=split)
+    return ManifestRow(
+        utt_id=utt_id,
+        path=str(path),
+        corpus="c",
+        speaker="s",
+        duration=audio.duration,
+        num_samples=len(audio.samples),
+        sample_rate=audio.source_sample_rate,
+        channels=1,
+        transcript="",
+        align=False,
+        split=split,
+    )
 
 
 # ------------------------------------------------------------------ values = direct torch computation
@@ -74,7 +91,10 @@ def test_features_equal_direct_torchaudio_computation(path, preset):
     extractor = FeatureExtractor(config)
     ref = reference_log_mel(path, config)
     rate = sf.info(str(path)).samplerate
-    for source_rate in (None, rate):  # decoded at 16 kHz by read_audio, or at the source rate + cached kernel
+    for source_rate in (
+        None,
+        rate,
+    ):  # decoded at 16 kHz by read_audio, or at the source rate + cached kernel
         feats, target = featurize_file(str(path), extractor, source_rate)
         assert target is None and feats.dtype == np.float32
         assert feats.shape == tuple(ref.shape)
@@ -109,8 +129,12 @@ def test_cached_resampler_is_identical_to_functional_resample():
     assert torch.equal(extractor.resampler(8_000)(raw), expected)
     assert extractor.resampler(8_000) is extractor.resampler(8_000)
     # a wrong source-rate hint (a stale manifest) changes nothing: the file is decoded again
-    assert torch.equal(load_wave(str(FSDD), extractor, source_rate=22_050), load_wave(str(FSDD), extractor))
-    assert torch.equal(load_wave(str(FSDD), extractor, 8_000), torch.from_numpy(read_audio(FSDD, 16_000).samples))
+    assert torch.equal(
+        load_wave(str(FSDD), extractor, source_rate=22_050), load_wave(str(FSDD), extractor)
+    )
+    assert torch.equal(
+        load_wave(str(FSDD), extractor, 8_000), torch.from_numpy(read_audio(FSDD, 16_000).samples)
+    )
 
 
 @pytest.mark.parametrize("preset,n_fft", [("tera", 400), ("paper", 2048)])
@@ -122,7 +146,11 @@ def test_linear_target_dims_and_values(preset, n_fft):
     assert target.shape == (num_frames(len(wave), config.hop_length), n_fft // 2 + 1)
     assert feats.shape[0] == target.shape[0]
     magnitude = torchaudio.transforms.Spectrogram(
-        n_fft=n_fft, win_length=config.win_length, hop_length=config.hop_length, center=True, power=1.0
+        n_fft=n_fft,
+        win_length=config.win_length,
+        hop_length=config.hop_length,
+        center=True,
+        power=1.0,
     )(wave)
     np.testing.assert_allclose(target, torch.log(magnitude + 1e-6).T.numpy(), rtol=1e-6, atol=1e-5)
     assert FeatureExtractor(config).linear_target(wave).shape == target.shape
@@ -133,7 +161,9 @@ def test_linear_target_dims_and_values(preset, n_fft):
 # ------------------------------------------------------------------ presets and frame counts
 
 
-@pytest.mark.parametrize("preset,dim,hop", [("tera", 80, 160), ("paper", 160, 200), ("s3prl", 240, 160)])
+@pytest.mark.parametrize(
+    "preset,dim,hop", [("tera", 80, 160), ("paper", 160, 200), ("s3prl", 240, 160)]
+)
 def test_presets_give_dims_and_frame_counts(preset, dim, hop):
     config = config_for(preset, cmvn="none")
     assert config.dim == dim and config.hop_length == hop
@@ -176,7 +206,9 @@ def test_utterance_cmvn_gives_zero_mean_unit_variance():
 def test_global_cmvn_matches_numpy_over_concatenated_frames():
     config = config_for("tera", cmvn="none")
     extractor = FeatureExtractor(config)
-    feats = [featurize_file(str(p), extractor)[0] for p in (ARCTIC, FSDD, ARCTIC_DIR / "slt_a0009.wav")]
+    feats = [
+        featurize_file(str(p), extractor)[0] for p in (ARCTIC, FSDD, ARCTIC_DIR / "slt_a0009.wav")
+    ]
     first, second = GlobalCMVN(config.dim), GlobalCMVN(config.dim)
     first.update(feats[0])
     for f in feats[1:]:
@@ -194,14 +226,17 @@ def test_global_cmvn_matches_numpy_over_concatenated_frames():
 # ------------------------------------------------------------------ validation
 
 
-@pytest.mark.parametrize("overrides,field", [
-    ({"win_ms": 50.0, "n_fft": 512}, "n_fft"),  # an 800-sample window in a 512-point FFT
-    ({"delta_order": 3}, "delta_order"),
-    ({"hop_ms": 10.03}, "hop_ms"),  # 160.48 samples
-    ({"hop_ms": -10}, "hop_ms"),
-    ({"win_ms": 0.0}, "win_ms"),
-    ({"delta_window": 4}, "delta_window"),
-])
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        ({"win_ms": 50.0, "n_fft": 512}, "n_fft"),  # an 800-sample window in a 512-point FFT
+        ({"delta_order": 3}, "delta_order"),
+        ({"hop_ms": 10.03}, "hop_ms"),  # 160.48 samples
+        ({"hop_ms": -10}, "hop_ms"),
+        ({"win_ms": 0.0}, "win_ms"),
+        ({"delta_window": 4}, "delta_window"),
+    ],
+)
 def test_validate_errors_name_the_field(overrides, field):
     config = FeatureConfig(**{**feature_config({"preset": "tera"}), **overrides})
     with pytest.raises(ValueError, match=rf"^{field}:"):
@@ -223,7 +258,10 @@ def test_window_error_names_both_sides():
 def small_corpus() -> list[ManifestRow]:
     arctic = sorted(ARCTIC_DIR.glob("*.wav"))
     fsdd = sorted(FSDD_DIR.glob("[0-3]_*.wav"))[:12]
-    rows = [row_for(p, f"a{i}", "train" if i < 5 else "dev" if i < 6 else "test") for i, p in enumerate(arctic)]
+    rows = [
+        row_for(p, f"a{i}", "train" if i < 5 else "dev" if i < 6 else "test")
+        for i, p in enumerate(arctic)
+    ]
     rows += [row_for(p, f"f{i:02d}", "train" if i < 8 else "test") for i, p in enumerate(fsdd)]
     return rows
 
@@ -243,16 +281,26 @@ def test_stage_global_cmvn_gives_zero_mean_unit_variance_train_features(small_co
     np.testing.assert_allclose(train.std(0), 1.0, atol=2e-3)
     # the statistics are those of the direct computation over the training utterances
     extractor = FeatureExtractor(config_for("tera", cmvn="none"))
-    direct = np.concatenate([reference_log_mel(Path(r.path), config).numpy() for r in rows if r.split == "train"])
-    np.testing.assert_allclose(resolved["global_cmvn"]["mean"], direct.mean(0), rtol=1e-4, atol=1e-4)
+    direct = np.concatenate(
+        [reference_log_mel(Path(r.path), config).numpy() for r in rows if r.split == "train"]
+    )
+    np.testing.assert_allclose(
+        resolved["global_cmvn"]["mean"], direct.mean(0), rtol=1e-4, atol=1e-4
+    )
     np.testing.assert_allclose(resolved["global_cmvn"]["std"], direct.std(0), rtol=1e-4, atol=1e-4)
-    assert json.loads((out / "feature_config.json").read_text())["global_cmvn"] == resolved["global_cmvn"]
+    assert (
+        json.loads((out / "feature_config.json").read_text())["global_cmvn"]
+        == resolved["global_cmvn"]
+    )
     # dev / test use the training statistics: their stored values are (direct - mean) / std
     dev = RaggedArray(out / "dev")
     row = next(r for r in rows if r.split == "dev")
-    expected = (featurize_file(row.path, extractor)[0] - np.float32(resolved["global_cmvn"]["mean"])) / np.float32(
-        resolved["global_cmvn"]["std"])
-    np.testing.assert_allclose(dev.get(row.utt_id).astype(np.float32), expected, atol=0.02, rtol=2e-3)
+    expected = (
+        featurize_file(row.path, extractor)[0] - np.float32(resolved["global_cmvn"]["mean"])
+    ) / np.float32(resolved["global_cmvn"]["std"])
+    np.testing.assert_allclose(
+        dev.get(row.utt_id).astype(np.float32), expected, atol=0.02, rtol=2e-3
+    )
 
 
 def test_stage_pool_output_equals_one_process_output(small_corpus, tmp_path):
@@ -277,7 +325,9 @@ def test_stage_pool_output_equals_one_process_output(small_corpus, tmp_path):
     row = next(r for r in rows if r.split == "train" and r.sample_rate == 8_000)
     feats, target = featurize_file(row.path, extractor, row.sample_rate)
     np.testing.assert_array_equal(train.get(row.utt_id), feats.astype(np.float16))
-    np.testing.assert_array_equal(RaggedArray(stores[2] / "train_target").get(row.utt_id), target.astype(np.float16))
+    np.testing.assert_array_equal(
+        RaggedArray(stores[2] / "train_target").get(row.utt_id), target.astype(np.float16)
+    )
 
 
 def test_stage_names_an_unreadable_file(small_corpus, tmp_path):

@@ -36,7 +36,12 @@ def test_mlflow_probe_parent_run_carries_pretrain_params_and_child_runs(pipeline
     runs = mlflow_runs(pipeline_repo)
     stages = {r.data.tags.get("mockingjay.stage") for r in runs}
     assert {"prepare", "align", "featurize", "pretrain", "extract", "probe"} <= stages
-    parents = [r for r in runs if r.data.tags.get("mockingjay.stage") == "probe" and "mlflow.parentRunId" not in r.data.tags]
+    parents = [
+        r
+        for r in runs
+        if r.data.tags.get("mockingjay.stage") == "probe"
+        and "mlflow.parentRunId" not in r.data.tags
+    ]
     assert len(parents) == 1
     parent = parents[0]
     assert parent.data.params["pretrain.model.hidden_size"] == "32"
@@ -46,10 +51,14 @@ def test_mlflow_probe_parent_run_carries_pretrain_params_and_child_runs(pipeline
         assert f"speaker_accuracy.{name}" in parent.data.metrics
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.info.run_name for r in children) == sorted(
-        f"{task}/{name}" for task in ("phone", "speaker") for name in ("input", "layer_00", "layer_01", "layer_02")
+        f"{task}/{name}"
+        for task in ("phone", "speaker")
+        for name in ("input", "layer_00", "layer_01", "layer_02")
     )
     child = next(r for r in children if r.info.run_name == "phone/layer_01")
-    assert child.data.metrics["accuracy"] == pytest.approx(parent.data.metrics["phone_accuracy.layer_01"])
+    assert child.data.metrics["accuracy"] == pytest.approx(
+        parent.data.metrics["phone_accuracy.layer_01"]
+    )
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{pipeline_repo / 'mlflow.db'}")
@@ -67,7 +76,9 @@ def test_probe_one_layer_the_baseline_and_bad_layers(pipeline_repo):
     assert rows == ["1", "majority"]
     stored = json.loads((pipeline_repo / "metrics/probe.json").read_text())
     accuracy = float(lines[2].split()[1].rstrip("%")) / 100
-    assert accuracy == pytest.approx(stored["phone"]["layer_01"]["accuracy"], abs=0.0006)  # deterministic
+    assert accuracy == pytest.approx(
+        stored["phone"]["layer_01"]["accuracy"], abs=0.0006
+    )  # deterministic
     baseline = run(["mockingjay", "probe", "--layer", "input"], pipeline_repo)
     assert baseline.returncode == 0 and baseline.stdout.splitlines()[2].startswith("log-mel")
     for bad in ("99", "-1", "seven"):
@@ -79,7 +90,10 @@ def test_probe_one_layer_the_baseline_and_bad_layers(pipeline_repo):
 
 
 def test_probe_checkpoint_runs_online_and_agrees_with_extracted(pipeline_repo):
-    online = run(["mockingjay", "probe", "--layer", "2", "--checkpoint", "models/pretrain/model"], pipeline_repo)
+    online = run(
+        ["mockingjay", "probe", "--layer", "2", "--checkpoint", "models/pretrain/model"],
+        pipeline_repo,
+    )
     assert online.returncode == 0, online.stderr
     accuracy = float(online.stdout.splitlines()[2].split()[1].rstrip("%")) / 100
     stored = json.loads((pipeline_repo / "metrics/probe.json").read_text())
@@ -93,7 +107,9 @@ def test_dvc_experiment_lands_in_the_same_store_with_its_name(pipeline_repo):
     # `dvc exp run` in the workspace, as a user tries a value; a probe setting, so only probe reruns
     # (tests/test_reliability.py queues experiments that retrain, in DVC's temporary copies)
     before = len(mlflow_runs(pipeline_repo))
-    result = run(["dvc", "exp", "run", "-n", "fewer-epochs", "-S", "probe.phone.epochs=2"], pipeline_repo)
+    result = run(
+        ["dvc", "exp", "run", "-n", "fewer-epochs", "-S", "probe.phone.epochs=2"], pipeline_repo
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for stage in ("pretrain", "extract"):
         assert f"Stage '{stage}' didn't change, skipping" in result.stdout, result.stdout[-3000:]

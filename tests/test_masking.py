@@ -42,11 +42,21 @@ def runs(row):
 
 # ------------------------------------------------------------------ configuration
 
-@pytest.mark.parametrize("field,value", [
-    ("mask_proportion", 0.0), ("mask_proportion", 1.0), ("span_length", 0),
-    ("span_length", 2.5), ("zero_prob", 1.5), ("random_prob", -0.1),
-    ("freq_mask_proportion", 1.0), ("noise_prob", 2.0), ("noise_std", -1.0),
-])
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("mask_proportion", 0.0),
+        ("mask_proportion", 1.0),
+        ("span_length", 0),
+        ("span_length", 2.5),
+        ("zero_prob", 1.5),
+        ("random_prob", -0.1),
+        ("freq_mask_proportion", 1.0),
+        ("noise_prob", 2.0),
+        ("noise_std", -1.0),
+    ],
+)
 def test_invalid_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         MaskConfig(**{field: value})
@@ -67,7 +77,9 @@ def test_presets_pair_with_the_model_presets_and_mask_as_their_method_does():
     assert tera.freq_mask.any() and not paper.freq_mask.any()
     assert all(size % 7 == 0 for row in paper.time_mask for _, size in runs(row))
     # paper-large: spans of C = 3 steps of R = 3 frames, so masked runs come in 9 frames
-    large = mask_batch(features, lengths, MASK_PRESETS["paper-large"], downsample_rate=3, generator=seeded(4))
+    large = mask_batch(
+        features, lengths, MASK_PRESETS["paper-large"], downsample_rate=3, generator=seeded(4)
+    )
     sizes = [size for row in large.time_mask for _, size in runs(row)]
     assert sizes and all(size % 9 == 0 for size in sizes) and 9 in sizes
     assert mask_preset_config("paper-base", span_length=3).span_length == 3
@@ -78,6 +90,7 @@ def test_presets_pair_with_the_model_presets_and_mask_as_their_method_does():
 
 
 # ------------------------------------------------------------------ spans
+
 
 def test_masked_proportion_and_span_counts():
     lengths = torch.randint(100, 1500, (400,), generator=seeded(1))
@@ -107,8 +120,9 @@ def test_span_placement_is_spread_over_the_utterance():
 def test_spans_cover_whole_steps_when_downsampled(rate):
     lengths = torch.tensor([300, 299, 151, 40])
     features, _ = make_batch(lengths)
-    masked = mask_batch(features, lengths, MaskConfig(span_length=3), downsample_rate=rate,
-                        generator=seeded(4))
+    masked = mask_batch(
+        features, lengths, MaskConfig(span_length=3), downsample_rate=rate, generator=seeded(4)
+    )
     for row, length in zip(masked.time_mask, lengths.tolist()):
         steps = -(-length // rate)
         spans = round(0.15 * steps / 3) or 1
@@ -125,7 +139,7 @@ def test_short_utterances_get_a_clipped_span_and_never_crash(length):
         masked = mask_batch(features, lengths, TERA, generator=seeded(seed))
         row = masked.time_mask[0]
         assert 1 <= row.sum() <= min(length, 7)
-        (start, size), = runs(row)  # exactly one span
+        ((start, size),) = runs(row)  # exactly one span
         assert start + size == length or size == 7
         assert not masked.loss_mask[0, length:].any()
 
@@ -148,6 +162,7 @@ def test_zero_length_rows_mask_nothing():
 
 # ------------------------------------------------------------------ policies and alterations
 
+
 def test_policy_frequencies():
     features, lengths = make_batch([8] * 20000, dims=1)
     policy = mask_batch(features, lengths, PAPER, generator=seeded(7)).policy
@@ -156,8 +171,7 @@ def test_policy_frequencies():
 
 
 def test_policies_alter_only_selected_frames():
-    features, lengths = make_batch(torch.randint(30, 120, (300,), generator=seeded(8)),
-                                   frames=130)
+    features, lengths = make_batch(torch.randint(30, 120, (300,), generator=seeded(8)), frames=130)
     masked = mask_batch(features, lengths, PAPER, generator=seeded(9))
     sel = masked.time_mask
     # Frames not selected (and all padding) are untouched.
@@ -179,8 +193,9 @@ def test_policies_alter_only_selected_frames():
 
 
 def test_tera_frequency_band():
-    features, lengths = make_batch(torch.randint(20, 40, (1000,), generator=seeded(10)),
-                                   frames=40, dims=80)
+    features, lengths = make_batch(
+        torch.randint(20, 40, (1000,), generator=seeded(10)), frames=40, dims=80
+    )
     config = MaskConfig(freq_mask_proportion=0.2, zero_prob=0.0, random_prob=0.0)  # keep spans
     masked = mask_batch(features, lengths, config, generator=seeded(11))
     widths = masked.freq_mask.sum(1)
@@ -188,7 +203,7 @@ def test_tera_frequency_band():
     assert abs(widths.float().mean().item() - 8.0) < 0.5  # U{0..16}
     for b in range(20):
         if widths[b]:
-            (start, size), = runs(masked.freq_mask[b])
+            ((start, size),) = runs(masked.freq_mask[b])
             assert size == widths[b]
     band_on_valid = masked.freq_mask[:, None, :] & masked.valid_mask[:, :, None]
     assert torch.all(masked.inputs[band_on_valid] == 0)
@@ -207,18 +222,31 @@ def test_tera_noise_is_per_batch_and_spares_padding():
     assert torch.equal(masked.inputs[~valid], features[~valid])
     assert abs((masked.inputs[valid] - features[valid]).std().item() - 0.2) < 0.05
     g = seeded(13)
-    noisy = [not torch.equal(mask_batch(features, lengths, MaskConfig(noise_prob=0.15, zero_prob=0,
-                                                                      random_prob=0),
-                                        generator=g).inputs, features) for _ in range(600)]
+    noisy = [
+        not torch.equal(
+            mask_batch(
+                features,
+                lengths,
+                MaskConfig(noise_prob=0.15, zero_prob=0, random_prob=0),
+                generator=g,
+            ).inputs,
+            features,
+        )
+        for _ in range(600)
+    ]
     assert abs(sum(noisy) / 600 - 0.15) < 0.05
 
 
 def test_padding_is_never_masked_or_altered():
     features, lengths = make_batch(torch.randint(1, 50, (500,), generator=seeded(14)), frames=50)
     for rate in (1, 3):
-        masked = mask_batch(features, lengths, TERA.__class__(**{**TERA.to_dict(),
-                                                                 "noise_prob": 1.0}),
-                            downsample_rate=rate, generator=seeded(15))
+        masked = mask_batch(
+            features,
+            lengths,
+            TERA.__class__(**{**TERA.to_dict(), "noise_prob": 1.0}),
+            downsample_rate=rate,
+            generator=seeded(15),
+        )
         pad = ~masked.valid_mask
         assert not masked.time_mask[pad].any() and not masked.loss_mask[pad].any()
         assert torch.equal(masked.inputs[pad], features[pad])
@@ -235,6 +263,7 @@ def test_reproducible_with_a_generator():
 
 
 # ------------------------------------------------------------------ loss
+
 
 def test_loss_is_the_mean_over_masked_elements_only():
     features, lengths = make_batch([12, 7], frames=12, dims=4)
@@ -255,14 +284,16 @@ def test_frame_mask_broadcasts_over_target_dims():
     frame_mask = torch.tensor([[1, 0, 0, 0, 0], [0, 1, 1, 0, 0]], dtype=torch.bool)[:, :, None]
     loss, count = mam_l1_loss(predictions, targets, frame_mask)
     assert count == 9
-    torch.testing.assert_close(loss, (predictions - targets).abs()[frame_mask.expand(2, 5, 3)]
-                               .mean())
+    torch.testing.assert_close(
+        loss, (predictions - targets).abs()[frame_mask.expand(2, 5, 3)].mean()
+    )
 
 
 def test_empty_mask_gives_zero_loss_that_still_backpropagates():
     predictions = torch.randn(2, 5, 3, requires_grad=True)
-    loss, count = mam_l1_loss(predictions, torch.randn(2, 5, 3),
-                              torch.zeros(2, 5, 3, dtype=torch.bool))
+    loss, count = mam_l1_loss(
+        predictions, torch.randn(2, 5, 3), torch.zeros(2, 5, 3, dtype=torch.bool)
+    )
     assert loss.item() == 0.0 and count.item() == 0 and loss.requires_grad
     loss.backward()
     assert torch.equal(predictions.grad, torch.zeros_like(predictions))

@@ -69,17 +69,27 @@ def read_store(repo: Path, url: str) -> Store:
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("mockingjay")
     assert experiment is not None, f"no 'mockingjay' experiment in {repo / 'mlflow.db'}"
-    runs = client.search_runs([experiment.experiment_id], max_results=1000, order_by=["attributes.start_time ASC"])
+    runs = client.search_runs(
+        [experiment.experiment_id], max_results=1000, order_by=["attributes.start_time ASC"]
+    )
     stage_runs = {}
     for run in runs:  # oldest first: later tests add runs of their own to the shared repository
         stage = run.data.tags.get("mockingjay.stage")
-        if stage in STAGES and "mlflow.parentRunId" not in run.data.tags and stage not in stage_runs:
+        if (
+            stage in STAGES
+            and "mlflow.parentRunId" not in run.data.tags
+            and stage not in stage_runs
+        ):
             stage_runs[stage] = run
     # prepare/align/featurize may have run in the repository `pipeline_repo` was copied from; the
     # stages `dvc repro` ran in it are always there.
-    assert {"pretrain", "extract", "probe"} <= set(stage_runs), f"stage runs in the store: {sorted(stage_runs)}"
+    assert {"pretrain", "extract", "probe"} <= set(stage_runs), (
+        f"stage runs in the store: {sorted(stage_runs)}"
+    )
     probe_id = stage_runs["probe"].info.run_id
-    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == probe_id}
+    children = {
+        r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == probe_id
+    }
     assert "phone/layer_01" in children, sorted(children)
     return Store(url, experiment.experiment_id, stage_runs, children)
 
@@ -95,7 +105,9 @@ def wait_until_serving(server: subprocess.Popen, url: str, log: Path) -> None:
 
     def serving() -> bool:
         if server.poll() is not None:
-            pytest.fail(f"`mlflow ui` exited with {server.returncode} before serving:\n{log_tail(log)}")
+            pytest.fail(
+                f"`mlflow ui` exited with {server.returncode} before serving:\n{log_tail(log)}"
+            )
         try:
             with opener.open(f"{url}/health", timeout=2) as response:
                 return response.status == 200
@@ -107,8 +119,12 @@ def wait_until_serving(server: subprocess.Popen, url: str, log: Path) -> None:
         pids = [pid for pid in process_group(server.pid) if b"huey" not in _cmdline(pid)]
         return cpu_ticks(pids), log.stat().st_size
 
-    wait_while_progressing(serving, starting, lambda: f"`mlflow ui` did not answer on {url}:\n{log_tail(log)}",
-                           poll=0.25)
+    wait_while_progressing(
+        serving,
+        starting,
+        lambda: f"`mlflow ui` did not answer on {url}:\n{log_tail(log)}",
+        poll=0.25,
+    )
 
 
 def _cmdline(pid: int) -> bytes:
@@ -154,7 +170,9 @@ def browser(tmp_path_factory):
         for flag in CHROMIUM_FLAGS:
             options.add_argument(flag)
         options.add_argument(f"--user-data-dir={workdir / 'profile'}")
-        service = Service(executable_path=str(CHROMEDRIVER), log_output=str(workdir / "chromedriver.log"))
+        service = Service(
+            executable_path=str(CHROMEDRIVER), log_output=str(workdir / "chromedriver.log")
+        )
         driver = webdriver.Chrome(service=service, options=options)
         try:
             driver.set_page_load_timeout(STALLED_AFTER)  # the waits below watch progress instead
@@ -171,14 +189,27 @@ def mlflow_ui(pipeline_repo, tmp_path_factory) -> Store:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [
-        str(Path(sys.executable).parent / "mlflow"), "ui",
-        "--backend-store-uri", f"sqlite:///{pipeline_repo / 'mlflow.db'}",
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        str(Path(sys.executable).parent / "mlflow"),
+        "ui",
+        "--backend-store-uri",
+        f"sqlite:///{pipeline_repo / 'mlflow.db'}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
     ]
     env = cli_env({"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"})
     with log.open("wb") as out:
-        server = subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        server = subprocess.Popen(
+            command,
+            cwd=workdir,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         wait_until_serving(server, url, log)
         yield read_store(pipeline_repo, url)
@@ -203,7 +234,10 @@ def wait_for(driver, condition, what: str):
     def shown() -> bool:
         try:
             found["value"] = condition(driver)
-        except (NoSuchElementException, StaleElementReferenceException):  # the page re-rendered meanwhile
+        except (
+            NoSuchElementException,
+            StaleElementReferenceException,
+        ):  # the page re-rendered meanwhile
             found["value"] = False
         return bool(found["value"])
 
@@ -211,11 +245,16 @@ def wait_for(driver, condition, what: str):
         wait_while_progressing(shown, lambda: page_state(driver), lambda: what, poll=0.2)
     except pytest.fail.Exception:
         ARTIFACTS.mkdir(exist_ok=True)
-        shot = ARTIFACTS / f"mlflow-ui-failed-{re.sub(r'[^a-z0-9]+', '-', what.lower()).strip('-')}.png"
+        shot = (
+            ARTIFACTS
+            / f"mlflow-ui-failed-{re.sub(r'[^a-z0-9]+', '-', what.lower()).strip('-')}.png"
+        )
         driver.save_screenshot(str(shot))
         body = driver.find_element(By.TAG_NAME, "body").text
-        pytest.fail(f"{what} did not show at {driver.current_url}, and the page stopped changing "
-                    f"(screenshot {shot}); page text:\n{body[:3000]}")
+        pytest.fail(
+            f"{what} did not show at {driver.current_url}, and the page stopped changing "
+            f"(screenshot {shot}); page text:\n{body[:3000]}"
+        )
     return found["value"]
 
 
@@ -238,7 +277,9 @@ def metric_row(name: str):
     from selenium.webdriver.common.by import By
 
     def find(driver):
-        for row in driver.find_elements(By.XPATH, f"//div[@role='row'][div[@role='cell'][normalize-space(.)='{name}']]"):
+        for row in driver.find_elements(
+            By.XPATH, f"//div[@role='row'][div[@role='cell'][normalize-space(.)='{name}']]"
+        ):
             cells = row.find_elements(By.CSS_SELECTOR, "[role='cell']")
             if len(cells) >= 2 and cells[1].text.strip():
                 return row, cells[0].text.strip(), cells[1].text.strip()
@@ -250,7 +291,9 @@ def metric_row(name: str):
 def child_link(name: str):
     from selenium.webdriver.common.by import By
 
-    return lambda driver: driver.find_elements(By.XPATH, f"//a[normalize-space(.)='{name}']") or False
+    return lambda driver: (
+        driver.find_elements(By.XPATH, f"//a[normalize-space(.)='{name}']") or False
+    )
 
 
 def close_assistant(driver) -> None:
@@ -271,17 +314,23 @@ def screenshot(driver, name: str) -> Path:
     path = ARTIFACTS / name
     assert driver.save_screenshot(str(path)), f"could not save {path}"
     data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > MIN_SCREENSHOT_BYTES, f"{path}: {len(data)} bytes"
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > MIN_SCREENSHOT_BYTES, (
+        f"{path}: {len(data)} bytes"
+    )
     return path
 
 
-def test_runs_table_and_probe_run_page_show_every_stage_run_child_run_and_probe_metric(browser, mlflow_ui):
+def test_runs_table_and_probe_run_page_show_every_stage_run_child_run_and_probe_metric(
+    browser, mlflow_ui
+):
     from selenium.webdriver.common.by import By
 
     store = mlflow_ui
     # The experiment opens in the GenAI view; the training runs table is the "machine_learning" workflow.
-    browser.get(f"{store.url}/#/experiments/{store.experiment_id}/runs?workflowType=machine_learning"
-                "&orderByKey=attributes.start_time&orderByAsc=true")
+    browser.get(
+        f"{store.url}/#/experiments/{store.experiment_id}/runs?workflowType=machine_learning"
+        "&orderByKey=attributes.start_time&orderByAsc=true"
+    )
     for stage, run in store.stage_runs.items():
         wait_for(browser, run_row(run.info.run_id, stage), f"the {stage} run in the runs table")
     close_assistant(browser)
@@ -292,21 +341,35 @@ def test_runs_table_and_probe_run_page_show_every_stage_run_child_run_and_probe_
     assert expand, "the probe run has no expander for its child runs"
     expand[0].click()
     for name, child in store.probe_children.items():
-        wait_for(browser, run_row(child.info.run_id, name), f"the probe child run {name} in the runs table")
+        wait_for(
+            browser,
+            run_row(child.info.run_id, name),
+            f"the probe child run {name} in the runs table",
+        )
     screenshot(browser, "mlflow-ui-runs.png")
 
     # The probe run's own page: its metrics as the store has them.
     probe = store.stage_runs["probe"]
-    browser.get(f"{store.url}/#/experiments/{store.experiment_id}/runs/{probe.info.run_id}?workflowType=machine_learning")
+    browser.get(
+        f"{store.url}/#/experiments/{store.experiment_id}/runs/{probe.info.run_id}?workflowType=machine_learning"
+    )
     rows = {}
     for name in PROBE_METRICS:
-        row, label, value = wait_for(browser, metric_row(name), f"metric {name} on the probe run page")
+        row, label, value = wait_for(
+            browser, metric_row(name), f"metric {name} on the probe run page"
+        )
         assert label == name
         rows[name] = row
         expected = probe.data.metrics[name]
-        assert float(value) == pytest.approx(expected, rel=1e-3, abs=1e-6), f"{name}: page shows {value}, store has {expected}"
+        assert float(value) == pytest.approx(expected, rel=1e-3, abs=1e-6), (
+            f"{name}: page shows {value}, store has {expected}"
+        )
     # The page links the probe's child runs too; waiting for them leaves no placeholder in the screenshot.
-    wait_for(browser, child_link("phone/layer_01"), "the child run phone/layer_01 on the probe run page")
+    wait_for(
+        browser, child_link("phone/layer_01"), "the child run phone/layer_01 on the probe run page"
+    )
     close_assistant(browser)
-    browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", rows[PROBE_METRICS[0]])
+    browser.execute_script(
+        "arguments[0].scrollIntoView({block: 'center'});", rows[PROBE_METRICS[0]]
+    )
     screenshot(browser, "mlflow-ui-probe-run.png")

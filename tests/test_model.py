@@ -23,13 +23,21 @@ from mockingjay.model import (
 
 
 def small_config(**overrides) -> ModelConfig:
-    values = dict(input_dim=12, target_dim=10, hidden_size=32, num_layers=3, num_heads=4,
-                  intermediate_size=64, max_positions=64)
+    values = dict(
+        input_dim=12,
+        target_dim=10,
+        hidden_size=32,
+        num_layers=3,
+        num_heads=4,
+        intermediate_size=64,
+        max_positions=64,
+    )
     values.update(overrides)
     return ModelConfig(**values)
 
 
 # ------------------------------------------------------------------ configuration and presets
+
 
 @pytest.mark.parametrize("name,expected", [("paper-base", 21.4e6), ("paper-large", 85.4e6)])
 def test_paper_encoder_parameter_counts(name, expected):
@@ -46,13 +54,21 @@ def test_presets_consume_what_their_feature_presets_produce():
     def features(name, **extra):
         return FeatureConfig(**{**FEATURE_PRESETS[name], **extra})
 
-    trained_on = {"paper-base": features("paper"), "paper-large": features("paper", target="linear"),
-                  "tera-base": features("tera"), "s3prl-base": features("s3prl")}
+    trained_on = {
+        "paper-base": features("paper"),
+        "paper-large": features("paper", target="linear"),
+        "tera-base": features("tera"),
+        "s3prl-base": features("s3prl"),
+    }
     assert set(trained_on) == set(PRESETS)
     for name, settings in trained_on.items():
         assert PRESETS[name].input_dim == settings.dim, name
-    assert PRESETS["paper-base"].target_dim == trained_on["paper-base"].n_mels  # the mel half of mel + delta
-    assert PRESETS["paper-large"].target_dim == trained_on["paper-large"].target_dim  # the linear spectrogram
+    assert (
+        PRESETS["paper-base"].target_dim == trained_on["paper-base"].n_mels
+    )  # the mel half of mel + delta
+    assert (
+        PRESETS["paper-large"].target_dim == trained_on["paper-large"].target_dim
+    )  # the linear spectrogram
     for name in ("tera-base", "s3prl-base"):
         assert PRESETS[name].target_dim == trained_on[name].target_dim
     # the defaults of featurize and pretrain fit each other
@@ -67,11 +83,21 @@ def test_preset_overrides_and_unknown_names():
         preset_config("paper-base", num_layer=2)
 
 
-@pytest.mark.parametrize("field,value", [
-    ("hidden_size", 30), ("num_layers", 0), ("input_dim", -1), ("num_heads", 0),
-    ("downsample_rate", 0), ("hidden_dropout", 1.0), ("attention_dropout", -0.1),
-    ("layer_norm_eps", 0.0), ("intermediate_size", 2.5), ("max_positions", 0),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("hidden_size", 30),
+        ("num_layers", 0),
+        ("input_dim", -1),
+        ("num_heads", 0),
+        ("downsample_rate", 0),
+        ("hidden_dropout", 1.0),
+        ("attention_dropout", -0.1),
+        ("layer_norm_eps", 0.0),
+        ("intermediate_size", 2.5),
+        ("max_positions", 0),
+    ],
+)
 def test_invalid_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         small_config(**{field: value})
@@ -100,6 +126,7 @@ def test_initialisation_is_bert_style():
 
 
 # ------------------------------------------------------------------ shapes and helpers
+
 
 @pytest.mark.parametrize("rate", [1, 3])
 def test_encoder_returns_every_layer_and_step_lengths(rate):
@@ -143,8 +170,11 @@ def test_extract_features_subset_order_and_early_stop():
 
 
 def test_helpers():
-    assert padding_mask(torch.tensor([2, 0, 3]), 3).tolist() == \
-        [[True, True, False], [False, False, False], [True, True, True]]
+    assert padding_mask(torch.tensor([2, 0, 3]), 3).tolist() == [
+        [True, True, False],
+        [False, False, False],
+        [True, True, True],
+    ]
     assert downsampled_lengths(torch.tensor([1, 3, 4, 0]), 3).tolist() == [1, 1, 2, 1]
     hidden = torch.arange(6.0).view(1, 3, 2)
     frames = upsample_to_frames(hidden, 3, 8)
@@ -183,6 +213,7 @@ def test_attention_matches_a_reference_with_key_padding():
 
 # ------------------------------------------------------------------ padding never leaks
 
+
 @pytest.mark.parametrize("rate", [1, 3])
 def test_padding_does_not_change_real_frames(rate):
     torch.manual_seed(0)
@@ -197,8 +228,9 @@ def test_padding_does_not_change_real_frames(rate):
     for a, b in zip(alone.hidden_states, padded.hidden_states):
         torch.testing.assert_close(b[1, :steps], a[0, :steps], atol=1e-5, rtol=1e-5)
     frames = model(batch, torch.tensor([23, 10]))[1, :10]
-    torch.testing.assert_close(frames, model(short, torch.tensor([10]))[0, :10],
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        frames, model(short, torch.tensor([10]))[0, :10], atol=1e-5, rtol=1e-5
+    )
 
 
 def test_dropout_only_in_training():
@@ -216,11 +248,13 @@ def test_position_table_grows_for_long_inputs_and_is_not_saved():
     out = encoder(torch.randn(1, 40, 12), torch.tensor([40]))
     assert out.hidden_states[-1].shape == (1, 40, 32)
     assert encoder.input_representation.position_table.size(0) >= 40
-    torch.testing.assert_close(encoder.input_representation.position_table[:40],
-                               sinusoid_table(40, 32))
+    torch.testing.assert_close(
+        encoder.input_representation.position_table[:40], sinusoid_table(40, 32)
+    )
 
 
 # ------------------------------------------------------------------ checkpoints, precision, compile
+
 
 def test_bf16_autocast_forward_backward():
     model = MockingjayForMAM(small_config())

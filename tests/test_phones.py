@@ -91,7 +91,10 @@ def test_write_lab_round_trip(tmp_path):
     segments = [Segment(0.0, 0.13, "sil"), Segment(0.13, 0.2, "hh"), Segment(0.2, 0.3125, "iy1")]
     write_lab(tmp_path / "out.lab", segments)
     assert (tmp_path / "out.lab").read_text().splitlines()[2] == "0.200 0.312 IY"
-    assert read_lab(tmp_path / "out.lab")[:2] == [Segment(0.0, 0.13, "SIL"), Segment(0.13, 0.2, "HH")]
+    assert read_lab(tmp_path / "out.lab")[:2] == [
+        Segment(0.0, 0.13, "SIL"),
+        Segment(0.13, 0.2, "HH"),
+    ]
 
 
 MFA_LONG_TEXTGRID = """File type = "ooTextFile"
@@ -167,7 +170,15 @@ def short_textgrid() -> str:
     words = [(0, 0.31, ""), (0.31, 0.82, "zero"), (0.82, 1.05, "")]
     phones = [(0, 0.31, ""), (0.31, 0.45, "Z"), (0.45, 0.58, "IH1"), (0.58, 0.66, "R"), (0.66, 0.82, "OW0"),
               (0.82, 0.9, "sp"), (0.9, 1.05, "spn")]  # fmt: skip
-    lines = ['File type = "ooTextFile"', 'Object class = "TextGrid"', "", "0", "1.05", "<exists>", "2"]
+    lines = [
+        'File type = "ooTextFile"',
+        'Object class = "TextGrid"',
+        "",
+        "0",
+        "1.05",
+        "<exists>",
+        "2",
+    ]
     for name, intervals in (("words", words), ("phones", phones)):
         lines += ['"IntervalTier"', f'"{name}"', "0", "1.05", str(len(intervals))]
         for xmin, xmax, text in intervals:
@@ -189,7 +200,9 @@ def test_read_mfa_textgrid_long_and_short_format(tmp_path):
 def test_textgrid_errors_name_file_tier_and_line(tmp_path):
     path = tmp_path / "mfa.TextGrid"
     path.write_text(MFA_LONG_TEXTGRID)
-    with pytest.raises(LabelError, match=r"mfa\.TextGrid: no interval tier named 'phonemes'.*speaker1 - phones"):
+    with pytest.raises(
+        LabelError, match=r"mfa\.TextGrid: no interval tier named 'phonemes'.*speaker1 - phones"
+    ):
         read_textgrid(path, tier="phonemes")
     with pytest.raises(LabelError, match=r"mfa\.TextGrid:\d+: unknown phone 'zero'"):
         read_textgrid(path, tier="words")  # a word tier holds words, not phones
@@ -208,10 +221,14 @@ def test_read_cpc_alignments(tmp_path):
     labels = read_cpc_alignments(path)
     assert list(labels) == ["103-1240-0000", "1272-128104-0000"]
     assert labels["103-1240-0000"].dtype == np.int16
-    assert labels["103-1240-0000"].tolist() == [0, 0, 0, 5, 5, 12] and labels["1272-128104-0000"].tolist() == [3, 3, 40]
+    assert labels["103-1240-0000"].tolist() == [0, 0, 0, 5, 5, 12] and labels[
+        "1272-128104-0000"
+    ].tolist() == [3, 3, 40]
 
     path.write_text("utt1 0 0 1\nutt2 1 1\nutt1 2 2\n")
-    with pytest.raises(LabelError, match=r"converted_aligned_phones\.txt:3: duplicate utterance id 'utt1'"):
+    with pytest.raises(
+        LabelError, match=r"converted_aligned_phones\.txt:3: duplicate utterance id 'utt1'"
+    ):
         read_cpc_alignments(path)
     path.write_text("utt1 0 0 1\nutt2 1 x\n")
     with pytest.raises(LabelError, match=r"converted_aligned_phones\.txt:2: .*'utt2'"):
@@ -225,7 +242,9 @@ SEGMENTS = [Segment(0.0, 0.03, "sil"), Segment(0.03, 0.08, "ah"), Segment(0.08, 
 def test_frame_labels_at_10ms_hop():
     labels = segments_to_frame_labels(SEGMENTS, num_frames=12, hop_sec=0.01)
     assert labels.dtype == np.int16
-    assert labels.tolist() == ids("SIL", "SIL", "SIL", "AH", "AH", "AH", "AH", "AH", "T", "T", "-", "-")
+    assert labels.tolist() == ids(
+        "SIL", "SIL", "SIL", "AH", "AH", "AH", "AH", "AH", "T", "T", "-", "-"
+    )
 
 
 def test_frame_labels_at_12_5ms_hop():
@@ -236,7 +255,9 @@ def test_frame_labels_at_12_5ms_hop():
 
 def test_frame_labels_offset_and_gaps():
     gappy = [Segment(0.02, 0.04, "s"), Segment(0.06, 0.07, "z")]
-    labels = segments_to_frame_labels(gappy, num_frames=5, hop_sec=0.01, offset_sec=0.02)  # centres 20..60 ms
+    labels = segments_to_frame_labels(
+        gappy, num_frames=5, hop_sec=0.01, offset_sec=0.02
+    )  # centres 20..60 ms
     assert labels.tolist() == ids("S", "S", "-", "-", "Z")
 
 
@@ -254,7 +275,9 @@ def test_frame_labels_reject_overlaps():
 
 
 def test_resample_10ms_labels_to_12_5ms():
-    labels_10ms = np.array(ids("SIL", "SIL", "SIL", "AH", "AH", "AH", "AH", "AH", "T", "T"), dtype=np.int16)
+    labels_10ms = np.array(
+        ids("SIL", "SIL", "SIL", "AH", "AH", "AH", "AH", "AH", "T", "T"), dtype=np.int16
+    )
     resampled = resample_frame_labels(labels_10ms, 0.01, 0.0125, num_frames=10)
     # same as labelling the segments directly at 12.5 ms, -1 past the end of the source
     assert resampled.tolist() == ids("SIL", "SIL", "SIL", "AH", "AH", "AH", "AH", "T", "-", "-")

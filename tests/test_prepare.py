@@ -27,7 +27,13 @@ from .conftest import ARCTIC_DIR, FSDD_DIR, make_librispeech, plant_bad_files
 
 
 def test_librispeech_reader_nested_layout_with_transcripts(tmp_path):
-    make_librispeech(tmp_path / "ls", {"1089": sorted(ARCTIC_DIR.glob("aew_*.wav")), "2300": sorted(ARCTIC_DIR.glob("axb_*.wav"))})
+    make_librispeech(
+        tmp_path / "ls",
+        {
+            "1089": sorted(ARCTIC_DIR.glob("aew_*.wav")),
+            "2300": sorted(ARCTIC_DIR.glob("axb_*.wav")),
+        },
+    )
     utts = read_corpus(CorpusSpec(name="ls", format="librispeech", path=str(tmp_path / "ls")))
     assert [u.utt_id for u in utts][:2] == ["ls_1089-100-0000", "ls_1089-100-0001"]
     assert {u.speaker for u in utts} == {"ls_1089", "ls_2300"}
@@ -65,7 +71,9 @@ def test_arctic_reader_pairs_transcripts_and_prefix_speakers():
     assert speakers["arctic_aew"] == 3 and speakers["arctic_axb"] == 3
     slt = next(u for u in utts if u.utt_id == "arctic_slt_a0009")
     assert slt.transcript.startswith("He turned sharply")
-    fixed = read_corpus(CorpusSpec(name="k", format="arctic", path=str(ARCTIC_DIR), speaker="kathleen"))
+    fixed = read_corpus(
+        CorpusSpec(name="k", format="arctic", path=str(ARCTIC_DIR), speaker="kathleen")
+    )
     assert {u.speaker for u in fixed} == {"k_kathleen"}
 
 
@@ -75,7 +83,11 @@ def test_tsv_manifest_reader_and_path_escape_is_refused(tmp_path):
     shutil.copy(ARCTIC_DIR / "aew_a0001.wav", corpus / "a" / "one.wav")
     (corpus / "list.tsv").write_text("path\tspeaker\ttranscript\na/one.wav\tspk1\thello world\n")
     utts = read_corpus(CorpusSpec(name="m", format="tsv", path=str(corpus / "list.tsv")))
-    assert utts[0].utt_id == "m_a-one" and utts[0].speaker == "m_spk1" and utts[0].transcript == "hello world"
+    assert (
+        utts[0].utt_id == "m_a-one"
+        and utts[0].speaker == "m_spk1"
+        and utts[0].transcript == "hello world"
+    )
     (corpus / "evil.tsv").write_text("path\tspeaker\n../../etc/passwd\tspk\n")
     with pytest.raises(CorpusError, match=r"evil.tsv:2: path '../../etc/passwd' escapes"):
         read_corpus(CorpusSpec(name="m", format="tsv", path=str(corpus / "evil.tsv")))
@@ -157,7 +169,9 @@ def test_splits_are_deterministic_and_keep_every_speaker_in_train_and_test():
     assert [r.split for r in first if r.speaker == "e"] == ["train"]
     # Adding a speaker does not reshuffle the others.
     more = assign_splits(rows + _rows({"z": 20}), 0.1, 0.2, seed=7)
-    assert [r.split for r in more if r.speaker == "a"] == [r.split for r in first if r.speaker == "a"]
+    assert [r.split for r in more if r.speaker == "a"] == [
+        r.split for r in first if r.speaker == "a"
+    ]
 
 
 def test_manifest_round_trip(tmp_path):
@@ -170,11 +184,26 @@ def test_manifest_round_trip(tmp_path):
     "section, message",
     [
         ({"corpora": [], "seed": 1}, "prepare.corpora"),
-        ({"corpora": [{"name": "a", "format": "fsdd", "path": "x"}], "on_error": "ignore"}, "prepare.on_error"),
-        ({"corpora": [{"name": "a", "format": "mp3dir", "path": "x"}]}, r"prepare.corpora\[0\].format"),
-        ({"corpora": [{"name": "a", "format": "fsdd", "path": "x"}], "dev_fraction": 1.5}, "prepare.dev_fraction"),
-        ({"corpora": [{"name": "a", "format": "fsdd", "path": "x"}], "sead": 3}, "unknown parameter.*sead"),
-        ({"corpora": [{"name": "a", "format": "fsdd", "path": "x"}], "seed": "x"}, "prepare.seed: expected an integer"),
+        (
+            {"corpora": [{"name": "a", "format": "fsdd", "path": "x"}], "on_error": "ignore"},
+            "prepare.on_error",
+        ),
+        (
+            {"corpora": [{"name": "a", "format": "mp3dir", "path": "x"}]},
+            r"prepare.corpora\[0\].format",
+        ),
+        (
+            {"corpora": [{"name": "a", "format": "fsdd", "path": "x"}], "dev_fraction": 1.5},
+            "prepare.dev_fraction",
+        ),
+        (
+            {"corpora": [{"name": "a", "format": "fsdd", "path": "x"}], "sead": 3},
+            "unknown parameter.*sead",
+        ),
+        (
+            {"corpora": [{"name": "a", "format": "fsdd", "path": "x"}], "seed": "x"},
+            "prepare.seed: expected an integer",
+        ),
     ],
 )
 def test_prepare_params_errors_name_the_parameter(section, message):

@@ -28,7 +28,10 @@ def write_stores(root: Path, make_frames, seed: int = 0) -> dict[str, RaggedArra
     """layer_00/01/02 stores and frame labels; make_frames(rng, n) -> (labels, {layer: rows})."""
     rng = np.random.default_rng(seed)
     for split, count in SPLITS.items():
-        writers = {n: RaggedWriter(root / "reps" / split / n, DIM) for n in ("layer_00", "layer_01", "layer_02")}
+        writers = {
+            n: RaggedWriter(root / "reps" / split / n, DIM)
+            for n in ("layer_00", "layer_01", "layer_02")
+        }
         with RaggedWriter(root / "labels" / split, 1, "int16") as labels_out:
             for i in range(count):
                 labels, layers = make_frames(rng, int(rng.integers(20, 40)))
@@ -43,8 +46,11 @@ def write_stores(root: Path, make_frames, seed: int = 0) -> dict[str, RaggedArra
 def planted_in_layer_01(rng, n):
     labels = rng.integers(0, 4, n)
     means = np.eye(4, DIM) * 3
-    return labels, {"layer_00": rng.normal(0, 1, (n, DIM)), "layer_01": means[labels] + rng.normal(0, 0.5, (n, DIM)),
-                    "layer_02": rng.normal(0, 1, (n, DIM))}
+    return labels, {
+        "layer_00": rng.normal(0, 1, (n, DIM)),
+        "layer_01": means[labels] + rng.normal(0, 0.5, (n, DIM)),
+        "layer_02": rng.normal(0, 1, (n, DIM)),
+    }
 
 
 def xor_in_every_layer(rng, n):
@@ -57,8 +63,14 @@ def test_weighted_sum_puts_its_weight_on_the_informative_layer(tmp_path):
     labels = write_stores(tmp_path, planted_in_layer_01)
     # the layer weights move by at most ~lr a step: enough steps (here ~250) to concentrate them
     config = ProbeConfig(epochs=30, batch_size=256, learning_rates=(2e-2,), weight_decays=(0.0,))
-    result = probe_phones(open_representations(tmp_path / "reps", include_input=False), labels, config,
-                          [f"c{i}" for i in range(4)], progress=False, kinds=("linear", "weighted_sum"))
+    result = probe_phones(
+        open_representations(tmp_path / "reps", include_input=False),
+        labels,
+        config,
+        [f"c{i}" for i in range(4)],
+        progress=False,
+        kinds=("linear", "weighted_sum"),
+    )
     weighted = next(p for p in result["probes"] if p["kind"] == "weighted_sum")
     weights = weighted["layer_weights"]
     assert max(weights, key=weights.get) == "layer_01" and weights["layer_01"] > 0.5
@@ -72,8 +84,15 @@ def test_mlp_solves_xor_that_a_linear_head_cannot(tmp_path):
     labels = write_stores(tmp_path, xor_in_every_layer)
     config = ProbeConfig(epochs=15, batch_size=128, learning_rates=(1e-2,), weight_decays=(0.0,))
     reps = open_representations(tmp_path / "reps", layers=[1], include_input=False)
-    result = probe_phones(reps, labels, config, ["a", "b"], progress=False, kinds=("linear", "mlp"),
-                          mlp=MLPSettings(hidden_size=32, dropout=0.0, learning_rate=1e-2))
+    result = probe_phones(
+        reps,
+        labels,
+        config,
+        ["a", "b"],
+        progress=False,
+        kinds=("linear", "mlp"),
+        mlp=MLPSettings(hidden_size=32, dropout=0.0, learning_rate=1e-2),
+    )
     mlp = next(p for p in result["probes"] if p["kind"] == "mlp")
     assert result["layers"]["layer_01"]["accuracy"] < 0.62  # XOR is not linearly separable
     assert mlp["accuracy"] > 0.9 and mlp["layer"] == "layer_01"
@@ -91,8 +110,15 @@ def test_label_fractions_are_nested_deterministic_and_reported(tmp_path):
 
     labels = write_stores(tmp_path, planted_in_layer_01)
     config = ProbeConfig(epochs=4, batch_size=256, learning_rates=(1e-2,), weight_decays=(0.0,))
-    result = probe_phones(open_representations(tmp_path / "reps", include_input=False), labels, config,
-                          [f"c{i}" for i in range(4)], progress=False, kinds=("linear",), fractions=(0.1, 1.0))
+    result = probe_phones(
+        open_representations(tmp_path / "reps", include_input=False),
+        labels,
+        config,
+        [f"c{i}" for i in range(4)],
+        progress=False,
+        kinds=("linear",),
+        fractions=(0.1, 1.0),
+    )
     assert result["fraction_utterances"] == {"0.1": 6, "1": 60}
     small = {p["layer"]: p for p in result["probes"] if p["fraction"] == 0.1}
     assert set(small) == {"layer_00", "layer_01", "layer_02"}
@@ -100,9 +126,14 @@ def test_label_fractions_are_nested_deterministic_and_reported(tmp_path):
 
 
 def test_speaker_independent_selection_keeps_only_unheard_speakers():
-    table = {"a1": Utterance("train", "c", "ann"), "a2": Utterance("test", "c", "ann"),
-             "b1": Utterance("test", "c", "bob"), "b2": Utterance("dev", "c", "bob"),
-             "c1": Utterance("dev", "c", "cat"), "k1": Utterance("test", "k", "kim", "yes")}
+    table = {
+        "a1": Utterance("train", "c", "ann"),
+        "a2": Utterance("test", "c", "ann"),
+        "b1": Utterance("test", "c", "bob"),
+        "b2": Utterance("dev", "c", "bob"),
+        "c1": Utterance("dev", "c", "cat"),
+        "k1": Utterance("test", "k", "kim", "yes"),
+    }
     chosen = select_utterances(table, corpora=["c"], speaker_independent=True)
     assert chosen["test"] == {"b1"} and chosen["dev"] == {"b2", "c1"} and chosen["train"] == {"a1"}
     closed = select_utterances(table)
@@ -117,16 +148,23 @@ def test_keyword_probe_classifies_utterances(tmp_path):
     words = ("yes", "no", "up")
     keywords = {}
     for split, count in SPLITS.items():
-        with RaggedWriter(tmp_path / split / "layer_00", DIM) as w0, RaggedWriter(tmp_path / split / "layer_01", DIM) as w1:
+        with (
+            RaggedWriter(tmp_path / split / "layer_00", DIM) as w0,
+            RaggedWriter(tmp_path / split / "layer_01", DIM) as w1,
+        ):
             for i in range(count):
                 utt, word = f"{split}_{i}", i % 3
                 keywords[utt] = words[word]
                 frames = rng.normal(0, 1, (30, DIM))
                 w0.append(utt, frames)
-                w1.append(utt, frames + np.eye(3, DIM)[word] * 2)  # the keyword shifts layer 1's mean
+                w1.append(
+                    utt, frames + np.eye(3, DIM)[word] * 2
+                )  # the keyword shifts layer 1's mean
     reps = open_representations(tmp_path, include_input=False)
     config = ProbeConfig(epochs=100, batch_size=0, learning_rates=(1e-2,), weight_decays=(0.0,))
-    result = probe_labels(reps, keywords, "keyword", config, progress=False, kinds=("linear", "weighted_sum"))
+    result = probe_labels(
+        reps, keywords, "keyword", config, progress=False, kinds=("linear", "weighted_sum")
+    )
     assert result["task"] == "keyword" and result["classes"] == sorted(words)
     assert result["layers"]["layer_01"]["accuracy"] > 0.9 > result["layers"]["layer_00"]["accuracy"]
     assert len(result["layers"]["layer_01"]["confusion"]["matrix"]) == 3
@@ -139,14 +177,21 @@ def test_probe_section_is_validated_once_from_the_package_settings():
     from mockingjay.probe_config import PHONE_PROBE, SPEAKER_PROBE
     from stages.probe import ProbeStageConfig
 
-    config = from_section(ProbeStageConfig, {"speaker": {"kinds": ["weighted_sum"]},
-                                             "phone": {"mlp": {"layers": ["input"]}}}, "probe")
+    config = from_section(
+        ProbeStageConfig,
+        {"speaker": {"kinds": ["weighted_sum"]}, "phone": {"mlp": {"layers": ["input"]}}},
+        "probe",
+    )
     assert config.speaker.training() == SPEAKER_PROBE and config.keyword.training() == SPEAKER_PROBE
     assert config.phone.training() == PHONE_PROBE
     options = config.phone.options()
-    assert options["mlp"].weight_decays == PHONE_PROBE.weight_decays and options["mlp"].layers == ("input",)
-    for section, message in [({"phone": {"mlp": {"dropout": 2}}}, "probe.phone.mlp.dropout: must be in [0, 1)"),
-                             ({"keyword": {"eval_batch": 0}}, "probe.keyword.eval_batch: must be >= 1"),
-                             ({"speaker": {"weight_decays": []}}, "probe.speaker.weight_decays: need at least one")]:
+    assert options["mlp"].weight_decays == PHONE_PROBE.weight_decays and options["mlp"].layers == (
+        "input",
+    )
+    for section, message in [
+        ({"phone": {"mlp": {"dropout": 2}}}, "probe.phone.mlp.dropout: must be in [0, 1)"),
+        ({"keyword": {"eval_batch": 0}}, "probe.keyword.eval_batch: must be >= 1"),
+        ({"speaker": {"weight_decays": []}}, "probe.speaker.weight_decays: need at least one"),
+    ]:
         with pytest.raises(ParamError, match=re.escape(message)):
             from_section(ProbeStageConfig, section, "probe")

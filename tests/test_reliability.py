@@ -44,15 +44,27 @@ pytestmark = pytest.mark.slow
 
 # Wall-clock fields of the metrics files: they differ between any two runs and are not compared.
 # facts of one run, not of the result: a resumed run reports only its own part
-TIMING_KEYS = {"seconds", "real_time_factor", "audio_seconds_per_second", "train_seconds", "audio_hours_seen"}
+TIMING_KEYS = {
+    "seconds",
+    "real_time_factor",
+    "audio_seconds_per_second",
+    "train_seconds",
+    "audio_hours_seen",
+}
 
 
 class Watched:
     """A command in its own process group whose merged stdout/stderr is collected while it runs."""
 
     def __init__(self, args: list[str], cwd: Path, env: dict | None = None):
-        self.proc = subprocess.Popen(args, cwd=cwd, env=cli_env(env), stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            args,
+            cwd=cwd,
+            env=cli_env(env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.chunks: list[bytes] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -80,6 +92,7 @@ class Watched:
     def wait_for(self, condition: Callable[[], bool]) -> None:
         """Poll until `condition()`; fails if the command ends first (it finished before the kill),
         or if it stalls: neither prints nor uses CPU time for conftest.STALLED_AFTER seconds."""
+
         def done() -> bool:
             if condition():
                 return True
@@ -87,8 +100,11 @@ class Watched:
             assert ended is None, f"ended (status {ended}) before the kill:\n{self.output[-3000:]}"
             return False
 
-        wait_while_progressing(done, lambda: (sum(map(len, self.chunks)), cpu_ticks(process_group(self.proc.pid))),
-                               lambda: self.output[-3000:])
+        wait_while_progressing(
+            done,
+            lambda: (sum(map(len, self.chunks)), cpu_ticks(process_group(self.proc.pid))),
+            lambda: self.output[-3000:],
+        )
 
     def kill(self) -> None:
         os.killpg(self.proc.pid, signal.SIGKILL)
@@ -114,8 +130,11 @@ def processes_in(repo: Path, timeout: float = 10) -> list[int]:
 
 
 def digests(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def without_timing(value):
@@ -129,7 +148,11 @@ def without_timing(value):
 def lock_hashes(repo: Path) -> dict[str, str]:
     """Output path -> md5 from dvc.lock."""
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
+    return {
+        out["path"]: out["md5"]
+        for stage in lock["stages"].values()
+        for out in stage.get("outs", [])
+    }
 
 
 def fresh_copy(source: Path, dest: Path, never_ran: str | None = None) -> Path:
@@ -148,12 +171,16 @@ def fresh_copy(source: Path, dest: Path, never_ran: str | None = None) -> Path:
 # -- faults ------------------------------------------------------------------------------------------
 
 
-def test_pretrain_killed_at_a_random_step_resumes_and_ends_as_the_uninterrupted_run(pristine_pipeline_repo, tmp_path):
+def test_pretrain_killed_at_a_random_step_resumes_and_ends_as_the_uninterrupted_run(
+    pristine_pipeline_repo, tmp_path
+):
     train = TINY_PIPELINE["pretrain"]["train"]
     total, every = train["total_steps"], train["checkpoint_every"]
     seed = int(os.environ.get("MOCKINGJAY_KILL_SEED") or random.SystemRandom().randrange(1 << 31))
     kill_step = random.Random(seed).randint(every + 1, total - 1)  # past the first checkpoint
-    print(f"SIGKILL once pretrain reaches step {kill_step} of {total} (MOCKINGJAY_KILL_SEED={seed} repeats this)")
+    print(
+        f"SIGKILL once pretrain reaches step {kill_step} of {total} (MOCKINGJAY_KILL_SEED={seed} repeats this)"
+    )
     # never_ran: otherwise DVC would complete the killed rerun by checking the earlier model out of
     # its cache (safe too), and the resume from the checkpoints would not be tested
     repo = fresh_copy(pristine_pipeline_repo, tmp_path / "repo", never_ran="pretrain")
@@ -175,7 +202,9 @@ def test_pretrain_killed_at_a_random_step_resumes_and_ends_as_the_uninterrupted_
     print(f"killed at step {step()}")
     assert not processes_in(repo)
     assert not (repo / "models/pretrain/model").exists(), "the final model appeared before the kill"
-    state = next((repo / "models/checkpoints").glob("config-*"))  # the one configuration's resume state
+    state = next(
+        (repo / "models/checkpoints").glob("config-*")
+    )  # the one configuration's resume state
     complete = sorted(int(p.name.split("-")[1]) for p in state.glob("step-*"))
     assert complete and complete[-1] <= step(), complete
 
@@ -185,24 +214,44 @@ def test_pretrain_killed_at_a_random_step_resumes_and_ends_as_the_uninterrupted_
     resumed = run(["dvc", "repro", "pretrain"], repo)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "Running stage 'pretrain'" in resumed.stdout
-    assert f"resumed at step {complete[-1]} from models/checkpoints/{state.name}/step-{complete[-1]:06d}" in resumed.stderr
+    assert (
+        f"resumed at step {complete[-1]} from models/checkpoints/{state.name}/step-{complete[-1]:06d}"
+        in resumed.stderr
+    )
     metrics = json.loads((repo / "metrics/pretrain.json").read_text())
     assert metrics["steps"] == total
-    assert without_timing(metrics) == without_timing(reference)  # held-out and final losses, bit for bit
+    assert without_timing(metrics) == without_timing(
+        reference
+    )  # held-out and final losses, bit for bit
     assert (repo / "models/pretrain/model/model.safetensors").read_bytes() == reference_weights
     assert lock_hashes(repo)["models/pretrain"] == reference_lock
     # the loss plot spans the whole run: the steps logged before the kill (kept) and after it, none twice
     plot = (repo / "plots/pretrain_loss.tsv").read_text().splitlines()
     assert plot[0].split("\t")[:2] == ["step", "loss"]
-    assert [int(line.split("\t")[0]) for line in plot[1:]] == list(range(train["log_every"], total + 1, train["log_every"]))
+    assert [int(line.split("\t")[0]) for line in plot[1:]] == list(
+        range(train["log_every"], total + 1, train["log_every"])
+    )
     assert len(list(state.glob("step-*"))) <= train["keep_checkpoints"]
 
     # MLflow: the killed run and the one that finished it; the second logged only the steps it trained
-    new = [r for r in mlflow_runs(repo) if r.data.tags.get("mockingjay.stage") == "pretrain" and r.info.run_id not in before]
+    new = [
+        r
+        for r in mlflow_runs(repo)
+        if r.data.tags.get("mockingjay.stage") == "pretrain" and r.info.run_id not in before
+    ]
     (done,) = [r for r in new if r.info.status == "FINISHED"]
     assert done.data.tags["resumed_from"].endswith(f"step-{complete[-1]:06d}")
-    assert done.data.params["model.hidden_size"] == "32" and done.data.params["train.learning_rate"] == "0.002"
-    for key in ("loss", "learning_rate", "grad_norm", "audio_seconds_per_second", "heldout_loss_final"):
+    assert (
+        done.data.params["model.hidden_size"] == "32"
+        and done.data.params["train.learning_rate"] == "0.002"
+    )
+    for key in (
+        "loss",
+        "learning_rate",
+        "grad_norm",
+        "audio_seconds_per_second",
+        "heldout_loss_final",
+    ):
         assert key in done.data.metrics, key
     assert any(k.startswith("system/") for k in done.data.metrics), "system metrics were not logged"
     from mlflow.tracking import MlflowClient
@@ -221,34 +270,47 @@ def newer(path: Path) -> Callable[[], bool]:
 
 
 def has_data(folder: Path) -> Callable[[], bool]:
-    return lambda: folder.is_dir() and any(p.is_file() and p.stat().st_size for p in folder.rglob("*"))
+    return lambda: (
+        folder.is_dir() and any(p.is_file() and p.stat().st_size for p in folder.rglob("*"))
+    )
 
 
 # stage -> (its output folder, when it is known to be in the middle of writing its outputs)
 MID_OUTPUT = {
     "featurize": ("data/features", lambda repo: has_data(repo / "data/.features.partial")),
-    "extract": ("data/representations", lambda repo: has_data(repo / "data/.representations.partial")),
+    "extract": (
+        "data/representations",
+        lambda repo: has_data(repo / "data/.representations.partial"),
+    ),
     # the metrics file is written after the probes are trained, the report folder after it
     "probe": ("reports/probe", lambda repo: newer(repo / "metrics/probe.json")),
 }
 
 
 @pytest.mark.parametrize("stage", list(MID_OUTPUT))
-def test_stage_killed_mid_output_is_redone_and_never_taken_as_done(pristine_pipeline_repo, tmp_path, stage):
+def test_stage_killed_mid_output_is_redone_and_never_taken_as_done(
+    pristine_pipeline_repo, tmp_path, stage
+):
     out, writing = MID_OUTPUT[stage]
     repo = fresh_copy(pristine_pipeline_repo, tmp_path / "repo", never_ran=stage)
     reference = digests(repo / out)
-    reference_files = {p: (repo / p).read_bytes() for p in ("metrics/probe.json", "plots/probe_accuracy.tsv")}
+    reference_files = {
+        p: (repo / p).read_bytes() for p in ("metrics/probe.json", "plots/probe_accuracy.tsv")
+    }
 
     in_the_middle = writing(repo)
     killed = Watched(["dvc", "repro", "-s", stage], repo)
     killed.wait_for(in_the_middle)
     killed.kill()
     assert not processes_in(repo)
-    assert not (repo / out).exists(), f"{out} exists after the kill: a half-written output in the final place"
+    assert not (repo / out).exists(), (
+        f"{out} exists after the kill: a half-written output in the final place"
+    )
 
     status = run(["dvc", "status", stage], repo)
-    assert f"{stage}:" in status.stdout and "up to date" not in status.stdout, status.stdout  # not taken as done
+    assert f"{stage}:" in status.stdout and "up to date" not in status.stdout, (
+        status.stdout
+    )  # not taken as done
 
     redone = run(["dvc", "repro", stage], repo)
     assert redone.returncode == 0, redone.stdout[-3000:] + redone.stderr[-3000:]
@@ -256,10 +318,14 @@ def test_stage_killed_mid_output_is_redone_and_never_taken_as_done(pristine_pipe
     assert not [str(p) for p in repo.glob("*/.*.partial")], "a partial folder was left behind"
     again = digests(repo / out)
     assert set(again) == set(reference)
-    if stage == "probe":  # results.json holds the probes' wall-clock seconds; compare what they found
+    if (
+        stage == "probe"
+    ):  # results.json holds the probes' wall-clock seconds; compare what they found
         before = json.loads(reference_files["metrics/probe.json"])
         assert json.loads((repo / "metrics/probe.json").read_bytes()) == before
-        assert (repo / "plots/probe_accuracy.tsv").read_bytes() == reference_files["plots/probe_accuracy.tsv"]
+        assert (repo / "plots/probe_accuracy.tsv").read_bytes() == reference_files[
+            "plots/probe_accuracy.tsv"
+        ]
         results = json.loads((repo / out / "results.json").read_text())
         for task, layers in before.items():
             for name, row in layers.items():
@@ -283,8 +349,12 @@ def scratch(tmp_path_factory):
         folder.mkdir()
     assert run(["dvc", "config", "--local", "core.site_cache_dir", str(site)], repo).returncode == 0
     before = file_stats(repo)
-    env = {"HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"), "XDG_CONFIG_HOME": str(home / ".config"),
-           "TMPDIR": str(tmp)}
+    env = {
+        "HOME": str(home),
+        "XDG_CACHE_HOME": str(home / ".cache"),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "TMPDIR": str(tmp),
+    }
     result = run(["dvc", "repro"], repo, env=env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return {"repo": repo, "before": before, "after": file_stats(repo), "home": home, "tmp": tmp}
@@ -325,10 +395,16 @@ def declared_outputs(dvc_yaml: Path) -> tuple[list[str], list[str]]:
 def test_pipeline_writes_only_its_declared_outputs_and_the_mlflow_store(scratch):
     repo, before, after = scratch["repo"], scratch["before"], scratch["after"]
     outputs, cached = declared_outputs(repo / "dvc.yaml")
-    allowed = [*outputs, "mlflow.db", "mlartifacts",  # the MLflow store (runs, artifacts)
-               "models/checkpoints",  # pretrain's resume state: git-ignored, deliberately not a DVC output
-               "dvc.lock", ".dvc/cache", ".dvc/tmp",  # DVC's own records
-               *sorted({str(Path(p).parent / ".gitignore") for p in cached})]  # DVC's ignore entries
+    allowed = [
+        *outputs,
+        "mlflow.db",
+        "mlartifacts",  # the MLflow store (runs, artifacts)
+        "models/checkpoints",  # pretrain's resume state: git-ignored, deliberately not a DVC output
+        "dvc.lock",
+        ".dvc/cache",
+        ".dvc/tmp",  # DVC's own records
+        *sorted({str(Path(p).parent / ".gitignore") for p in cached}),
+    ]  # DVC's ignore entries
 
     def is_allowed(path: str) -> bool:
         return any(path == a or path.startswith(a + "/") for a in allowed)
@@ -338,15 +414,23 @@ def test_pipeline_writes_only_its_declared_outputs_and_the_mlflow_store(scratch)
     assert sorted(p for p in changed if not is_allowed(p)) == []
     for out in outputs:
         assert (repo / out).exists(), out
-    assert sum(p.startswith("mlartifacts/") for p in changed) > 0  # artifacts went to the repository's store
-    assert "models/checkpoints" not in outputs and any(p.startswith("models/checkpoints/config-") for p in changed)
+    assert (
+        sum(p.startswith("mlartifacts/") for p in changed) > 0
+    )  # artifacts went to the repository's store
+    assert "models/checkpoints" not in outputs and any(
+        p.startswith("models/checkpoints/config-") for p in changed
+    )
     ignored = run(["git", "check-ignore", "-q", "models/checkpoints/train_log.jsonl"], repo)
     assert ignored.returncode == 0, "the resume state must be git-ignored"
 
     # Outside the repository: only third-party caches in HOME, nothing in TMPDIR.
-    home_files = sorted(str(p.relative_to(scratch["home"])) for p in scratch["home"].rglob("*") if p.is_file())
-    expected_home = [r"\.cache/matplotlib/fontlist-v[\d.]+\.json",  # matplotlib's font list cache
-                     r"\.config/mlflow/telemetry\.json"]  # MLflow 3's installation id (telemetry)
+    home_files = sorted(
+        str(p.relative_to(scratch["home"])) for p in scratch["home"].rglob("*") if p.is_file()
+    )
+    expected_home = [
+        r"\.cache/matplotlib/fontlist-v[\d.]+\.json",  # matplotlib's font list cache
+        r"\.config/mlflow/telemetry\.json",
+    ]  # MLflow 3's installation id (telemetry)
     assert [f for f in home_files if not any(re.fullmatch(e, f) for e in expected_home)] == []
     tmp_entries = sorted(str(p.relative_to(scratch["tmp"])) for p in scratch["tmp"].rglob("*"))
     # torch creates an empty torchinductor_<user> folder when it is imported; no file is left
@@ -356,7 +440,9 @@ def test_pipeline_writes_only_its_declared_outputs_and_the_mlflow_store(scratch)
 # -- concurrency ---------------------------------------------------------------------------------------
 
 
-def test_queued_experiments_run_in_parallel_land_in_mlflow_and_reuse_unchanged_stages(pristine_pipeline_repo, tmp_path):
+def test_queued_experiments_run_in_parallel_land_in_mlflow_and_reuse_unchanged_stages(
+    pristine_pipeline_repo, tmp_path
+):
     repo = copy_repo(pristine_pipeline_repo, tmp_path / "repo")
     for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "baseline: the finished pipeline"]):
         result = run(cmd, repo)
@@ -368,8 +454,22 @@ def test_queued_experiments_run_in_parallel_land_in_mlflow_and_reuse_unchanged_s
     experiments = {"par-a": 3, "par-b": 4, "probe-only": None}
     for name, steps in experiments.items():
         pretrain_change = ["-S", f"pretrain.train.total_steps={steps}"] if steps else []
-        queued = run(["dvc", "exp", "run", "--queue", "-n", name, *pretrain_change,
-                      "-S", "probe.phone.epochs=2", "-S", "probe.speaker.epochs=20"], repo)
+        queued = run(
+            [
+                "dvc",
+                "exp",
+                "run",
+                "--queue",
+                "-n",
+                name,
+                *pretrain_change,
+                "-S",
+                "probe.phone.epochs=2",
+                "-S",
+                "probe.speaker.epochs=20",
+            ],
+            repo,
+        )
         assert queued.returncode == 0, queued.stderr
     # One worker per experiment (-j 3): a DVC queue worker runs one experiment at a time, so with
     # -j 2 the third waited in the queue until a worker was free, and then depended on DVC's idle
@@ -380,8 +480,13 @@ def test_queued_experiments_run_in_parallel_land_in_mlflow_and_reuse_unchanged_s
     # a worker that hangs in its own shutdown after its last task (seen once in CI) would block the
     # test, so the output goes to a file and the workers are stopped at the end whatever happens.
     with open(tmp_path / "queue-start.log", "w") as log:
-        starter = subprocess.Popen(["dvc", "queue", "start", "-j", str(len(experiments))], cwd=repo, env=cli_env(),
-                                   stdout=log, stderr=subprocess.STDOUT)
+        starter = subprocess.Popen(
+            ["dvc", "queue", "start", "-j", str(len(experiments))],
+            cwd=repo,
+            env=cli_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         status = wait_for_queue(repo, starter, tmp_path / "queue-start.log")
     finally:
@@ -390,14 +495,22 @@ def test_queued_experiments_run_in_parallel_land_in_mlflow_and_reuse_unchanged_s
     logs = {name: run(["dvc", "queue", "logs", name], repo).stdout for name in experiments}
     for name in experiments:
         assert re.search(rf"\b{name}\s+.*\bSuccess\b", status), status
-        assert "database is locked" not in logs[name] and "Traceback" not in logs[name], logs[name][-3000:]
+        assert "database is locked" not in logs[name] and "Traceback" not in logs[name], logs[name][
+            -3000:
+        ]
     shown = run(["dvc", "exp", "show", "--json"], repo)
     assert all(name in shown.stdout for name in experiments)
 
     new = [r for r in mlflow_runs(repo) if r.info.run_id not in before]
-    assert all(r.info.status == "FINISHED" for r in new), [(r.info.run_name, r.info.status) for r in new]
-    own_store = (repo / "mlartifacts").as_uri() + "/"  # the copy's store, not its source's (copy_repo)
-    assert all(r.info.artifact_uri.startswith(own_store) for r in new), {r.info.artifact_uri for r in new}
+    assert all(r.info.status == "FINISHED" for r in new), [
+        (r.info.run_name, r.info.status) for r in new
+    ]
+    own_store = (
+        repo / "mlartifacts"
+    ).as_uri() + "/"  # the copy's store, not its source's (copy_repo)
+    assert all(r.info.artifact_uri.startswith(own_store) for r in new), {
+        r.info.artifact_uri for r in new
+    }
     spans = {}
     for name, steps in experiments.items():
         tagged = [r for r in new if r.data.tags.get("dvc_exp_name") == name]
@@ -406,7 +519,11 @@ def test_queued_experiments_run_in_parallel_land_in_mlflow_and_reuse_unchanged_s
             for stage in ("pretrain", "extract"):
                 assert f"Stage '{stage}' didn't change, skipping" in logs[name], logs[name][-3000:]
             continue
-        assert sorted(r.data.tags["mockingjay.stage"] for r in tagged) == ["extract", "pretrain", "probe"], name
+        assert sorted(r.data.tags["mockingjay.stage"] for r in tagged) == [
+            "extract",
+            "pretrain",
+            "probe",
+        ], name
         pretrain = next(r for r in tagged if r.data.tags["mockingjay.stage"] == "pretrain")
         assert pretrain.data.params["train.total_steps"] == str(steps)
         probe = next(r for r in tagged if r.data.tags["mockingjay.stage"] == "probe")
@@ -421,8 +538,11 @@ def test_queued_experiments_run_in_parallel_land_in_mlflow_and_reuse_unchanged_s
 def queue_processes(repo: Path) -> dict[int, bytes]:
     """pid -> command line of the processes working in `repo` (queue workers, `dvc exp exec-run`
     and the stages they run)."""
-    return {pid: cmdline for pid in processes_in(repo, timeout=0)
-            if (cmdline := _cmdline(pid)) is not None}
+    return {
+        pid: cmdline
+        for pid in processes_in(repo, timeout=0)
+        if (cmdline := _cmdline(pid)) is not None
+    }
 
 
 def _cmdline(pid: int) -> bytes | None:
@@ -443,12 +563,17 @@ def wait_for_queue(repo: Path, starter: subprocess.Popen, start_log: Path) -> st
     seen = {"status": "", "asked": 0.0}
 
     def status() -> str:
-        seen["status"], seen["asked"] = run(["dvc", "queue", "status"], repo).stdout, time.monotonic()
+        seen["status"], seen["asked"] = (
+            run(["dvc", "queue", "status"], repo).stdout,
+            time.monotonic(),
+        )
         return seen["status"]
 
     def logs() -> str:
         files = sorted((repo / ".dvc/tmp/exps").rglob("*.out"))
-        return "\n".join(f"== {f.relative_to(repo)}\n{f.read_text(errors='replace')[-2000:]}" for f in files)
+        return "\n".join(
+            f"== {f.relative_to(repo)}\n{f.read_text(errors='replace')[-2000:]}" for f in files
+        )
 
     def done() -> bool:
         processes = queue_processes(repo)
@@ -457,14 +582,20 @@ def wait_for_queue(repo: Path, starter: subprocess.Popen, start_log: Path) -> st
             return False
         if not re.search(r"\b(Queued|Running)\b", status()):
             return True
-        workers = [pid for pid, cmdline in queue_processes(repo).items() if b"queue-worker" in cmdline]
+        workers = [
+            pid for pid, cmdline in queue_processes(repo).items() if b"queue-worker" in cmdline
+        ]
         if starter.poll() is not None and not workers and re.search(r"\bQueued\b", seen["status"]):
-            pytest.fail(f"a task is Queued and no queue worker is alive:\n{seen['status']}\n"
-                        f"dvc queue start:\n{start_log.read_text()}\n{logs()}")
+            pytest.fail(
+                f"a task is Queued and no queue worker is alive:\n{seen['status']}\n"
+                f"dvc queue start:\n{start_log.read_text()}\n{logs()}"
+            )
         return False
 
     def progress():
-        outputs = sorted((str(f), f.stat().st_size) for f in (repo / ".dvc/tmp/exps").rglob("*.out"))
+        outputs = sorted(
+            (str(f), f.stat().st_size) for f in (repo / ".dvc/tmp/exps").rglob("*.out")
+        )
         return cpu_ticks(queue_processes(repo)), outputs, seen["status"]
 
     wait_while_progressing(done, progress, lambda: f"{seen['status']}\n{logs()}", poll=0.5)

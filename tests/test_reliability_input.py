@@ -58,7 +58,11 @@ def plant_more_bad_files(folder: Path) -> tuple[dict[str, str], list[str]]:
     sf.write(folder / "dup.flac", data, rate)
     shutil.copy(good, folder / "unreadable.wav")
     prefix = unreadable(folder / "unreadable.wav")
-    return {"unreadable.wav": "unreadable", "dup.wav": "duplicate_id", "dup.flac": "duplicate_id"}, prefix
+    return {
+        "unreadable.wav": "unreadable",
+        "dup.wav": "duplicate_id",
+        "dup.flac": "duplicate_id",
+    }, prefix
 
 
 # What each bad file's message says (beside its path).
@@ -77,7 +81,10 @@ DETAILS = {
 
 def test_bad_files_are_each_named_and_skip_runs_the_data_stages_reporting_every_one(tmp_path):
     bad_corpus = {"name": "bad", "format": "arctic", "path": "data/bad", "align": True}
-    params = {**PARAMS, "prepare": {**PARAMS["prepare"], "corpora": [*PARAMS["prepare"]["corpora"], bad_corpus]}}
+    params = {
+        **PARAMS,
+        "prepare": {**PARAMS["prepare"], "corpora": [*PARAMS["prepare"]["corpora"], bad_corpus]},
+    }
     repo = make_repo(tmp_path / "repo", params)
     # data/bad is not a DVC dependency: DVC itself must not need to read the unreadable file.
     expected = plant_bad_files(repo / "data/bad")
@@ -89,7 +96,10 @@ def test_bad_files_are_each_named_and_skip_runs_the_data_stages_reporting_every_
     assert failed.returncode == 1
     assert "Traceback" not in failed.stderr and "nothing was written" in failed.stderr
     for name, detail in DETAILS.items():
-        assert re.search(rf"data/bad/{re.escape(name)}: .*{re.escape(detail)}", failed.stderr), (name, failed.stderr)
+        assert re.search(rf"data/bad/{re.escape(name)}: .*{re.escape(detail)}", failed.stderr), (
+            name,
+            failed.stderr,
+        )
     assert not (repo / "data/prepared").exists()
 
     params["prepare"]["on_error"] = "skip"
@@ -99,9 +109,13 @@ def test_bad_files_are_each_named_and_skip_runs_the_data_stages_reporting_every_
     done = run([*as_user, "dvc", "repro", "featurize"], repo)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for name, detail in DETAILS.items():  # one line per skipped file, naming it and saying why
-        assert re.search(rf"prepare: skipped data/bad/{re.escape(name)}: .*{re.escape(detail)}", done.stderr), name
+        assert re.search(
+            rf"prepare: skipped data/bad/{re.escape(name)}: .*{re.escape(detail)}", done.stderr
+        ), name
     skipped = (repo / "data/prepared/skipped.tsv").read_text().splitlines()[1:]
-    assert sorted((Path(line.split("\t")[1]).name, line.split("\t")[2]) for line in skipped) == sorted(expected.items())
+    assert sorted(
+        (Path(line.split("\t")[1]).name, line.split("\t")[2]) for line in skipped
+    ) == sorted(expected.items())
     prepare_run = next(r for r in mlflow_runs(repo) if r.data.params.get("on_error") == "skip")
     assert prepare_run.data.metrics["skipped"] == len(expected)
 
@@ -116,7 +130,9 @@ def test_bad_files_are_each_named_and_skip_runs_the_data_stages_reporting_every_
     failures = (repo / "data/alignments/failures.tsv").read_text()
     assert "bad_oov" in failures and "OutOfVocabularyError" in failures
     assert "bad_oov" not in RaggedArray(repo / "data/alignments/frame_labels").ids
-    assert "arctic_aew_a0003" in RaggedArray(repo / "data/alignments/frame_labels").ids  # same audio, good text
+    assert (
+        "arctic_aew_a0003" in RaggedArray(repo / "data/alignments/frame_labels").ids
+    )  # same audio, good text
 
     status = run(["dvc", "status", "featurize"], repo)
     assert "up to date" in status.stdout, status.stdout
@@ -135,22 +151,51 @@ OUTPUT_OPTIONS = {
     "prepare": ["--out", "{tmp}/out"],
     "featurize": ["--out", "{tmp}/out"],
     "pretrain": ["--out", "{tmp}/out", "--checkpoints", "{tmp}/checkpoints"],
-    "probe": ["--metrics", "{tmp}/out/probe.json", "--plot", "{tmp}/out/plot.tsv", "--report", "{tmp}/report"],
+    "probe": [
+        "--metrics",
+        "{tmp}/out/probe.json",
+        "--plot",
+        "{tmp}/out/plot.tsv",
+        "--report",
+        "{tmp}/report",
+    ],
 }
 
 INVALID = {  # id: (command, params.yaml change or None, what the message must name)
-    "negative-learning-rate": (["pretrain"], ("pretrain.train.learning_rate", -1e-3), "pretrain.train.learning_rate"),
-    "mask-proportion-above-1": (["pretrain"], ("pretrain.mask.mask_proportion", 1.5), "pretrain.mask.mask_proportion"),
-    "mask-proportion-0": (["pretrain"], ("pretrain.mask.mask_proportion", 0.0), "pretrain.mask.mask_proportion"),
+    "negative-learning-rate": (
+        ["pretrain"],
+        ("pretrain.train.learning_rate", -1e-3),
+        "pretrain.train.learning_rate",
+    ),
+    "mask-proportion-above-1": (
+        ["pretrain"],
+        ("pretrain.mask.mask_proportion", 1.5),
+        "pretrain.mask.mask_proportion",
+    ),
+    "mask-proportion-0": (
+        ["pretrain"],
+        ("pretrain.mask.mask_proportion", 0.0),
+        "pretrain.mask.mask_proportion",
+    ),
     "unknown-preset": (["pretrain"], ("pretrain.preset", "giant"), "pretrain.preset"),
-    "preset-for-other-features": (["pretrain"], ("pretrain.preset", "paper-base"), "pretrain.model.input_dim"),
-    "batch-cap-below-one-utterance": (["pretrain"], ("pretrain.train.max_frames_per_batch", 10),
-                                      "pretrain.train.max_frames_per_batch"),
+    "preset-for-other-features": (
+        ["pretrain"],
+        ("pretrain.preset", "paper-base"),
+        "pretrain.model.input_dim",
+    ),
+    "batch-cap-below-one-utterance": (
+        ["pretrain"],
+        ("pretrain.train.max_frames_per_batch", 10),
+        "pretrain.train.max_frames_per_batch",
+    ),
     "unknown-device": (["pretrain", "--device", "tpu"], None, "--device"),
     "negative-hop": (["featurize"], ("featurize.hop_ms", -10), "featurize.hop_ms"),
     "probe-layer-99": (["probe", "--layer", "99"], None, "--layer"),
-    "corpus-path-does-not-exist": (["prepare"], ("prepare.corpora.0.path", "data/does-not-exist"),
-                                   "prepare.corpora[0].path"),
+    "corpus-path-does-not-exist": (
+        ["prepare"],
+        ("prepare.corpora.0.path", "data/does-not-exist"),
+        "prepare.corpora[0].path",
+    ),
 }
 
 
@@ -165,7 +210,10 @@ def changed(params: dict, dotted: str, value) -> dict:
 
 def imported_modules(stderr: str) -> set[str]:
     """Top-level modules a process imported, from its PYTHONPROFILEIMPORTTIME lines on stderr."""
-    return {m.group(1).split(".")[0] for m in re.finditer(r"^import time:.*\|\s*([\w.]+)$", stderr, re.M)}
+    return {
+        m.group(1).split(".")[0]
+        for m in re.finditer(r"^import time:.*\|\s*([\w.]+)$", stderr, re.M)
+    }
 
 
 @pytest.mark.parametrize("case", list(INVALID))
@@ -177,23 +225,32 @@ def test_invalid_param_is_named_before_any_work(finished, tmp_path, case):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     before = file_stats(finished)
     options = [o.format(tmp=tmp_path) for o in OUTPUT_OPTIONS[command[0]]]
-    result = run(["mockingjay", *command, "--params", str(tmp_path / "params.yaml"), *options], finished,
-                 env={"PYTHONPROFILEIMPORTTIME": "1"})
+    result = run(
+        ["mockingjay", *command, "--params", str(tmp_path / "params.yaml"), *options],
+        finished,
+        env={"PYTHONPROFILEIMPORTTIME": "1"},
+    )
     assert result.returncode == 2, result.stderr
     assert "typer" in imported_modules(result.stderr)  # the import log is there to be read
     # every command validates its settings without torch: a mistake is reported before it loads (~2 s)
     assert not {"torch", "mlflow"} & imported_modules(result.stderr)
     assert f"error: invalid parameter: {name}" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # no output, not even a folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "params.yaml"
+    ]  # no output, not even a folder
     assert file_stats(finished) == before  # nothing in the repository changed: no MLflow run either
 
 
 def test_help_starts_without_loading_torch_or_mlflow(tmp_path):
     for command in ([], ["probe"], ["pretrain"], ["import-checkpoint"], ["checkpoints", "list"]):
-        result = run(["mockingjay", *command, "--help"], tmp_path, env={"PYTHONPROFILEIMPORTTIME": "1"})
+        result = run(
+            ["mockingjay", *command, "--help"], tmp_path, env={"PYTHONPROFILEIMPORTTIME": "1"}
+        )
         assert result.returncode == 0, result.stderr
         assert "Usage:" in result.stdout
         imported = imported_modules(result.stderr)
-        assert "typer" in imported and not {"torch", "mlflow", "sklearn"} & imported, (command, imported)
-
+        assert "typer" in imported and not {"torch", "mlflow", "sklearn"} & imported, (
+            command,
+            imported,
+        )

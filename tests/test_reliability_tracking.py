@@ -30,14 +30,23 @@ def test_deleting_the_mlflow_store_mid_pretrain_warns_once_finishes_training_and
     assert output.count("warning: mlflow:") == 1, output[-3000:]
     warnings = [line for line in output.splitlines() if line.startswith("warning: mlflow:")]
     assert len(warnings) == 1, output[-3000:]  # on a line of its own, not glued to the progress bar
-    assert f"tracking to sqlite:///{store} failed (" in warnings[0] and "pretrain goes on" in warnings[0]
+    assert (
+        f"tracking to sqlite:///{store} failed (" in warnings[0]
+        and "pretrain goes on" in warnings[0]
+    )
     summary = [line for line in output.splitlines() if line.startswith("error: mlflow:")]
     assert len(summary) == 1, output[-3000:]
-    assert "failed during the pretrain run" in summary[0] and "not logged:" in summary[0] and "log_metrics" in summary[0]
+    assert (
+        "failed during the pretrain run" in summary[0]
+        and "not logged:" in summary[0]
+        and "log_metrics" in summary[0]
+    )
     assert "The stage's outputs are complete" in summary[0]
     # training and every output of the stage are complete, as in a run whose tracking worked
     model = repo / "models/pretrain/model"
-    assert (model / "model.safetensors").stat().st_size > 0 and json.loads((model / "config.json").read_text())
+    assert (model / "model.safetensors").stat().st_size > 0 and json.loads(
+        (model / "config.json").read_text()
+    )
     assert json.loads((repo / "metrics/pretrain.json").read_text())["steps"] == total
     (state,) = (repo / "models/checkpoints").glob("config-*")
     assert logged_steps(state) == list(range(2, total + 1, 2))

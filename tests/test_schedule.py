@@ -46,7 +46,9 @@ def test_lambda_lr_follows_lr_at_and_resumes_from_state_dict():
         scheduler.step()
         if step == 19:
             buffer = io.BytesIO()
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, buffer)
+            torch.save(
+                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, buffer
+            )
     assert seen == pytest.approx([lr_at(s, peak, total) for s in range(total)])
 
     # A fresh optimizer/scheduler restored from the step-20 state continues identically.

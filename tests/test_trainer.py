@@ -20,7 +20,9 @@ from mockingjay.model import ModelConfig
 from mockingjay.trainer import NonFiniteLossError, TrainConfig, TrainData, Trainer, train
 
 DIM = 6
-MODEL = ModelConfig(input_dim=DIM, target_dim=DIM, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
+MODEL = ModelConfig(
+    input_dim=DIM, target_dim=DIM, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64
+)
 MASK = MaskConfig(span_length=3)
 
 
@@ -49,15 +51,33 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def config(**overrides) -> TrainConfig:
-    base = TrainConfig(total_steps=6, learning_rate=2e-3, warmup_proportion=0.1, max_frames_per_batch=240,
-                       max_length=40, log_every=1, checkpoint_every=3, keep_checkpoints=2, progress=False)
+    base = TrainConfig(
+        total_steps=6,
+        learning_rate=2e-3,
+        warmup_proportion=0.1,
+        max_frames_per_batch=240,
+        max_length=40,
+        log_every=1,
+        checkpoint_every=3,
+        keep_checkpoints=2,
+        progress=False,
+    )
     return dataclasses.replace(base, **overrides)
 
 
-def run(settings: TrainConfig, train_store: Path, heldout_store: Path | None, out: Path, **options) -> dict:
+def run(
+    settings: TrainConfig, train_store: Path, heldout_store: Path | None, out: Path, **options
+) -> dict:
     """Train MODEL with MASK; checkpoints in out/checkpoints, the model in out/model."""
-    return train(MODEL, MASK, settings, TrainData(train_store, heldout_store), out / "checkpoints", out / "model",
-                 **options)
+    return train(
+        MODEL,
+        MASK,
+        settings,
+        TrainData(train_store, heldout_store),
+        out / "checkpoints",
+        out / "model",
+        **options,
+    )
 
 
 def weights_digest(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -79,9 +99,19 @@ class Recorder:
         return [r for r in self.records if r["event"] == kind]
 
 
-@pytest.mark.parametrize("field, value", [("learning_rate", -1e-3), ("learning_rate", float("nan")),
-                                          ("grad_accumulation", 0), ("total_steps", 0), ("precision", "fp16"),
-                                          ("warmup_proportion", 1.5), ("max_length", 0), ("device", "tpu")])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("learning_rate", -1e-3),
+        ("learning_rate", float("nan")),
+        ("grad_accumulation", 0),
+        ("total_steps", 0),
+        ("precision", "fp16"),
+        ("warmup_proportion", 1.5),
+        ("max_length", 0),
+        ("device", "tpu"),
+    ],
+)
 def test_invalid_train_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         config(**{field: value}).validate()
@@ -89,8 +119,13 @@ def test_invalid_train_config_names_the_field(field, value):
 
 def test_loss_decreases_and_heldout_improves(corpus, tmp_path):
     recorder = Recorder()
-    result = run(config(total_steps=30, learning_rate=5e-3, log_every=5, checkpoint_every=15),
-                 corpus / "train", corpus / "dev", tmp_path / "run", callback=recorder)
+    result = run(
+        config(total_steps=30, learning_rate=5e-3, log_every=5, checkpoint_every=15),
+        corpus / "train",
+        corpus / "dev",
+        tmp_path / "run",
+        callback=recorder,
+    )
     losses = [r["loss"] for r in recorder.events("train")]
     assert [r["step"] for r in recorder.events("train")] == list(range(5, 31, 5))
     assert np.isfinite(losses).all() and losses[-1] < 0.6 * losses[0]
@@ -125,24 +160,41 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(corpus, tmp_path):
     assert [r["step"] for r in rerun.events("train")] == [4, 5, 6, 7]
     assert resumed["heldout_loss_initial"] == straight["heldout_loss_initial"]
     assert resumed["heldout_loss_final"] == straight["heldout_loss_final"]
-    a, b = weights_digest(tmp_path / "straight" / "model"), weights_digest(tmp_path / "resumed" / "model")
-    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    a, b = (
+        weights_digest(tmp_path / "straight" / "model"),
+        weights_digest(tmp_path / "resumed" / "model"),
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a), (
+        "resumed weights differ from the uninterrupted run"
+    )
     # Same learning rate and data position in the final trainer state.
     state_a = load_trainer_state(tmp_path / "straight" / "checkpoints" / "step-000007")
     state_b = load_trainer_state(tmp_path / "resumed" / "checkpoints" / "step-000007")
-    assert (state_a["epoch"], state_a["batch_in_epoch"]) == (state_b["epoch"], state_b["batch_in_epoch"])
+    assert (state_a["epoch"], state_a["batch_in_epoch"]) == (
+        state_b["epoch"],
+        state_b["batch_in_epoch"],
+    )
     assert state_a["scheduler"]["_last_lr"] == state_b["scheduler"]["_last_lr"]
 
 
 def test_completed_run_is_not_trained_again(corpus, tmp_path):
     settings = config(total_steps=3)
-    args = (MODEL, MASK, settings, TrainData(corpus / "train"), tmp_path / "ckpt", tmp_path / "final")
+    args = (
+        MODEL,
+        MASK,
+        settings,
+        TrainData(corpus / "train"),
+        tmp_path / "ckpt",
+        tmp_path / "final",
+    )
     train(*args, extra_config={"features": {"hop_ms": 10}})
     assert [step for step, _ in list_checkpoints(tmp_path / "ckpt")] == [3]
     assert load_config(tmp_path / "final")["features"] == {"hop_ms": 10}
     assert load_config(tmp_path / "ckpt" / "step-000003")["training"]["total_steps"] == 3
     again = train(*args, extra_config={"features": {"hop_ms": 10}})
-    assert again["steps_this_run"] == 0 and again["steps"] == 3 and again["heldout_loss_final"] is None
+    assert (
+        again["steps_this_run"] == 0 and again["steps"] == 3 and again["heldout_loss_final"] is None
+    )
 
 
 def digest_files(path: Path) -> dict[str, str]:
@@ -180,13 +232,21 @@ def test_batches_with_nothing_masked_are_counted_not_nan(corpus, tmp_path, monke
 
     def mask_nothing(features, lengths, config, downsample_rate=1, generator=None):
         masked = real_mask_batch(features, lengths, config, downsample_rate, generator)
-        return masked._replace(inputs=features, time_mask=torch.zeros_like(masked.time_mask),
-                               num_masked_frames=torch.zeros_like(masked.num_masked_frames))
+        return masked._replace(
+            inputs=features,
+            time_mask=torch.zeros_like(masked.time_mask),
+            num_masked_frames=torch.zeros_like(masked.num_masked_frames),
+        )
 
     monkeypatch.setattr(trainer_module, "mask_batch", mask_nothing)
     recorder = Recorder()
-    result = run(config(total_steps=3, grad_accumulation=2), corpus / "train", None, tmp_path / "run",
-                 callback=recorder)
+    result = run(
+        config(total_steps=3, grad_accumulation=2),
+        corpus / "train",
+        None,
+        tmp_path / "run",
+        callback=recorder,
+    )
     assert result["skipped_batches"] == 6
     assert [r["loss"] for r in recorder.events("train")] == [0.0, 0.0, 0.0]
 
@@ -194,4 +254,11 @@ def test_batches_with_nothing_masked_are_counted_not_nan(corpus, tmp_path, monke
 def test_feature_dims_must_match_the_model(corpus, tmp_path):
     wrong = dataclasses.replace(MODEL, input_dim=DIM + 1)
     with pytest.raises(ValueError, match="input_dim"):
-        Trainer(wrong, MASK, config(), TrainData(corpus / "train"), tmp_path / "run" / "checkpoints", tmp_path / "run" / "model")
+        Trainer(
+            wrong,
+            MASK,
+            config(),
+            TrainData(corpus / "train"),
+            tmp_path / "run" / "checkpoints",
+            tmp_path / "run" / "model",
+        )
