@@ -24,7 +24,7 @@ demo: venv
 study: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro studies/multispeaker/dvc.yaml
 
-# Two workers, one per core (measured: 866 s with 2 on a warm venv, 954 s with 3 from a fresh clone;
+# Two workers, one per core (measured from fresh clones: 706 s with 2, 954 s with 3;
 # every test process and command runs on one torch thread, tests/conftest.py).
 test: venv system-deps lint
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n 2 --dist loadgroup
