@@ -23,6 +23,7 @@ import typer
 
 from . import tracking
 from .common import StageError, check_inputs_apart, check_writable, cli_errors
+from .runtime import FEATURE_KEYS
 
 # What a torch checkpoint starts with: a zip archive (torch >= 1.6) or a pickle's PROTO opcode
 # (the legacy format, protocol 2 and up).
@@ -87,20 +88,7 @@ def import_main(
     _print_report("notes", imported.notes)
     features = imported.sections.get("features")
     if features:
-        settings = " ".join(
-            f"{k}={features[k]}"
-            for k in (
-                "sample_rate",
-                "n_mels",
-                "win_ms",
-                "hop_ms",
-                "n_fft",
-                "delta_order",
-                "delta_window",
-                "log_offset",
-                "cmvn",
-            )
-        )
+        settings = " ".join(f"{k}={features[k]}" for k in FEATURE_KEYS)
         print(f"features (featurize params the model expects): {settings}", file=sys.stderr)
     _print_report(
         "features: known differences from the source's own extraction", imported.feature_differences
