@@ -283,11 +283,12 @@ def collate_features(items: Sequence[tuple[int, np.ndarray, np.ndarray | None]])
 
 
 def make_loader(
-    dataset: FeatureDataset,
+    dataset: Dataset,
     sampler: LengthBucketBatchSampler,
     num_workers: int = 0,
     pin_memory: bool = False,
     multiprocessing_context: str | None = None,
+    collate_fn=collate_features,
 ) -> DataLoader:
     """A DataLoader over `sampler`'s batches (call `sampler.set_epoch` before each `iter`).
 
@@ -299,7 +300,7 @@ def make_loader(
     return DataLoader(
         dataset,
         batch_sampler=sampler,
-        collate_fn=collate_features,
+        collate_fn=collate_fn,
         num_workers=num_workers,
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(sampler.seed),

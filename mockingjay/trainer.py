@@ -1,88 +1,46 @@
-"""MAM pretraining loop: CPU or GPU, one process or DDP under torchrun, resumable.
+"""MAM pretraining: the masked acoustic model objective on the shared training loop.
 
 `Trainer(...).fit()` (or `train(...)`) builds the model, the length-bucketed data pipeline, AdamW
 and the warm-up/decay schedule, resumes from the newest complete checkpoint in `checkpoints_dir`,
-and trains to `total_steps`. Masking runs on the device; the step never waits for the GPU except at log,
-evaluation and checkpoint steps, where the few numbers reported are read in one go. Everything
-stochastic (data order, crops, masks, dropout) is seeded and checkpointed, so a run interrupted
-and resumed ends with the same weights as one that was not (bitwise on CPU).
-
-Logging goes through `callback(dict)` on rank 0 (the pipeline stage forwards it to MLflow and
-its metrics files); a tqdm bar on stderr shows progress.
+and trains to `total_steps` (all of that is `mockingjay.training_loop.TrainingLoop`). This module
+adds what is particular to pretraining: `MockingjayForMAM`, masking on the device, the masked L1
+loss and the held-out masked L1. Everything stochastic (data order, crops, masks, dropout) is
+seeded and checkpointed, so a run interrupted and resumed ends with the same weights as one that
+was not (bitwise on CPU).
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-import os
-import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from mockingjay.batching import FeatureDataset, LengthBucketBatchSampler, make_loader
-from mockingjay.checkpoint import (
-    latest_checkpoint,
-    load_trainer_state,
-    load_weights,
-    save_checkpoint,
-    save_model_dir,
-)
-from mockingjay.device import autocast, autocast_dtype, resolve_device, wants_cuda
-from mockingjay.distributed import setup_distributed
+from mockingjay.checkpoint import save_model_dir
+from mockingjay.device import autocast
 from mockingjay.masking import MaskConfig, mam_l1_loss, mask_batch
 from mockingjay.model import MockingjayForMAM, ModelConfig
-from mockingjay.schedule import warmup_linear_decay
-from mockingjay.tensor_files import capture_rng_state, restore_rng_state
 from mockingjay.train_config import TrainConfig, TrainData
+from mockingjay.training_loop import (  # noqa: F401  (re-exported: the stage catches them)
+    Callback,
+    NonFiniteLossError,
+    TrainingLoop,
+    TrainingStopped,
+)
 
-Callback = Callable[[dict[str, Any]], None]
 EVAL_SEED_OFFSET = 1_000_003  # held-out masks come from their own fixed stream
-TRAINER_STATE_VERSION = 1
 
 
-class NonFiniteLossError(RuntimeError):
-    """The training loss or gradient norm became inf/NaN; no checkpoint was written after it."""
-
-
-class TrainingStopped(RuntimeError):
-    """`should_stop()` asked the run to stop: it finished its step and wrote `checkpoint` there."""
-
-    def __init__(self, step: int, checkpoint: Path | None):
-        super().__init__(f"training stopped at step {step}; checkpoint {checkpoint}")
-        self.step, self.checkpoint = step, checkpoint
-
-
-@dataclass
-class _Tally:
-    """What the steps add up to between sync points. Device tensors, so a step never waits for the GPU."""
-
-    loss: torch.Tensor  # summed micro-batch losses since the last log
-    skipped: torch.Tensor  # batches with nothing masked, this run
-    nonfinite: torch.Tensor  # any inf/NaN loss or gradient norm, this run
-    grad_norm: torch.Tensor  # of the last step
-    micro_batches: int = 0  # since the last log
-    frames: int = 0  # since the last log
-    run_frames: int = 0
-    start: float = field(default_factory=time.perf_counter)  # of the interval, pauses excluded
-    paused: float = 0.0  # evaluation and checkpoint seconds this run, kept out of the throughput
-    last_loss: float | None = None
-
-
-class Trainer:
+class Trainer(TrainingLoop):
     """One pretraining run; `fit()` returns the result dict. `model` is the plain module.
 
     Checkpoints go to `checkpoints_dir`, the final model to `model_dir`; `extra_config` sections
     (e.g. "features") are added to their config.json. `should_stop()` returning True ends the run
     with TrainingStopped after a checkpoint of the step reached.
     """
+
+    progress_name = "pretrain"
 
     def __init__(
         self,
@@ -97,18 +55,19 @@ class Trainer:
         callback: Callback | None = None,
         should_stop: Callable[[], bool] | None = None,
     ):
-        train_config.validate()
         model_config.validate()
         mask_config.validate()
-        self.model_config, self.mask_config, self.config = model_config, mask_config, train_config
-        self.frame_rate = data.frame_rate
-        self.checkpoints_dir, self.model_dir = Path(checkpoints_dir), Path(model_dir)
-        self.extra_config = dict(extra_config or {})
-        self.callback = callback
-        # Asked after every step (one process) or at every sync point (DDP, where all ranks must
-        # agree on the step): True stops the run with a checkpoint of the step reached.
-        self.should_stop = should_stop
-        self.train_data = FeatureDataset(data.train, data.train_targets)
+        super().__init__(
+            train_config,
+            FeatureDataset(data.train, data.train_targets),
+            checkpoints_dir,
+            model_dir,
+            frame_rate=data.frame_rate,
+            extra_config=extra_config,
+            callback=callback,
+            should_stop=should_stop,
+        )
+        self.model_config, self.mask_config = model_config, mask_config
         self.heldout_data = (
             FeatureDataset(data.heldout, [data.heldout_target] if data.heldout_target else None)
             if data.heldout is not None
@@ -124,112 +83,10 @@ class Trainer:
                     f"expects input_dim={model_config.input_dim}, target_dim={model_config.target_dim}"
                 )
 
-    # -- setup -------------------------------------------------------------------------------
-    def _setup(self) -> None:
-        cfg = self.config
-        self.dist = setup_distributed(wants_cuda(cfg.device))
-        self.device = resolve_device(cfg.device, self.dist.local_rank)
-        self.autocast_dtype = autocast_dtype(self.device, cfg.precision)
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every rerun
-        self.model = MockingjayForMAM(self.model_config).to(self.device)
-        decay = [p for p in self.model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": cfg.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=cfg.learning_rate,
-            betas=tuple(cfg.adam_betas),
-            eps=cfg.adam_eps,
-            fused=self.device.type == "cuda",
-        )
-        self.scheduler = warmup_linear_decay(self.optimizer, cfg.total_steps, cfg.warmup_proportion)
-        self.sampler = LengthBucketBatchSampler(
-            self.train_data.lengths,
-            cfg.max_frames_per_batch,
-            cfg.max_batch_size,
-            cfg.max_length,
-            seed=cfg.seed,
-            pool_size=cfg.bucket_pool_size,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-        )
-        num_workers = cfg.num_workers
-        if num_workers is None:  # the collate (memmap -> padded float32) must keep up with a GPU
-            num_workers = min(4, (os.cpu_count() or 2) // 2) if self.device.type == "cuda" else 0
-        on_gpu = self.device.type == "cuda"
-        self.loader = make_loader(
-            self.train_data,
-            self.sampler,
-            num_workers,
-            pin_memory=on_gpu,
-            multiprocessing_context="forkserver" if on_gpu else None,
-        )
-        self.mask_generator = torch.Generator(device=self.device).manual_seed(
-            cfg.seed + 7919 * self.dist.rank
-        )
-        self.step = self.epoch = self.batch_in_epoch = self.skipped_before = 0
-        self.heldout_loss_initial: float | None = None
-        self.resumed_from = latest_checkpoint(self.checkpoints_dir)
-        if self.resumed_from is not None:
-            self._resume(self.resumed_from)
-        module: torch.nn.Module = self.model
-        if self.dist.enabled:
-            module = DistributedDataParallel(
-                module, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
-        self.ddp = module if self.dist.enabled else None
-        self.train_module = torch.compile(module) if cfg.compile else module
+    def build_model(self) -> torch.nn.Module:
+        return MockingjayForMAM(self.model_config)
 
-    def _resume(self, path: Path) -> None:
-        load_weights(path, self.model, device=self.device)
-        state = load_trainer_state(path, map_location="cpu")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.epoch, self.batch_in_epoch = (
-            state["step"],
-            state["epoch"],
-            state["batch_in_epoch"],
-        )
-        self.skipped_before = state["skipped_batches"]
-        self.heldout_loss_initial = state["heldout_loss_initial"]
-        per_rank = state["rank_states"]
-        if len(per_rank) == self.dist.world_size:
-            restore_rng_state(per_rank[self.dist.rank]["rng"])
-            self.mask_generator.set_state(per_rank[self.dist.rank]["mask_generator"])
-        else:  # different world size: the random streams restart, the epoch's batches differ
-            torch.manual_seed(self.config.seed + self.step)
-            self.batch_in_epoch = min(
-                self.batch_in_epoch, self.sampler.batches_per_epoch(self.epoch)
-            )
-            self.mask_generator.manual_seed(self.config.seed + self.step + 7919 * self.dist.rank)
-        self._emit({"event": "resume", "step": self.step, "path": str(path)})
-
-    # -- helpers -----------------------------------------------------------------------------
-    def _emit(self, record: dict[str, Any]) -> None:
-        if self.callback is not None and self.dist.is_main:
-            self.callback(record)
-
-    def _batches(self):
-        """Endless stream of batches; (epoch, batch_in_epoch) always points past the last one."""
-        while True:
-            self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
-            for batch in self.loader:
-                self.batch_in_epoch += 1
-                yield batch
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-
-    def _sum_over_ranks(self, values: list[torch.Tensor | float]) -> list[float]:
-        """Sum per-rank numbers (one all-reduce) and read them on the host: a sync point."""
-        stacked = torch.stack(
-            [torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values]
-        )
-        if self.dist.enabled:
-            dist.all_reduce(stacked)
-        return stacked.tolist()
-
-    def _masked_loss(
+    def batch_loss(
         self, module: torch.nn.Module, batch, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # Batches come in the store's float16 and become float32 on the device (exact).
@@ -249,7 +106,6 @@ class Trainer:
             predictions = module(masked.inputs, None if unpadded else lengths)
         return mam_l1_loss(predictions, targets, masked.target_loss_mask(targets.size(-1)))
 
-    # -- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Masked L1 on the held-out store, same fixed masks every call (seeded generator)."""
@@ -278,7 +134,7 @@ class Trainer:
         try:
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 for batch in loader:
-                    loss, num_masked = self._masked_loss(self.model, batch, generator)
+                    loss, num_masked = self.batch_loss(self.model, batch, generator)
                     total += loss.double() * num_masked
                     count += num_masked
         finally:
@@ -288,41 +144,7 @@ class Trainer:
         self._emit({"event": "eval", "step": self.step, "heldout_loss": value})
         return value
 
-    # -- checkpoints -------------------------------------------------------------------------
-    def _checkpoint(self, skipped_total: int) -> Path | None:
-        local = {"rng": capture_rng_state(), "mask_generator": self.mask_generator.get_state()}
-        per_rank = [local]
-        if self.dist.enabled:
-            per_rank = [None] * self.dist.world_size
-            dist.all_gather_object(per_rank, local)
-        path = None
-        if self.dist.is_main:
-            state = {
-                "version": TRAINER_STATE_VERSION,
-                "step": self.step,
-                "epoch": self.epoch,
-                "batch_in_epoch": self.batch_in_epoch,
-                "skipped_batches": skipped_total,
-                "heldout_loss_initial": self.heldout_loss_initial,
-                "world_size": self.dist.world_size,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rank_states": per_rank,
-            }
-            path = save_checkpoint(
-                self.checkpoints_dir,
-                self.step,
-                self.model,
-                self._config_record(),
-                state,
-                keep_last=self.config.keep_checkpoints,
-            )
-            self._emit({"event": "checkpoint", "step": self.step, "path": str(path)})
-        if self.dist.enabled:
-            dist.barrier()  # no rank runs ahead (or exits) while rank 0 is still writing
-        return path
-
-    def _config_record(self) -> dict[str, Any]:
+    def config_record(self) -> dict[str, Any]:
         return {
             **self.extra_config,
             "model": self.model_config.to_dict(),
@@ -330,188 +152,12 @@ class Trainer:
             "training": self.config.to_dict(),
         }
 
-    # -- the loop ----------------------------------------------------------------------------
-    def fit(self) -> dict[str, Any]:
-        self._setup()
-        try:
-            return self._fit()
-        finally:
-            if self.dist.owns_group:
-                dist.destroy_process_group()
-
-    def _fit(self) -> dict[str, Any]:
-        cfg = self.config
-        if self.resumed_from is None:
-            self.heldout_loss_initial = self.evaluate()
-        batches = self._batches()
-        tally = _Tally(
-            *(
-                torch.zeros((), dtype=dtype, device=self.device)
-                for dtype in (torch.float64, torch.int64, torch.bool, torch.float32)
-            )
-        )
-        start_step, run_start, self.last_good = self.step, tally.start, self.resumed_from
-        # One process on CPU: reading the flags every step costs nothing, so a bad step never updates.
-        sync_every_step = self.device.type == "cpu" and not self.dist.enabled
-        progress = tqdm(
-            total=cfg.total_steps,
-            initial=self.step,
-            disable=not (cfg.progress and self.dist.is_main),
-            file=sys.stderr,
-            desc="pretrain",
-            unit="step",
-            dynamic_ncols=True,
-        )
-        self.model.train()
-        while self.step < cfg.total_steps:
-            self._train_step(batches, tally, check_now=sync_every_step)
-            progress.update(1)
-            self._sync_point(tally, progress)
-        progress.close()
-        run_seconds = time.perf_counter() - run_start - tally.paused
-        return self._finish(tally, start_step, run_seconds)
-
-    def _train_step(self, batches, tally: _Tally, check_now: bool) -> None:
-        """One optimizer step over `grad_accumulation` micro-batches; adds to `tally`, never syncs
-        unless `check_now` (then an inf/NaN stops the run before the update)."""
-        cfg = self.config
-        for micro in range(cfg.grad_accumulation):
-            batch = next(batches)
-            frames = int(batch.lengths.sum())  # host tensor: no device sync
-            tally.frames, tally.run_frames = tally.frames + frames, tally.run_frames + frames
-            last_micro = micro == cfg.grad_accumulation - 1
-            no_sync = (
-                self.ddp.no_sync()
-                if self.ddp is not None and not last_micro
-                else contextlib.nullcontext()
-            )
-            with no_sync:
-                loss, num_masked = self._masked_loss(self.train_module, batch, self.mask_generator)
-                (loss / cfg.grad_accumulation).backward()
-            tally.skipped += num_masked == 0  # such a batch has loss 0 and zero gradient
-            tally.nonfinite |= ~torch.isfinite(loss)
-            tally.loss += loss.detach().double()
-            tally.micro_batches += 1
-        tally.grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), cfg.grad_clip or math.inf
-        )
-        tally.nonfinite |= ~torch.isfinite(tally.grad_norm)
-        if check_now and bool(tally.nonfinite):
-            self._raise_nonfinite(self.step + 1)  # before the update: the weights stay clean
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-
-    def _sync_point(self, tally: _Tally, progress) -> None:
-        """At log, evaluation, checkpoint and stop steps (the same on every rank): read the
-        interval's numbers once, log, evaluate, checkpoint, and stop if asked."""
-        cfg = self.config
-        is_log = self.step % cfg.log_every == 0 or self.step == cfg.total_steps
-        is_eval = (
-            cfg.eval_every > 0 and self.step % cfg.eval_every == 0 and self.step < cfg.total_steps
-        )
-        is_checkpoint = self.step % cfg.checkpoint_every == 0 or self.step == cfg.total_steps
-        stop = self.should_stop is not None and not self.dist.enabled and self.should_stop()
-        if not (is_log or is_eval or is_checkpoint or stop):
-            return
-        wants_stop = float(self.should_stop is not None and self.should_stop())
-        loss_sum, micro_batches, frames_sum, skipped_sum, bad, norm, stops = self._sum_over_ranks(
-            [
-                tally.loss,
-                float(tally.micro_batches),
-                float(tally.frames),
-                tally.skipped,
-                tally.nonfinite,
-                tally.grad_norm,
-                wants_stop,
-            ]
-        )
-        if bad:
-            self._raise_nonfinite(self.step)
-        stop = stop or stops > 0
-        skipped_total = self.skipped_before + int(skipped_sum)
-        if is_log:
-            now = time.perf_counter()
-            tally.last_loss = loss_sum / max(micro_batches, 1.0)
-            record = {
-                "event": "train",
-                "step": self.step,
-                "epoch": self.epoch,
-                "loss": tally.last_loss,
-                "learning_rate": self.scheduler.get_last_lr()[0],
-                "grad_norm": norm / self.dist.world_size,
-                "skipped_batches": skipped_total,
-                "audio_seconds_per_second": frames_sum
-                / self.frame_rate
-                / max(now - tally.start, 1e-9),
-            }
-            self._emit(record)
-            progress.set_postfix(
-                loss=f"{tally.last_loss:.4f}", lr=f"{record['learning_rate']:.2e}", refresh=False
-            )
-            tally.loss.zero_()
-            tally.micro_batches = tally.frames = 0
-            tally.start = now
-        pause_start = time.perf_counter()
-        if is_eval:
-            self.evaluate()
-        if is_checkpoint or stop:
-            self.last_good = self._checkpoint(skipped_total) or self.last_good
-        if stop:
-            progress.close()
-            raise TrainingStopped(self.step, self.last_good)
-        paused = time.perf_counter() - pause_start  # kept out of the throughput figures
-        tally.start, tally.paused = tally.start + paused, tally.paused + paused
-
-    def _finish(self, tally: _Tally, start_step: int, run_seconds: float) -> dict[str, Any]:
-        """Final held-out loss, the model directory, and the run's result dict."""
-        skipped_total = self.skipped_before + int(self._sum_over_ranks([tally.skipped])[0])
-        heldout_loss_final = self.evaluate()
-        if self.dist.is_main:
-            save_model_dir(
-                self.model_dir,
-                self.model,
-                self.model_config,
-                extra={k: v for k, v in self._config_record().items() if k != "model"},
-            )
-        if self.dist.enabled:
-            dist.barrier()
-        seen = (
-            tally.run_frames * self.dist.world_size / self.frame_rate
-        )  # unpadded seconds, after cropping
-        result = {
-            "steps": self.step,
-            "steps_this_run": self.step - start_step,
-            "epoch": self.epoch,
-            "train_loss_final": tally.last_loss,
-            "heldout_loss_initial": self.heldout_loss_initial,
-            "heldout_loss_final": heldout_loss_final,
-            "skipped_batches": skipped_total,
-            "audio_seconds_per_second": seen / max(run_seconds, 1e-9),
-            "audio_seconds_seen": seen,
-            "train_seconds": run_seconds,
-            "model_dir": str(self.model_dir),
-            "last_checkpoint": str(self.last_good) if self.last_good else None,
-            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
-            "world_size": self.dist.world_size,
-            "device": str(self.device),
-            "precision": "bf16" if self.autocast_dtype is not None else "fp32",
-            "num_parameters": self.model.num_parameters(),
-        }
-        self._emit({"event": "done", **result})
-        return result
-
-    def _raise_nonfinite(self, step: int) -> None:
-        where = (
-            f"the last good checkpoint is {self.last_good}"
-            if self.last_good
-            else "no checkpoint was written yet"
-        )
-        raise NonFiniteLossError(
-            f"training loss or gradient norm became inf/NaN by step {step} (learning rate "
-            f"{self.scheduler.get_last_lr()[0]:.3g}); stopped without writing a checkpoint; {where}. "
-            "Check the features for inf/NaN values or lower TrainConfig.learning_rate."
+    def save_final(self) -> None:
+        save_model_dir(
+            self.model_dir,
+            self.model,
+            self.model_config,
+            extra={k: v for k, v in self.config_record().items() if k != "model"},
         )
 
 
