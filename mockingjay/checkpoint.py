@@ -337,6 +337,57 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu"):
     return model.to(device).eval(), config
 
 
+ENCODER_PREFIX = "encoder."  # the encoder's parameter names in a pretrained and a fine-tuned model
+
+
+def is_finetuned_dir(path: str | Path) -> bool:
+    """A model directory written by fine-tuning (encoder + classification head)."""
+    return "finetune" in _read_config(Path(path))
+
+
+def encoder_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The encoder's tensors (names without the `encoder.` prefix) of a pretrained or fine-tuned
+    model directory, read from safetensors only."""
+    file = Path(path) / MODEL_FILE
+    try:
+        with safe_open(str(file), framework="pt") as weights:
+            state = {
+                name[len(ENCODER_PREFIX) :]: weights.get_tensor(name)
+                for name in weights.keys()
+                if name.startswith(ENCODER_PREFIX)
+            }
+    except Exception as err:
+        raise CheckpointError(f"{file}: unreadable ({err})") from err
+    if not state:
+        raise CheckpointError(
+            f"{file}: no encoder weights (a log-mel fine-tuning baseline has no encoder)"
+        )
+    return state
+
+
+def load_encoder_dir(path: str | Path, device: str | torch.device = "cpu"):
+    """(MockingjayEncoder, ModelConfig) of a pretrained or a fine-tuned model directory, in eval
+    mode: what extraction, the probes and export read. Only JSON and safetensors are read."""
+    from mockingjay.model import MockingjayEncoder, ModelConfig
+
+    path = Path(path)
+    if not (path / MODEL_FILE).is_file():
+        raise CheckpointError(f"{path}: no {MODEL_FILE}; not a model directory")
+    try:
+        config = ModelConfig.from_dict(_read_config(path)["model"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path / CONFIG_FILE}: invalid model config: {err}") from err
+    encoder = MockingjayEncoder(config)
+    state = encoder_state(path)
+    try:
+        encoder.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"{path / MODEL_FILE}: encoder weights do not match the model config: {err}"
+        ) from err
+    return encoder.to(device).eval(), config
+
+
 def release_model_dir(source: str | Path, out: str | Path, feature_config: dict[str, Any]) -> Path:
     """A copy of model directory `source` for distribution: float16 weights (half the bytes; the
     model computes in float32 after loading, which casts), its config.json with a `release`

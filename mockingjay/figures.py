@@ -164,3 +164,42 @@ def plot_curve(points: list[dict], tasks: Sequence[str], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def plot_finetune_fractions(table: dict[str, dict[str, dict[float, float]]], path: Path) -> Path:
+    """Test accuracy against the label fraction (log scale), a panel per task, a line per variant
+    (fine-tuned, frozen, from scratch, log-mel)."""
+    fig, axes = plt.subplots(1, len(table), figsize=(4.4 * len(table), 3.4), squeeze=False)
+    for ax, (task, variants) in zip(axes[0], table.items()):
+        for variant, points in variants.items():
+            fractions = sorted(points)
+            ax.plot(
+                [f * 100 for f in fractions],
+                [points[f] * 100 for f in fractions],
+                marker="o",
+                label=variant,
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("labels used (% of train)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: Path, title: str) -> Path:
+    """Row-normalised confusion matrix (true class down, predicted across); class names on the
+    axes when there are few enough to read."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    rows = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = min(12.0, 3.0 + 0.18 * len(classes))
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(rows, cmap="viridis", vmin=0, vmax=1)
+    if len(classes) <= 60:
+        ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=6)
+        ax.set_yticks(range(len(classes)), classes, fontsize=6)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)

@@ -34,7 +34,7 @@ from torch import Tensor
 from .checkpoint import CheckpointError
 from .interop_features import audio_from_features, features_from_audio
 from .masking import MaskConfig
-from .model import ACTIVATIONS, MockingjayForMAM, ModelConfig
+from .model import ACTIVATIONS, MockingjayEncoder, MockingjayForMAM, ModelConfig
 from .safe_load import load_untrusted
 
 LAYOUTS = ("s3prl", "mockingjay")
@@ -410,7 +410,7 @@ def import_checkpoint(path: str | Path) -> Imported:
 
 
 def export_checkpoint(
-    model: MockingjayForMAM, stored: Mapping[str, Any], layout: str = "s3prl"
+    model: MockingjayForMAM | MockingjayEncoder, stored: Mapping[str, Any], layout: str = "s3prl"
 ) -> tuple[dict, list[str]]:
     """(checkpoint dict for torch.save, notes) of our model in s3prl's or the original layout.
 
@@ -429,10 +429,19 @@ def export_checkpoint(
     transformer = {theirs: getattr(config, ours) for theirs, ours in MODEL_FIELDS.items()}
     transformer.update(share_layer=False, pre_layer_norm=False, input_dim=config.input_dim)
     mask = MaskConfig.from_dict(stored["mask"]) if stored.get("mask") else MaskConfig()
-    encoder = to_foreign_state(model.encoder.state_dict(), _module_pairs(config.num_layers))
-    head = to_foreign_state(model.head.state_dict(), HEAD_PAIRS)
+    # A fine-tuned model's encoder comes alone: its head classifies, it does not reconstruct.
+    prediction_head = getattr(model, "head", None)
+    encoder_module = getattr(model, "encoder", model)
+    encoder = to_foreign_state(encoder_module.state_dict(), _module_pairs(config.num_layers))
+    head = (
+        to_foreign_state(prediction_head.state_dict(), HEAD_PAIRS)
+        if prediction_head is not None
+        else None
+    )
     step = int((stored.get("training") or {}).get("total_steps", 0))
     audio, notes = audio_from_features(stored.get("features"))
+    if head is None:
+        notes = [*notes, "a fine-tuned encoder: no SpecHead (its prediction head was not kept)"]
     if layout == "mockingjay":
         transformer.pop("input_dim")
         transformer.update(mask_proportion=mask.mask_proportion, mask_consecutive=mask.span_length)
@@ -444,10 +453,10 @@ def export_checkpoint(
         notes = [
             "the original code computes no features: feed it the features the model was trained on"
             + (" (recorded in s3prl's layout under Settings.Config.audio)" if audio else "")
-        ]
+        ] + [n for n in notes if n.startswith("a fine-tuned")]
         return {
             "Mockingjay": encoder,
-            "SpecHead": head,
+            **({"SpecHead": head} if head is not None else {}),
             "Global_step": step,
             "Settings": settings,
         }, notes
@@ -475,7 +484,7 @@ def export_checkpoint(
     }
     return {
         "Transformer": encoder,
-        "SpecHead": head,
+        **({"SpecHead": head} if head is not None else {}),
         "Upstream_Config": upstream,
         "Config": runner,
         "Step": step,

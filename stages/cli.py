@@ -16,6 +16,7 @@ from . import (  # noqa: E402
     checkpoints,
     extract,
     featurize,
+    finetune,
     interop,
     prepare,
     pretrain,
@@ -37,6 +38,7 @@ app.command("featurize")(featurize.main)
 app.command("pretrain")(pretrain.main)
 app.command("extract")(extract.main)
 app.command("probe")(probe.main)
+app.command("finetune")(finetune.main)
 app.command("import-checkpoint")(interop.import_main)
 app.command("export-checkpoint")(interop.export_main)
 app.command("headline")(report.headline_main)

@@ -34,7 +34,7 @@ class StageError(RuntimeError):
 # The top-level sections of a params file: one per stage that reads one. A file passed with
 # --params may hold several (DVC's params.yaml holds all, a study's file those it changes), but a
 # section no stage reads is a misspelling (`pretrian:`) that would leave the stage on its defaults.
-STAGE_SECTIONS = ("prepare", "align", "featurize", "pretrain", "extract", "probe")
+STAGE_SECTIONS = ("prepare", "align", "featurize", "pretrain", "extract", "probe", "finetune")
 _params_read: list[Path] = []  # the params file this command read: named in its parameter errors
 
 

@@ -69,13 +69,13 @@ def main(
     config = extract_config(params)
     check_output_dir(out, "extract", force, inputs=[params, model, features])
     check_output_file(metrics, "--metrics")
-    from mockingjay.checkpoint import load_model_dir
+    from mockingjay.checkpoint import load_encoder_dir
     from mockingjay.extract import ExtractError, extract_representations, resolve_layers
 
     device = resolve_device(config.device)
     frame_rate = frames_per_second(check_model_features(model, features))
     stores = {split: RaggedArray(features / split, finite=True) for split in SPLITS}
-    network, model_config = load_model_dir(model, device=device)
+    network, model_config = load_encoder_dir(model, device=device)  # pretrained or fine-tuned
     try:
         layers = resolve_layers(config.layers, model_config.num_layers)
     except ExtractError as err:

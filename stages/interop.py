@@ -131,13 +131,19 @@ def export_main(
     check_inputs_apart(dest, [src], "DEST")
     check_writable(dest, "DEST")
     from mockingjay.atomic import write_file_atomically
-    from mockingjay.checkpoint import load_config, load_model_dir
+    from mockingjay.checkpoint import (
+        is_finetuned_dir,
+        load_config,
+        load_encoder_dir,
+        load_model_dir,
+    )
     from mockingjay.interop import LAYOUTS, export_checkpoint
     from mockingjay.tensor_files import save_torch
 
     if layout not in LAYOUTS:
         raise StageError(f"--layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
-    model, _ = load_model_dir(src)
+    # a fine-tuned model exports its encoder (its head classifies; s3prl's loader reads the encoder)
+    model, _ = load_encoder_dir(src) if is_finetuned_dir(src) else load_model_dir(src)
     checkpoint, notes = export_checkpoint(model, load_config(src), layout)
     _print_report("notes", notes)
     with tracking.stage_run(

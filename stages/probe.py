@@ -335,10 +335,10 @@ def _run_probes(
                 "probe.mode: online probes phones with linear heads on all labels only (no kinds, "
                 "label_fractions or test_corpora): extract the representations for those"
             )
-        from mockingjay.checkpoint import load_model_dir
+        from mockingjay.checkpoint import load_encoder_dir
         from mockingjay.probe import probe_online
 
-        network, _ = load_model_dir(model_dir, device=device)
+        network, _ = load_encoder_dir(model_dir, device=device)  # pretrained or fine-tuned
         stores = {split: RaggedArray(features / split, finite=True) for split in SPLITS}
         utterance_tasks = {
             task: (
