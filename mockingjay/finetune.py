@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from mockingjay.batching import LengthBucketBatchSampler, make_loader
-from mockingjay.checkpoint import encoder_state, save_model_dir
+from mockingjay.checkpoint import encoder_state
 from mockingjay.classifier import MockingjayForClassification
 from mockingjay.device import autocast
 from mockingjay.finetune_config import FinetuneConfig
@@ -164,21 +164,8 @@ class FineTuner(TrainingLoop):
         )
         return value
 
-    def config_record(self) -> dict[str, Any]:
-        return {
-            **self.extra_config,
-            "model": self.model_config.to_dict(),
-            "finetune": self.finetune.to_dict(),
-            "training": self.config.to_dict(),
-        }
-
-    def save_final(self) -> None:
-        save_model_dir(
-            self.model_dir,
-            self.model,
-            self.model_config,
-            extra={k: v for k, v in self.config_record().items() if k != "model"},
-        )
+    def config_sections(self) -> dict[str, Any]:
+        return {"finetune": self.finetune.to_dict()}
 
 
 def _cross_entropy(

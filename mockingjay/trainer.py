@@ -17,7 +17,6 @@ from typing import Any, Callable
 import torch
 
 from mockingjay.batching import FeatureDataset, LengthBucketBatchSampler, make_loader
-from mockingjay.checkpoint import save_model_dir
 from mockingjay.device import autocast
 from mockingjay.masking import MaskConfig, mam_l1_loss, mask_batch
 from mockingjay.model import MockingjayForMAM, ModelConfig
@@ -144,21 +143,8 @@ class Trainer(TrainingLoop):
         self._emit({"event": "eval", "step": self.step, "heldout_loss": value})
         return value
 
-    def config_record(self) -> dict[str, Any]:
-        return {
-            **self.extra_config,
-            "model": self.model_config.to_dict(),
-            "mask": self.mask_config.to_dict(),
-            "training": self.config.to_dict(),
-        }
-
-    def save_final(self) -> None:
-        save_model_dir(
-            self.model_dir,
-            self.model,
-            self.model_config,
-            extra={k: v for k, v in self.config_record().items() if k != "model"},
-        )
+    def config_sections(self) -> dict[str, Any]:
+        return {"mask": self.mask_config.to_dict()}
 
 
 def train(*args, **kwargs) -> dict[str, Any]:

@@ -13,8 +13,8 @@ and the progress bar. A subclass says what is trained and how it is scored:
 * `batch_loss(module, batch, generator)`: `(loss, count)`; count 0 marks a batch with nothing to
   learn from (it is counted as skipped);
 * `evaluate()`: the held-out number logged at step 0, at `eval_every` and at the end (or None);
-* `config_record()`: the sections written to every checkpoint's and the final model's config.json;
-* `save_final()`: the final model directory.
+* `config_sections()`: its sections of every checkpoint's and the final model's config.json,
+  beside "model" (`self.model_config`) and "training".
 
 Logging goes through `callback(dict)` on rank 0; a tqdm bar on stderr shows progress.
 """
@@ -41,6 +41,7 @@ from mockingjay.checkpoint import (
     load_trainer_state,
     load_weights,
     save_checkpoint,
+    save_model_dir,
 )
 from mockingjay.device import autocast_dtype, resolve_device, wants_cuda
 from mockingjay.distributed import setup_distributed
@@ -137,11 +138,27 @@ class TrainingLoop:
     def evaluate(self) -> float | None:
         return None
 
+    def config_sections(self) -> dict[str, Any]:
+        """The objective's own sections of config.json (e.g. "mask"), beside "model" and "training"."""
+        return {}
+
     def config_record(self) -> dict[str, Any]:
-        return dict(self.extra_config)
+        """config.json of every checkpoint and of the final model (`self.model_config` is the
+        encoder's ModelConfig)."""
+        return {
+            **self.extra_config,
+            "model": self.model_config.to_dict(),
+            **self.config_sections(),
+            "training": self.config.to_dict(),
+        }
 
     def save_final(self) -> None:
-        raise NotImplementedError
+        save_model_dir(
+            self.model_dir,
+            self.model,
+            self.model_config,
+            extra={k: v for k, v in self.config_record().items() if k != "model"},
+        )
 
     def ddp_options(self) -> dict[str, Any]:
         """Extra DistributedDataParallel arguments (e.g. find_unused_parameters)."""

@@ -361,6 +361,22 @@ TINY_PIPELINE = {
             "seed": 0,
         },
     },
+    "finetune": {
+        "tasks": ["phone", "speaker"],
+        "variants": ["finetuned", "frozen", "scratch", "logmel"],
+        "label_fractions": [1.0],
+        "train": {
+            "total_steps": 8,
+            "learning_rate": 4.0e-3,
+            "max_frames_per_batch": 3000,
+            "max_length": 300,
+            "log_every": 2,
+            "checkpoint_every": 1000,
+            "keep_checkpoints": 1,
+            "seed": 0,
+            "device": "cpu",
+        },
+    },
 }
 
 
