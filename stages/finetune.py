@@ -23,9 +23,12 @@ MLflow: a parent run with the section's params and the test accuracies, a child 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +60,13 @@ from .common import (
     stop_signals_deferred,
 )
 from .finetune_report import fraction_label, run_name, write_outputs
+
+
+class _NoTracking:
+    """What ranks other than 0 log to: nothing (every call a no-op, usable as a context)."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -228,11 +238,18 @@ def main(
     }
     flat = to_flat_dict(dataclasses.asdict(config))
     results = {}
+    # Under torchrun every rank trains; rank 0 alone locks, tracks, scores and writes.
+    main_rank = int(os.environ.get("RANK", "0")) == 0
     with (
-        resume_state.locked(checkpoints),
-        tracking.stage_run("finetune", flat, system_metrics=True) as mlflow,
-        atomic_output_dir(out, "finetune", force) as out_tmp,
+        resume_state.locked(checkpoints) if main_rank else contextlib.nullcontext(),
+        tracking.stage_run("finetune", flat, system_metrics=True)
+        if main_rank
+        else contextlib.nullcontext(_NoTracking()) as mlflow,
+        atomic_output_dir(out, "finetune", force)
+        if main_rank
+        else tempfile.TemporaryDirectory() as out_tmp,
     ):
+        out_tmp = Path(out_tmp)
         for task in config.tasks:
             for fraction in sorted(config.label_fractions, reverse=True):
                 data = datasets[task, fraction]
@@ -249,10 +266,14 @@ def main(
                         checkpoints,
                         provenance,
                     )
+                    if not main_rank:
+                        continue
                     results[task, variant, fraction]["model_dir"] = str(
                         out
                         / Path(results[task, variant, fraction]["model_dir"]).relative_to(out_tmp)
                     )
+        if not main_rank:
+            return
         summary = write_outputs(results, datasets, metrics, plot, report, force, mlflow)
     print(summary, file=sys.stderr)
 
@@ -343,6 +364,8 @@ def _run(
             ) from err
         except NonFiniteLossError as err:
             raise StageError(f"{name}: {err}") from err
+        if not tuner.dist.is_main:
+            return {}
         scored = {}
         for split in ("dev", "test"):
             truth, predicted = predict(tuner.model, data.splits[split], train, tuner.device)

@@ -127,3 +127,33 @@ def write_outputs(
         }
     )
     return summary_line(results)
+
+
+VARIANT_LABELS = {
+    "finetuned": "fine-tuned",
+    "frozen": "frozen encoder",
+    "scratch": "same encoder from scratch",
+    "logmel": "log-mel",
+}
+
+
+def finetune_table(metrics: dict) -> str:
+    """Markdown: test accuracy (%) per task and label fraction, a column per variant
+    (metrics/finetune.json)."""
+    variants = [v for v in VARIANTS if any(v in metrics[t] for t in metrics)]
+    lines = [
+        "| task | labels used | "
+        + " | ".join(VARIANT_LABELS[v] for v in variants)
+        + " | majority class |",
+        "|" + "---|" * (len(variants) + 3),
+    ]
+    for task, entry in metrics.items():
+        fractions = sorted({f for v in variants for f in entry.get(v, {})}, key=float)
+        for fraction in fractions:
+            cells = [entry.get(v, {}).get(fraction, {}).get("accuracy") for v in variants]
+            lines.append(
+                f"| {task} | {float(fraction) * 100:g}% | "
+                + " | ".join("" if c is None else f"{c * 100:.1f}" for c in cells)
+                + f" | {entry['majority_rate'] * 100:.1f} |"
+            )
+    return "\n".join(lines)

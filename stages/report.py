@@ -382,6 +382,14 @@ def tables(root: Path) -> dict[str, str]:
     demo = root / "metrics" / "probe.json"
     if demo.is_file():
         out["demo"] = demo_table(json.loads(demo.read_text()))
+    for name, path in (
+        ("demo-finetune", root / "metrics" / "finetune.json"),
+        ("study-finetune", root / "studies" / "multispeaker" / "metrics" / "finetune.json"),
+    ):
+        if path.is_file():
+            from .finetune_report import finetune_table
+
+            out[name] = finetune_table(json.loads(path.read_text()))
     headline = root / "studies" / "multispeaker" / "metrics" / "headline.json"
     if headline.is_file():
         data = json.loads(headline.read_text())
