@@ -26,7 +26,6 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,49 +35,22 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mockingjay.batching import LengthBucketBatchSampler, collate_features, make_loader
-from mockingjay.checkpoint import (
-    latest_checkpoint,
-    load_trainer_state,
-    load_weights,
-    save_checkpoint,
-    save_model_dir,
-)
+from mockingjay.checkpoint import latest_checkpoint, save_checkpoint, save_model_dir
 from mockingjay.device import autocast_dtype, resolve_device, wants_cuda
 from mockingjay.distributed import setup_distributed
 from mockingjay.schedule import warmup_linear_decay
-from mockingjay.tensor_files import capture_rng_state, restore_rng_state
+from mockingjay.tensor_files import capture_rng_state
 from mockingjay.train_config import TrainConfig
+from mockingjay.training_state import (  # noqa: F401  (NonFiniteLossError, TrainingStopped: re-exported)
+    NonFiniteLossError,
+    Tally,
+    TrainingStopped,
+    nonfinite_error,
+    restore_state,
+    state_of,
+)
 
 Callback = Callable[[dict[str, Any]], None]
-TRAINER_STATE_VERSION = 1
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss or gradient norm became inf/NaN; no checkpoint was written after it."""
-
-
-class TrainingStopped(RuntimeError):
-    """`should_stop()` asked the run to stop: it finished its step and wrote `checkpoint` there."""
-
-    def __init__(self, step: int, checkpoint: Path | None):
-        super().__init__(f"training stopped at step {step}; checkpoint {checkpoint}")
-        self.step, self.checkpoint = step, checkpoint
-
-
-@dataclass
-class _Tally:
-    """What the steps add up to between sync points. Device tensors, so a step never waits for the GPU."""
-
-    loss: torch.Tensor  # summed micro-batch losses since the last log
-    skipped: torch.Tensor  # batches with nothing to learn from (count 0), this run
-    nonfinite: torch.Tensor  # any inf/NaN loss or gradient norm, this run
-    grad_norm: torch.Tensor  # of the last step
-    micro_batches: int = 0  # since the last log
-    frames: int = 0  # since the last log
-    run_frames: int = 0
-    start: float = field(default_factory=time.perf_counter)  # of the interval, pauses excluded
-    paused: float = 0.0  # evaluation and checkpoint seconds this run, kept out of the throughput
-    last_loss: float | None = None
 
 
 class TrainingLoop:
@@ -221,27 +193,7 @@ class TrainingLoop:
         self.train_module = torch.compile(module) if cfg.compile else module
 
     def _resume(self, path: Path) -> None:
-        load_weights(path, self.model, device=self.device)
-        state = load_trainer_state(path, map_location="cpu")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.epoch, self.batch_in_epoch = (
-            state["step"],
-            state["epoch"],
-            state["batch_in_epoch"],
-        )
-        self.skipped_before = state["skipped_batches"]
-        self.heldout_loss_initial = state["heldout_loss_initial"]
-        per_rank = state["rank_states"]
-        if len(per_rank) == self.dist.world_size:
-            restore_rng_state(per_rank[self.dist.rank]["rng"])
-            self.mask_generator.set_state(per_rank[self.dist.rank]["mask_generator"])
-        else:  # different world size: the random streams restart, the epoch's batches differ
-            torch.manual_seed(self.config.seed + self.step)
-            self.batch_in_epoch = min(
-                self.batch_in_epoch, self.sampler.batches_per_epoch(self.epoch)
-            )
-            self.mask_generator.manual_seed(self.config.seed + self.step + 7919 * self.dist.rank)
+        restore_state(self, path)
         self._emit({"event": "resume", "step": self.step, "path": str(path)})
 
     # -- helpers -----------------------------------------------------------------------------
@@ -276,18 +228,7 @@ class TrainingLoop:
             dist.all_gather_object(per_rank, local)
         path = None
         if self.dist.is_main:
-            state = {
-                "version": TRAINER_STATE_VERSION,
-                "step": self.step,
-                "epoch": self.epoch,
-                "batch_in_epoch": self.batch_in_epoch,
-                "skipped_batches": skipped_total,
-                "heldout_loss_initial": self.heldout_loss_initial,
-                "world_size": self.dist.world_size,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rank_states": per_rank,
-            }
+            state = state_of(self, skipped_total, per_rank)
             path = save_checkpoint(
                 self.checkpoints_dir,
                 self.step,
@@ -315,7 +256,7 @@ class TrainingLoop:
         if self.resumed_from is None:
             self.heldout_loss_initial = self.evaluate()
         batches = self._batches()
-        tally = _Tally(
+        tally = Tally(
             *(
                 torch.zeros((), dtype=dtype, device=self.device)
                 for dtype in (torch.float64, torch.int64, torch.bool, torch.float32)
@@ -342,7 +283,7 @@ class TrainingLoop:
         run_seconds = time.perf_counter() - run_start - tally.paused
         return self._finish(tally, start_step, run_seconds)
 
-    def _train_step(self, batches, tally: _Tally, check_now: bool) -> None:
+    def _train_step(self, batches, tally: Tally, check_now: bool) -> None:
         """One optimizer step over `grad_accumulation` micro-batches; adds to `tally`, never syncs
         unless `check_now` (then an inf/NaN stops the run before the update)."""
         cfg = self.config
@@ -376,7 +317,7 @@ class TrainingLoop:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
 
-    def _sync_point(self, tally: _Tally, progress) -> None:
+    def _sync_point(self, tally: Tally, progress) -> None:
         """At log, evaluation, checkpoint and stop steps (the same on every rank): read the
         interval's numbers once, log, evaluate, checkpoint, and stop if asked."""
         cfg = self.config
@@ -437,7 +378,7 @@ class TrainingLoop:
         paused = time.perf_counter() - pause_start  # kept out of the throughput figures
         tally.start, tally.paused = tally.start + paused, tally.paused + paused
 
-    def _finish(self, tally: _Tally, start_step: int, run_seconds: float) -> dict[str, Any]:
+    def _finish(self, tally: Tally, start_step: int, run_seconds: float) -> dict[str, Any]:
         """Final held-out number, the model directory, and the run's result dict."""
         skipped_total = self.skipped_before + int(self._sum_over_ranks([tally.skipped])[0])
         heldout_loss_final = self.evaluate()
@@ -470,13 +411,4 @@ class TrainingLoop:
         return result
 
     def _raise_nonfinite(self, step: int) -> None:
-        where = (
-            f"the last good checkpoint is {self.last_good}"
-            if self.last_good
-            else "no checkpoint was written yet"
-        )
-        raise NonFiniteLossError(
-            f"training loss or gradient norm became inf/NaN by step {step} (learning rate "
-            f"{self.scheduler.get_last_lr()[0]:.3g}); stopped without writing a checkpoint; {where}. "
-            "Check the features for inf/NaN values or lower TrainConfig.learning_rate."
-        )
+        raise nonfinite_error(self, step)
