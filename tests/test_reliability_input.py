@@ -151,6 +151,16 @@ OUTPUT_OPTIONS = {
     "prepare": ["--out", "{tmp}/out"],
     "featurize": ["--out", "{tmp}/out"],
     "pretrain": ["--out", "{tmp}/out", "--checkpoints", "{tmp}/checkpoints"],
+    "finetune": [
+        "--out",
+        "{tmp}/out",
+        "--checkpoints",
+        "{tmp}/checkpoints",
+        "--metrics",
+        "{tmp}/finetune.json",
+        "--report",
+        "{tmp}/report",
+    ],
     "probe": [
         "--metrics",
         "{tmp}/out/probe.json",
@@ -191,6 +201,12 @@ INVALID = {  # id: (command, params.yaml change or None, what the message must n
     "unknown-device": (["pretrain", "--device", "tpu"], None, "--device"),
     "negative-hop": (["featurize"], ("featurize.hop_ms", -10), "featurize.hop_ms"),
     "probe-layer-99": (["probe", "--layer", "99"], None, "--layer"),
+    "finetune-unknown-variant": (
+        ["finetune"],
+        ("finetune.variants", ["finetuned", "pretrained"]),
+        "finetune.variants",
+    ),
+    "finetune-head-kind": (["finetune"], ("finetune.head.kind", "lstm"), "finetune.head.kind"),
     "corpus-path-does-not-exist": (
         ["prepare"],
         ("prepare.corpora.0.path", "data/does-not-exist"),
@@ -243,7 +259,14 @@ def test_invalid_param_is_named_before_any_work(finished, tmp_path, case):
 
 
 def test_help_starts_without_loading_torch_or_mlflow(tmp_path):
-    for command in ([], ["probe"], ["pretrain"], ["import-checkpoint"], ["checkpoints", "list"]):
+    for command in (
+        [],
+        ["probe"],
+        ["pretrain"],
+        ["finetune"],
+        ["import-checkpoint"],
+        ["checkpoints", "list"],
+    ):
         result = run(
             ["mockingjay", *command, "--help"], tmp_path, env={"PYTHONPROFILEIMPORTTIME": "1"}
         )
