@@ -17,8 +17,7 @@ from typing import Callable, Iterable, Literal
 
 from .audio import STREAM_ABOVE_SEC, AudioError, checked_length, header_seconds, read_audio
 from .corpora import SAFE_ID_RULE, CorpusSpec, UtteranceSource, is_safe_id
-
-SPLITS = ("train", "dev", "test")
+from .store_layout import SPLITS
 
 
 @dataclass(frozen=True)

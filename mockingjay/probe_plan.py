@@ -42,9 +42,7 @@ from mockingjay.probe_heads import (
     TorchHeads,
     layer_report,
 )
-from mockingjay.store_layout import INPUT_STORE
-
-SPLITS = ("train", "dev", "test")
+from mockingjay.store_layout import INPUT_STORE, SPLITS
 
 
 @dataclass(frozen=True)

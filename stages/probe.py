@@ -23,9 +23,8 @@ import typer
 
 from mockingjay.config import ParamError, from_section, to_flat_dict
 from mockingjay.featstore import RaggedArray
-from mockingjay.manifest import SPLITS
 from mockingjay.probe_config import KINDS, SPEAKER_PROBE, MLPSettings, ProbeConfig, ProbeError
-from mockingjay.store_layout import labels_store, layer_indices, utterances_table
+from mockingjay.store_layout import SPLITS, labels_store, layer_indices, utterances_table
 
 from . import tracking
 from .common import (
@@ -336,7 +335,7 @@ def _run_probes(
                 "label_fractions or test_corpora): extract the representations for those"
             )
         from mockingjay.checkpoint import load_model_dir
-        from mockingjay.probe import probe_online
+        from mockingjay.probe_online import probe_online
 
         network, _ = load_model_dir(model_dir, device=device)
         stores = {split: RaggedArray(features / split, finite=True) for split in SPLITS}
@@ -367,12 +366,9 @@ def _run_probes(
             window_frames=window,
         )
         return {task: online[task] for task in config.tasks}
-    from mockingjay.probe import (
-        open_representations,
-        pooled_utterances,
-        probe_phones,
-        probe_utterances,
-    )
+    from mockingjay.probe import probe_phones
+    from mockingjay.probe_stores import open_representations
+    from mockingjay.probe_utterance import pooled_utterances, probe_utterances
 
     reps = open_representations(
         representations, layers=layers, include_input=include_input, input_root=baseline_features

@@ -38,7 +38,7 @@ from mockingjay.manifest import (
     write_tsv,
 )
 from mockingjay.model import MockingjayForMAM, ModelConfig
-from mockingjay.probe import open_representations
+from mockingjay.probe_stores import open_representations
 from mockingjay.safe_load import load_untrusted
 from stages.pretrain import resolve_configs
 
