@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import CheckpointError
+from .config import FieldError
 from .interop_features import audio_from_features, features_from_audio
 from .masking import MaskConfig
 from .model import ACTIVATIONS, MockingjayForMAM, ModelConfig
@@ -264,11 +265,10 @@ def _model_config(encoder, head, path, section, config, report: Imported) -> Mod
         target_dim = rows.shape[0] // rate
     try:
         return ModelConfig(input_dim=input_dim, target_dim=target_dim, **values)
-    except ValueError as err:
-        source = {v: k for k, v in MODEL_FIELDS.items()}
-        message = str(err)
-        for ours, theirs in source.items():
-            message = message.replace(f"ModelConfig.{ours} ", f"{path}.{section}.{theirs} ")
+    except ValueError as err:  # a field is named as the imported config names it, where it has it
+        source = {ours: theirs for theirs, ours in MODEL_FIELDS.items()}
+        theirs = source.get(err.field) if isinstance(err, FieldError) else None
+        message = err.named(f"{path}.{section}", theirs) if theirs else str(err)
         raise InteropError(f"unsupported model config: {message}") from None
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import typer
 
 from mockingjay import resume_state
-from mockingjay.config import ParamError, from_section, to_flat_dict, unknown_fields
+from mockingjay.config import FieldError, ParamError, from_section, to_flat_dict, unknown_fields
 from mockingjay.featstore import RaggedArray
 from mockingjay.feature_config import FeatureConfig
 from mockingjay.resume_state import TRAIN_LOG
@@ -98,20 +98,17 @@ def resolve_configs(section_values: dict, feature_dim: int, target_dim: int):
     _check_keys(config.mask, MaskConfig, "pretrain.mask")
     try:
         model = preset_config(config.preset, **model_overrides)
+    except FieldError as err:
+        raise ParamError(err.named("pretrain.model")) from err
     except (ValueError, TypeError) as err:
-        raise ParamError(str(err).replace("ModelConfig.", "pretrain.model.")) from err
+        raise ParamError(str(err)) from err
     try:
         mask = mask_preset_config(config.preset, **config.mask)
+    except FieldError as err:
+        raise ParamError(err.named("pretrain.mask")) from err
     except (ValueError, TypeError) as err:
-        raise ParamError(str(err).replace("MaskConfig.", "pretrain.mask.")) from err
-    try:
-        train = from_section(TrainConfig, config.train, "pretrain.train")
-    except (
-        ParamError
-    ) as err:  # "pretrain.train: TrainConfig.x must be ..." -> "pretrain.train.x must be ..."
-        raise ParamError(
-            str(err).replace("pretrain.train: TrainConfig.", "pretrain.train.")
-        ) from err
+        raise ParamError(str(err)) from err
+    train = from_section(TrainConfig, config.train, "pretrain.train")
     _check_snapshots(config.snapshots, train)
     return model, mask, train
 
