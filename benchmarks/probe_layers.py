@@ -50,7 +50,7 @@ from mockingjay.probe_plan import read_utterances  # noqa: E402
 from mockingjay.probe_stores import open_representations  # noqa: E402
 from mockingjay.probe_utterance import probe_speakers  # noqa: E402
 from mockingjay.store_layout import SPLITS, utterances_table  # noqa: E402
-from stages.probe import ProbeStageConfig  # noqa: E402
+from stages.probe_params import ProbeStageConfig  # noqa: E402
 
 
 def compute_seconds(

@@ -39,9 +39,9 @@ from mockingjay.probe_heads import (
     MLPSettings,
     ProbeConfig,
     ProbeError,
-    TorchHeads,
     layer_report,
 )
+from mockingjay.probe_torch_heads import TorchHeads
 from mockingjay.store_layout import INPUT_STORE, SPLITS
 
 

@@ -177,7 +177,7 @@ def test_probe_section_is_validated_once_from_the_package_settings():
     utterance-task section keeps the utterance defaults, and every error names its parameter."""
     from mockingjay.config import ParamError, from_section
     from mockingjay.probe_config import PHONE_PROBE, SPEAKER_PROBE
-    from stages.probe import ProbeStageConfig
+    from stages.probe_params import ProbeStageConfig
 
     config = from_section(
         ProbeStageConfig,
