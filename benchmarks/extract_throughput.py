@@ -42,10 +42,10 @@ from pretrain_throughput import CONFIGS  # BASE 3 layers, LARGE 12: the same mod
 
 from mockingjay.device import autocast
 from mockingjay.extract import (
-    _padded_batch,
     encode_batches,
     extract_representations,
     length_sorted_batches,
+    padded_batch,
     resolve_layers,
 )
 from mockingjay.featstore import RaggedArray
@@ -160,11 +160,11 @@ def main(argv=None) -> dict:
 
         def assemble():
             for indices in batches:
-                _padded_batch(store, indices, store.lengths[indices], torch.device("cpu"))
+                padded_batch(store, indices, store.lengths[indices], torch.device("cpu"))
 
         resident = [
             (
-                _padded_batch(store, idx, store.lengths[idx], device),
+                padded_batch(store, idx, store.lengths[idx], device),
                 torch.from_numpy(store.lengths[idx].astype(np.int64)).to(device),
             )
             for idx in batches

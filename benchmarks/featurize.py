@@ -156,8 +156,7 @@ def previous_write(rows, config: FeatureConfig, out: Path, workers: int) -> None
     from concurrent.futures import ProcessPoolExecutor
 
     from mockingjay.featstore import RaggedWriter
-    from mockingjay.manifest import SPLITS
-    from mockingjay.store_layout import labels_store
+    from mockingjay.store_layout import SPLITS, labels_store
 
     paths = [r.path for r in rows]
     writers = {s: RaggedWriter(out / s, config.dim, "float16", {}) for s in SPLITS}

@@ -45,11 +45,12 @@ import torch  # noqa: E402
 
 from mockingjay.config import from_section, load_params  # noqa: E402
 from mockingjay.featstore import RaggedArray  # noqa: E402
-from mockingjay.probe import open_representations, probe_phones, probe_speakers, read_speakers  # noqa: E402
-from mockingjay.store_layout import utterances_table  # noqa: E402
-from stages.probe import ProbeStageConfig  # noqa: E402
-
-SPLITS = ("train", "dev", "test")
+from mockingjay.probe import probe_phones  # noqa: E402
+from mockingjay.probe_plan import read_utterances  # noqa: E402
+from mockingjay.probe_stores import open_representations  # noqa: E402
+from mockingjay.probe_utterance import probe_speakers  # noqa: E402
+from mockingjay.store_layout import SPLITS, utterances_table  # noqa: E402
+from stages.probe_params import ProbeStageConfig  # noqa: E402
 
 
 def compute_seconds(
@@ -59,7 +60,9 @@ def compute_seconds(
         data / "data/representations", layers=layers, include_input=include_input
     )
     labels = {split: RaggedArray(data / "data/features/labels" / split) for split in SPLITS}
-    speakers = read_speakers(utterances_table(data / "data/features"))
+    speakers = {
+        u: i.speaker for u, i in read_utterances(utterances_table(data / "data/features")).items()
+    }
     started = time.perf_counter()
     phone = probe_phones(reps, labels, config.phone.training(), progress=False)
     middle = time.perf_counter()

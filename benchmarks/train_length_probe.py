@@ -29,11 +29,11 @@ from mockingjay.checkpoint import list_checkpoints, load_model_dir  # noqa: E402
 from mockingjay.featstore import RaggedArray  # noqa: E402
 from mockingjay.masking import MASK_PRESETS  # noqa: E402
 from mockingjay.model import preset_config  # noqa: E402
-from mockingjay.probe import ProbeConfig, probe_online, read_speakers  # noqa: E402
-from mockingjay.store_layout import labels_store, utterances_table  # noqa: E402
+from mockingjay.probe_heads import ProbeConfig  # noqa: E402
+from mockingjay.probe_online import probe_online  # noqa: E402
+from mockingjay.probe_plan import read_utterances  # noqa: E402
+from mockingjay.store_layout import SPLITS, labels_store, utterances_table  # noqa: E402
 from mockingjay.trainer import TrainConfig, TrainData, train  # noqa: E402
-
-SPLITS = ("train", "dev", "test")
 
 
 def main() -> None:
@@ -78,7 +78,7 @@ def main() -> None:
     )
     features = {split: RaggedArray(args.features / split) for split in SPLITS}
     labels = {split: RaggedArray(labels_store(args.features, split)) for split in SPLITS}
-    speakers = read_speakers(utterances_table(args.features))
+    speakers = {u: i.speaker for u, i in read_utterances(utterances_table(args.features)).items()}
     phone = ProbeConfig(epochs=args.probe_epochs, batch_size=1024)
     speaker = ProbeConfig(epochs=300, batch_size=0, learning_rates=(1e-2,))
     with tempfile.TemporaryDirectory() as tmp:

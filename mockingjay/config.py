@@ -22,6 +22,25 @@ class ParamError(ValueError):
     """A parameter in params.yaml (or on the command line) is invalid; the message names it."""
 
 
+class FieldError(ValueError):
+    """An invalid value of one field of a config dataclass, raised by its `validate()`.
+
+    It carries the field's name apart from the problem, so that each caller names the field its
+    own way (`named`): params.yaml as `pretrain.model.num_heads`, an imported s3prl config as
+    `config.yaml.transformer.num_attention_heads`. Its own message names the dataclass's field
+    (`ModelConfig.num_heads: ...`), for code that builds the dataclass directly.
+    """
+
+    def __init__(self, owner: str, field: str, problem: str):
+        # problem follows the field's name: " must be >= 1, got 0" or ": 3 does not divide ..."
+        self.owner, self.field, self.problem = owner, field, problem
+        super().__init__(self.named(owner))
+
+    def named(self, prefix: str, field: str | None = None) -> str:
+        """The message with the field called `prefix.field` (`field`: another name for it)."""
+        return f"{prefix}.{field or self.field}{self.problem}"
+
+
 def load_params(path: str | Path = "params.yaml") -> dict:
     path = Path(path)
     if not path.is_file():
@@ -97,8 +116,9 @@ def unknown_fields(cls: type, values: Any) -> tuple[list[str], list[str]]:
 def from_section(cls: type[T], section: Any, name: str) -> T:
     """Build dataclass `cls` from a params mapping; unknown keys and bad types name the parameter.
 
-    The dataclass may define `validate()`; its ValueErrors are re-raised as ParamError with
-    the section name prefixed.
+    The dataclass may define `validate()`; its errors are re-raised as ParamError naming
+    `name.<field>`: a FieldError by its field, a ValueError whose message starts with a field's
+    name (`field: ...`, `field ...`, or `Class.field ...`) by that field, any other under `name`.
     """
     if section is None:
         section = {}
@@ -120,18 +140,21 @@ def from_section(cls: type[T], section: Any, name: str) -> T:
         raise ParamError(f"{name}: {err}") from err
     except ParamError:
         raise
+    except FieldError as err:
+        raise ParamError(err.named(name)) from err
     except ValueError as err:  # from validate() or a __post_init__ that runs it
-        raise ParamError(
-            f"{name}.{err}" if _names_field(err, fields) else f"{name}: {err}"
-        ) from err
+        raise ParamError(_field_named(str(err), cls.__name__, fields, name)) from err
     return obj
 
 
-def _names_field(err: ValueError, fields: list[str]) -> bool:
-    message = str(err)
-    return any(
-        message.startswith(f"{field}:") or message.startswith(f"{field} ") for field in fields
-    )
+def _field_named(message: str, owner: str, fields: list[str], name: str) -> str:
+    """A plain ValueError's message with the field it starts with named `name.<field>`; a
+    validate() that names its field as `Class.field` (TrainConfig's) is read the same way."""
+    for field in fields:
+        for named in (field, f"{owner}.{field}"):
+            if message.startswith((f"{named}:", f"{named} ")):
+                return f"{name}.{field}{message[len(named) :]}"
+    return f"{name}: {message}"
 
 
 def to_flat_dict(obj: Any, prefix: str = "") -> dict[str, Any]:

@@ -229,7 +229,7 @@ def encode_batches(
                 with torch.inference_mode():
                     lengths = torch.from_numpy(lengths_all[fits])
                     states = encode(
-                        _padded_batch(feature_store, whole, lengths.numpy(), device), lengths
+                        padded_batch(feature_store, whole, lengths.numpy(), device), lengths
                     )
                 yield EncodedBatch(whole, lengths, states)
             for item in indices[~fits]:
@@ -254,10 +254,12 @@ def encode_batches(
         encoder.train(was_training)
 
 
-def _padded_batch(
+def padded_batch(
     store: RaggedArray, indices: np.ndarray, lengths: np.ndarray, device: torch.device
 ) -> Tensor:
-    """[B, longest, D] float32 on `device`, zero past each length (pinned for async copy to CUDA)."""
+    """[B, longest, D] float32 on `device`: items `indices` of `store` (their `lengths`), zero past
+    each length (pinned for async copy to CUDA). The model input of one batch; public for the
+    extraction benchmark, which times this copy apart from the forward pass."""
     padded = np.zeros((len(indices), int(lengths.max()), store.dim), dtype=np.float32)
     for row, item in enumerate(indices):
         padded[row, : lengths[row]] = store[int(item)]

@@ -40,8 +40,9 @@ from mockingjay.atomic import write_json
 from mockingjay.audio import STREAM_ABOVE_SEC, AudioError
 from mockingjay.featstore import RaggedArray, RaggedWriter
 from mockingjay.feature_config import FeatureConfig, num_frames
-from mockingjay.manifest import SPLITS, ManifestRow
+from mockingjay.manifest import ManifestRow
 from mockingjay.store_layout import (
+    SPLITS,
     feature_config_file,
     frame_labels_store,
     labels_dir,

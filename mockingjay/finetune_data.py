@@ -25,8 +25,8 @@ from torch.utils.data import Dataset
 from mockingjay.batching import FeatureBatch
 from mockingjay.featstore import RaggedArray
 from mockingjay.phones import PHONES
-from mockingjay.probe_plan import SPLITS, Utterance, fraction_members
-from mockingjay.store_layout import labels_store
+from mockingjay.probe_plan import Utterance, fraction_members
+from mockingjay.store_layout import SPLITS, labels_store
 
 IGNORE = -1  # frame label of unlabelled frames and of padding: no loss, not scored
 

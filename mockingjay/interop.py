@@ -28,11 +28,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError
+from .config import FieldError
 from .interop_features import audio_from_features, features_from_audio
+from .interop_weights import (
+    HEAD_PAIRS,
+    InteropError,
+    from_foreign_state,
+    modern_name,
+    module_pairs,
+    to_foreign_state,
+)
 from .masking import MaskConfig
 from .model import ACTIVATIONS, MockingjayEncoder, MockingjayForMAM, ModelConfig
 from .safe_load import load_untrusted
@@ -59,98 +66,6 @@ MASK_FIELDS = {
     "mask_frequency": "freq_mask_proportion",
     "noise_proportion": "noise_prob",
 }
-
-
-class InteropError(CheckpointError):
-    """A foreign checkpoint cannot be converted faithfully; the message names the entry or field."""
-
-
-# -- parameter names --------------------------------------------------------------------------
-
-
-def _module_pairs(num_layers: int) -> list[tuple[str, tuple[str, ...]]]:
-    """(our module, their module(s)) for the encoder; a fused module maps to several of theirs."""
-    pairs = [
-        ("input_representation.projection", ("input_representations.spec_transform",)),
-        ("input_representation.layer_norm", ("input_representations.LayerNorm",)),
-    ]
-    for i in range(num_layers):
-        theirs = f"encoder.layer.{i}."
-        pairs += [
-            (
-                f"layers.{i}.attention.qkv",
-                tuple(f"{theirs}attention.self.{n}" for n in ("query", "key", "value")),
-            ),
-            (f"layers.{i}.attention.output", (f"{theirs}attention.output.dense",)),
-            (f"layers.{i}.attention_norm", (f"{theirs}attention.output.LayerNorm",)),
-            (f"layers.{i}.feed_forward.up", (f"{theirs}intermediate.dense",)),
-            (f"layers.{i}.feed_forward.down", (f"{theirs}output.dense",)),
-            (f"layers.{i}.output_norm", (f"{theirs}output.LayerNorm",)),
-        ]
-    return pairs
-
-
-HEAD_PAIRS = [("dense", ("dense",)), ("layer_norm", ("LayerNorm",)), ("output", ("output",))]
-
-
-def to_foreign_state(state: Mapping[str, Tensor], pairs) -> dict[str, Tensor]:
-    """Our state dict in BERT names (fused tensors split; each a fresh contiguous tensor)."""
-    out = {}
-    for ours, theirs in pairs:
-        for param in ("weight", "bias"):
-            for name, part in zip(theirs, state[f"{ours}.{param}"].chunk(len(theirs))):
-                out[f"{name}.{param}"] = part.clone()
-    return out
-
-
-def _modern_name(key: str) -> str:
-    head, _, last = key.rpartition(".")
-    renamed = {"gamma": "weight", "beta": "bias"}.get(last, last)
-    return f"{head}.{renamed}" if head else renamed
-
-
-def from_foreign_state(
-    state: Mapping[str, Any], pairs, expected: Mapping[str, Tensor], where: str
-) -> dict:
-    """BERT-named tensors (gamma/beta accepted) -> our names; every tensor must find its place."""
-    state = {_modern_name(k): v for k, v in state.items()}
-    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    out, used, missing = {}, set(), []
-    for ours, theirs in pairs:
-        for param in ("weight", "bias"):
-            names = [f"{name}.{param}" for name in theirs]
-            absent = [name for name in names if name not in state]
-            if absent:
-                missing += absent
-                continue
-            for name in names:
-                if not isinstance(state[name], Tensor):
-                    raise InteropError(
-                        f"{where}.{name}: expected a tensor, got {type(state[name]).__name__}"
-                    )
-            used.update(names)
-            out[f"{ours}.{param}"] = (
-                torch.cat([state[n].float() for n in names])
-                if len(names) > 1
-                else state[names[0]].float()
-            )
-    problems = [f"missing {name}" for name in missing]
-    problems += [
-        f"weights with no place in the model: {name}" for name in sorted(set(state) - used)
-    ]
-    problems += [
-        f"{name}: file {list(out[name].shape)} vs config {list(t.shape)}"
-        for name, t in expected.items()
-        if name in out and out[name].shape != t.shape
-    ]
-    if problems:
-        more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
-        raise InteropError(
-            f"{where}: weights do not fit the network the config describes: "
-            f"{'; '.join(problems[:4])}{more}"
-        )
-    return out
 
 
 # -- reading a foreign checkpoint ---------------------------------------------------------------
@@ -264,11 +179,10 @@ def _model_config(encoder, head, path, section, config, report: Imported) -> Mod
         target_dim = rows.shape[0] // rate
     try:
         return ModelConfig(input_dim=input_dim, target_dim=target_dim, **values)
-    except ValueError as err:
-        source = {v: k for k, v in MODEL_FIELDS.items()}
-        message = str(err)
-        for ours, theirs in source.items():
-            message = message.replace(f"ModelConfig.{ours} ", f"{path}.{section}.{theirs} ")
+    except ValueError as err:  # a field is named as the imported config names it, where it has it
+        source = {ours: theirs for theirs, ours in MODEL_FIELDS.items()}
+        theirs = source.get(err.field) if isinstance(err, FieldError) else None
+        message = err.named(f"{path}.{section}", theirs) if theirs else str(err)
         raise InteropError(f"unsupported model config: {message}") from None
 
 
@@ -336,9 +250,9 @@ def convert_checkpoint(checkpoint: Any, source: str = "checkpoint") -> Imported:
         path, section, config = _find_config(checkpoint, layout)
     except InteropError as err:
         raise InteropError(f"{source}: {err}") from None
-    encoder = {_modern_name(k): v for k, v in checkpoint[encoder_key].items()}
+    encoder = {modern_name(k): v for k, v in checkpoint[encoder_key].items()}
     head = checkpoint.get("SpecHead")
-    head = {_modern_name(k): v for k, v in head.items()} if isinstance(head, Mapping) else None
+    head = {modern_name(k): v for k, v in head.items()} if isinstance(head, Mapping) else None
     report = Imported(model=None, layout=layout)
     try:
         model_config = _model_config(encoder, head, path, section, config, report)
@@ -348,7 +262,7 @@ def convert_checkpoint(checkpoint: Any, source: str = "checkpoint") -> Imported:
     model.encoder.load_state_dict(
         from_foreign_state(
             encoder,
-            _module_pairs(model_config.num_layers),
+            module_pairs(model_config.num_layers),
             model.encoder.state_dict(),
             f"{source}: {encoder_key}",
         )
@@ -432,7 +346,7 @@ def export_checkpoint(
     # A fine-tuned model's encoder comes alone: its head classifies, it does not reconstruct.
     prediction_head = getattr(model, "head", None)
     encoder_module = getattr(model, "encoder", model)
-    encoder = to_foreign_state(encoder_module.state_dict(), _module_pairs(config.num_layers))
+    encoder = to_foreign_state(encoder_module.state_dict(), module_pairs(config.num_layers))
     head = (
         to_foreign_state(prediction_head.state_dict(), HEAD_PAIRS)
         if prediction_head is not None

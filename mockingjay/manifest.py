@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Literal
 
 from .audio import STREAM_ABOVE_SEC, AudioError, checked_length, header_seconds, read_audio
-from .corpora import SAFE_ID_RULE, CorpusSpec, UtteranceSource, is_safe_id
-
-SPLITS = ("train", "dev", "test")
+from .corpus_spec import SAFE_ID_RULE, CorpusSpec, UtteranceSource, is_safe_id
+from .store_layout import SPLITS
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from mockingjay.config import unknown_fields
+from mockingjay.config import FieldError, unknown_fields
 
 
 @dataclass(frozen=True)
@@ -39,36 +39,38 @@ class MaskConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the first field that cannot make a sensible mask."""
+        """Raise FieldError (a ValueError) naming the first field that cannot make a sensible mask."""
         if not 0.0 < self.mask_proportion < 1.0:
-            raise ValueError(
-                f"MaskConfig.mask_proportion must be in (0, 1), got {self.mask_proportion!r}"
+            raise FieldError(
+                "MaskConfig", "mask_proportion", f" must be in (0, 1), got {self.mask_proportion!r}"
             )
         if (
             isinstance(self.span_length, bool)
             or not isinstance(self.span_length, int)
             or self.span_length < 1
         ):
-            raise ValueError(
-                f"MaskConfig.span_length must be an integer >= 1, got {self.span_length!r}"
+            raise FieldError(
+                "MaskConfig", "span_length", f" must be an integer >= 1, got {self.span_length!r}"
             )
         for name in ("zero_prob", "random_prob", "noise_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(
-                    f"MaskConfig.{name} must be in [0, 1], got {getattr(self, name)!r}"
+                raise FieldError(
+                    "MaskConfig", name, f" must be in [0, 1], got {getattr(self, name)!r}"
                 )
         if self.zero_prob + self.random_prob > 1.0 + 1e-9:
-            raise ValueError(
-                f"MaskConfig.zero_prob + random_prob must be <= 1, got "
-                f"{self.zero_prob} + {self.random_prob}"
+            raise FieldError(
+                "MaskConfig",
+                "zero_prob",
+                f" + random_prob must be <= 1, got {self.zero_prob} + {self.random_prob}",
             )
         if not 0.0 <= self.freq_mask_proportion < 1.0:
-            raise ValueError(
-                f"MaskConfig.freq_mask_proportion must be in [0, 1), "
-                f"got {self.freq_mask_proportion!r}"
+            raise FieldError(
+                "MaskConfig",
+                "freq_mask_proportion",
+                f" must be in [0, 1), got {self.freq_mask_proportion!r}",
             )
         if not self.noise_std >= 0.0:
-            raise ValueError(f"MaskConfig.noise_std must be >= 0, got {self.noise_std!r}")
+            raise FieldError("MaskConfig", "noise_std", f" must be >= 0, got {self.noise_std!r}")
 
     @property
     def keep_prob(self) -> float:

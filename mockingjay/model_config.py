@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mockingjay.config import unknown_fields
+from mockingjay.config import FieldError, unknown_fields
 
 # The non-linearities s3prl's `hidden_act` names (BERT's ACT2FN; mockingjay.model.ACTIVATIONS
 # holds the functions); gelu is the exact erf form.
@@ -52,7 +52,7 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the first field that cannot make a working model."""
+        """Raise FieldError (a ValueError) naming the first field that cannot make a working model."""
         for name in (
             "input_dim",
             "target_dim",
@@ -65,24 +65,27 @@ class ModelConfig:
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+                raise FieldError("ModelConfig", name, f" must be a positive integer, got {value!r}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"ModelConfig.num_heads: {self.num_heads} does not divide hidden_size "
-                f"{self.hidden_size}; each head gets hidden_size / num_heads dims"
+            raise FieldError(
+                "ModelConfig",
+                "num_heads",
+                f": {self.num_heads} does not divide hidden_size "
+                f"{self.hidden_size}; each head gets hidden_size / num_heads dims",
             )
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(
-                    f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)!r}"
+                raise FieldError(
+                    "ModelConfig", name, f" must be in [0, 1), got {getattr(self, name)!r}"
                 )
         for name in ("layer_norm_eps", "initializer_range"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)!r}")
+                raise FieldError("ModelConfig", name, f" must be > 0, got {getattr(self, name)!r}")
         if self.activation not in ACTIVATION_NAMES:
-            raise ValueError(
-                f"ModelConfig.activation must be one of {sorted(ACTIVATION_NAMES)}, "
-                f"got {self.activation!r}"
+            raise FieldError(
+                "ModelConfig",
+                "activation",
+                f" must be one of {sorted(ACTIVATION_NAMES)}, got {self.activation!r}",
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -8,13 +8,15 @@ per-layer standardisation with train-set statistics, best-epoch selection) are i
 
 Two ways to get representations:
 
-* extracted (`probe_phones`, `probe_speakers`): the ragged stores written by
+* extracted (`probe_phones` here, `probe_utterance.probe_speakers`): the ragged stores written by
   `mockingjay.extract` (`root/{split}/{input,layer_XX}`), read through their memory maps;
-* online (`probe_online`, in `mockingjay.probe_online`): the frozen model runs on the fly, for
-  corpora too large to extract.
+* online (`mockingjay.probe_online`): the frozen model runs on the fly, for corpora too large to
+  extract.
 
-The frame-level phone probe is here; the utterance-level probe on pooled vectors, which the online
-probe shares, is `mockingjay.probe_utterance.probe_utterances` (re-exported here).
+The frame-level phone probe is here; opening the stores and indexing their labelled frames is
+`mockingjay.probe_stores`; the utterance-level probes on pooled vectors (`probe_speakers`,
+`probe_labels`, and `probe_utterances`, which the online probe shares) are
+`mockingjay.probe_utterance`.
 
 Memory policy of the frame probe: the frame index (row and label of every labelled frame, 10 bytes
 a frame) is always in RAM. The representations are loaded into RAM (float16, only the labelled
@@ -26,10 +28,8 @@ paths hand the heads exactly the same numbers in the same order, so they give id
 
 from __future__ import annotations
 
-import csv
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,7 +39,6 @@ from mockingjay.featstore import RaggedArray
 from mockingjay.phones import PHONES
 from mockingjay.probe_heads import (
     PHONE_PROBE,
-    SPEAKER_PROBE,
     MLPSettings,
     ProbeConfig,
     ProbeError,
@@ -55,149 +54,8 @@ from mockingjay.probe_plan import (
     head_reports,
     position_chunks,
 )
-from mockingjay.probe_utterance import probe_utterances
-from mockingjay.store_layout import INPUT_STORE, layer_indices, layer_store_name
-
-__all__ = [
-    "PHONE_PROBE",
-    "SPEAKER_PROBE",
-    "ProbeConfig",
-    "ProbeError",
-    "open_representations",
-    "probe_online",
-    "probe_labels",
-    "probe_phones",
-    "probe_speakers",
-    "probe_utterances",
-    "read_speakers",
-    "utterance_stats",
-]
-
-SPLITS = ("train", "dev", "test")
-Representations = Mapping[str, Mapping[str, RaggedArray]]  # split -> store name -> store
-
-
-def open_representations(
-    root: str | Path,
-    layers: Sequence[int] | None = None,
-    include_input: bool = True,
-    splits: Sequence[str] = SPLITS,
-    input_root: str | Path | None = None,
-) -> dict[str, dict[str, RaggedArray]]:
-    """Open `root/{split}/{input,layer_XX}`; layers None = every extracted layer. `input_root`:
-    take the input baseline from `input_root/{split}` instead (features made another way, e.g.
-    with global CMVN; the probes check that ids and lengths match the layers').
-
-    Raises ProbeError naming the valid range when a requested layer was not extracted.
-    """
-    root = Path(root)
-    found = layer_indices(root / splits[0])
-    if layers is None:
-        layers = found
-    for index in layers:
-        if index not in found:
-            if not found:
-                valid = "none"
-            elif found == list(range(found[0], found[-1] + 1)):
-                valid = f"{found[0]}..{found[-1]}"
-            else:
-                valid = ", ".join(map(str, found))
-            raise ProbeError(
-                f"layer {index} out of range: {root / splits[0]} holds layers {valid} "
-                f"(0 = input representation, i = output of encoder layer i)"
-            )
-    names = ([INPUT_STORE] if include_input else []) + [
-        layer_store_name(i) for i in sorted(set(layers))
-    ]
-
-    def path(split: str, name: str) -> Path:
-        return (
-            Path(input_root) / split
-            if name == INPUT_STORE and input_root is not None
-            else root / split / name
-        )
-
-    # finite=True: one NaN or inf in a store gave a probe accuracy below the majority rate, exit 0
-    return {
-        split: {name: RaggedArray(path(split, name), finite=True) for name in names}
-        for split in splits
-    }
-
-
-def read_speakers(utterances_tsv: str | Path) -> dict[str, str]:
-    """utt_id -> speaker from the featurize stage's `utterances.tsv`."""
-    with open(utterances_tsv, newline="", encoding="utf-8") as f:
-        return {row["utt_id"]: row["speaker"] for row in csv.DictReader(f, delimiter="\t")}
-
-
-def check_same_items(
-    stores: Mapping[str, RaggedArray], split: str, expected_names: Sequence[str] | None = None
-) -> RaggedArray:
-    """All layer stores of a split must list the same utterances with the same lengths."""
-    if not stores:
-        raise ProbeError(f"{split}: no representation stores selected")
-    names = list(stores)
-    if expected_names is not None and names != list(expected_names):
-        raise ProbeError(
-            f"{split}: stores {names} differ from the train split's {list(expected_names)}"
-        )
-    reference = stores[names[0]]
-    for name in names[1:]:
-        other = stores[name]
-        if other.ids != reference.ids or not np.array_equal(other.lengths, reference.lengths):
-            bad = next(
-                (
-                    a
-                    for a, b, la, lb in zip(
-                        reference.ids, other.ids, reference.lengths, other.lengths
-                    )
-                    if a != b or la != lb
-                ),
-                None,
-            )
-            where = f"utterance {bad!r}" if bad else f"{len(reference)} vs {len(other)} utterances"
-            raise ProbeError(
-                f"{split}: stores {names[0]} and {name} disagree at {where}; re-extract them together"
-            )
-    return reference
-
-
-def labelled_frames(
-    reference: RaggedArray, labels: RaggedArray, split: str, num_classes: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(rows in the representation stores, labels) of every labelled frame (label >= 0).
-
-    Labels must cover the same utterances as the representations, each with one label a frame.
-    """
-    extra = next((utt for utt in labels.ids if utt not in reference), None)
-    if extra is not None:
-        raise ProbeError(
-            f"{split}: utterance {extra!r} has frame labels in {labels.path} but no representation "
-            f"({len(labels)} labelled vs {len(reference)} represented utterances)"
-        )
-    rows, values = [], []
-    for item, utt in enumerate(reference.ids):
-        if utt not in labels:
-            raise ProbeError(
-                f"{split}: utterance {utt!r} has no frame labels in {labels.path} "
-                f"({len(labels)} labelled vs {len(reference)} represented utterances)"
-            )
-        frame_labels = np.asarray(labels.get(utt)).reshape(-1)
-        if len(frame_labels) != reference.lengths[item]:
-            raise ProbeError(
-                f"{split}: utterance {utt!r} has {reference.lengths[item]} representation frames "
-                f"but {len(frame_labels)} frame labels; labels must be at the feature frame rate"
-            )
-        if frame_labels.size and frame_labels.max() >= num_classes:
-            raise ProbeError(
-                f"{split}: utterance {utt!r} has label {int(frame_labels.max())}, "
-                f"but there are only {num_classes} classes"
-            )
-        keep = np.flatnonzero(frame_labels >= 0)
-        rows.append(reference.offsets[item] + keep)
-        values.append(frame_labels[keep].astype(np.int16))
-    rows_all = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
-    return rows_all, (np.concatenate(values) if values else np.zeros(0, dtype=np.int16))
+from mockingjay.probe_stores import Representations, check_same_items, labelled_frames
+from mockingjay.store_layout import SPLITS
 
 
 class FrameSource:
@@ -366,62 +224,3 @@ def probe_phones(
         "probes": probes,
         "seconds": round(time.perf_counter() - started, 3),
     }
-
-
-def utterance_stats(store: RaggedArray) -> np.ndarray:
-    """[items, 2 * dim] float32: each utterance's mean and standard deviation (statistics pooling,
-    as x-vectors do; accumulated in float64). The mean alone is no baseline for log-mel: under
-    per-utterance CMVN every utterance's mean is zero."""
-    stats = np.zeros((len(store), 2 * store.dim), dtype=np.float32)
-    for item in range(len(store)):
-        if store.lengths[item]:
-            rows = np.asarray(store[item], dtype=np.float64)
-            stats[item, : store.dim] = rows.mean(0)
-            stats[item, store.dim :] = rows.std(0)
-    return stats
-
-
-def probe_speakers(
-    representations: Representations,
-    speakers: Mapping[str, str],
-    config: ProbeConfig = SPEAKER_PROBE,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-    **options,
-) -> dict:
-    """Utterance-level speaker probe on statistics-pooled representations (speakers: utt_id -> speaker)."""
-    return probe_labels(representations, speakers, "speaker", config, device, progress, **options)
-
-
-def probe_labels(
-    representations: Representations,
-    utterance_labels: Mapping[str, str],
-    task: str,
-    config: ProbeConfig = SPEAKER_PROBE,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-    **options,
-) -> dict:
-    """Utterance-level probe (speaker, keyword) of statistics-pooled representations."""
-    vectors, ids = pooled_utterances(representations)
-    return probe_utterances(
-        vectors, ids, utterance_labels, config, device, progress, task=task, **options
-    )
-
-
-def pooled_utterances(representations: Representations) -> tuple[dict, dict]:
-    """({split: {name: [N, 2H] statistics}}, {split: ids}): pooled once, for every utterance task."""
-    names = list(representations["train"])
-    ids = {split: check_same_items(representations[split], split, names).ids for split in SPLITS}
-    vectors = {
-        split: {name: utterance_stats(store) for name, store in representations[split].items()}
-        for split in SPLITS
-    }
-    return vectors, ids
-
-
-def probe_online(*args, **kwargs) -> dict:
-    """Probe with the frozen model running on the fly; see `mockingjay.probe_online.probe_online`."""
-    from mockingjay.probe_online import probe_online as run
-
-    return run(*args, **kwargs)

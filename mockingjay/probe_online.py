@@ -48,7 +48,6 @@ from mockingjay.extract import (
 )
 from mockingjay.featstore import RaggedArray
 from mockingjay.phones import PHONES
-from mockingjay.probe import SPLITS, labelled_frames, probe_utterances
 from mockingjay.probe_heads import (
     PHONE_PROBE,
     SPEAKER_PROBE,
@@ -61,7 +60,9 @@ from mockingjay.probe_heads import (
     predict,
     train_heads,
 )
-from mockingjay.store_layout import INPUT_STORE, layer_store_name
+from mockingjay.probe_stores import labelled_frames
+from mockingjay.probe_utterance import probe_utterances
+from mockingjay.store_layout import INPUT_STORE, SPLITS, layer_store_name
 
 
 class _FrameLabels:
@@ -181,7 +182,9 @@ def _statistics_pass(
             if split == "train" and frame_labels is not None:
                 selection = frame_labels["train"].of_batch(batch, device)
             for name, states in batch.states.items():
-                if want_means:  # statistics pooling (mean, std), as `probe.utterance_stats`
+                if (
+                    want_means
+                ):  # statistics pooling (mean, std), as `probe_utterance.utterance_stats`
                     _pool(means[split], windowed, name, states, lengths, mask, batch, store)
                 if selection is not None:
                     moments.setdefault(name, RunningMoments(states.size(-1)))
@@ -342,7 +345,7 @@ def probe_online(
     (float16, on `device`: shuffle_frames x sum of probed dims x 2 bytes, 0.4 GB for 65,536
     frames of input + 4 layers of 768) and shuffled together before they are cut into mini-batches.
     Returns {"phone": ..., "speaker": ..., "mode": "online", "forward_passes": ...}, each task's
-    result shaped as in `probe_phones` / `probe_speakers`.
+    result shaped as in `probe.probe_phones` / `probe_utterance.probe_speakers`.
     """
     started = time.perf_counter()
     device = torch.device(device)

@@ -39,12 +39,10 @@ from mockingjay.probe_heads import (
     MLPSettings,
     ProbeConfig,
     ProbeError,
-    TorchHeads,
     layer_report,
 )
-from mockingjay.store_layout import INPUT_STORE
-
-SPLITS = ("train", "dev", "test")
+from mockingjay.probe_torch_heads import TorchHeads
+from mockingjay.store_layout import INPUT_STORE, SPLITS
 
 
 @dataclass(frozen=True)

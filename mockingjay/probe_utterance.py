@@ -1,8 +1,9 @@
 """The utterance-level probe: one example per utterance vector, for speaker ID and keywords.
 
 `probe_utterances` trains and scores the heads on given utterance vectors ({split: {name: [N, D]}}):
-the statistics-pooled representation stores (`probe.probe_labels`, `probe.probe_speakers`) or the
-pooled statistics of the online probe's one pass over the model (`probe_online`). The heads, label
+the statistics-pooled representation stores (`probe_labels`, `probe_speakers`, pooled by
+`pooled_utterances`) or the pooled statistics of the online probe's one pass over the model
+(`probe_online`). The heads, label
 fractions and reports are those of the frame-level phone probe (`probe_plan`, `probe_heads`).
 """
 
@@ -14,6 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from mockingjay.featstore import RaggedArray
 from mockingjay.probe_heads import (
     SPEAKER_PROBE,
     MLPSettings,
@@ -24,7 +26,6 @@ from mockingjay.probe_heads import (
     train_heads,
 )
 from mockingjay.probe_plan import (
-    SPLITS,
     build_heads,
     extra_test_report,
     fraction_masks,
@@ -32,6 +33,8 @@ from mockingjay.probe_plan import (
     head_reports,
     position_chunks,
 )
+from mockingjay.probe_stores import Representations, check_same_items
+from mockingjay.store_layout import SPLITS
 
 
 def probe_utterances(
@@ -172,3 +175,55 @@ def probe_utterances(
         "probes": probes,
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def utterance_stats(store: RaggedArray) -> np.ndarray:
+    """[items, 2 * dim] float32: each utterance's mean and standard deviation (statistics pooling,
+    as x-vectors do; accumulated in float64). The mean alone is no baseline for log-mel: under
+    per-utterance CMVN every utterance's mean is zero."""
+    stats = np.zeros((len(store), 2 * store.dim), dtype=np.float32)
+    for item in range(len(store)):
+        if store.lengths[item]:
+            rows = np.asarray(store[item], dtype=np.float64)
+            stats[item, : store.dim] = rows.mean(0)
+            stats[item, store.dim :] = rows.std(0)
+    return stats
+
+
+def probe_speakers(
+    representations: Representations,
+    speakers: Mapping[str, str],
+    config: ProbeConfig = SPEAKER_PROBE,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    **options,
+) -> dict:
+    """Utterance-level speaker probe on statistics-pooled representations (speakers: utt_id -> speaker)."""
+    return probe_labels(representations, speakers, "speaker", config, device, progress, **options)
+
+
+def probe_labels(
+    representations: Representations,
+    utterance_labels: Mapping[str, str],
+    task: str,
+    config: ProbeConfig = SPEAKER_PROBE,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    **options,
+) -> dict:
+    """Utterance-level probe (speaker, keyword) of statistics-pooled representations."""
+    vectors, ids = pooled_utterances(representations)
+    return probe_utterances(
+        vectors, ids, utterance_labels, config, device, progress, task=task, **options
+    )
+
+
+def pooled_utterances(representations: Representations) -> tuple[dict, dict]:
+    """({split: {name: [N, 2H] statistics}}, {split: ids}): pooled once, for every utterance task."""
+    names = list(representations["train"])
+    ids = {split: check_same_items(representations[split], split, names).ids for split in SPLITS}
+    vectors = {
+        split: {name: utterance_stats(store) for name, store in representations[split].items()}
+        for split in SPLITS
+    }
+    return vectors, ids

@@ -26,6 +26,8 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+# The three splits, in this order everywhere (folders, reports, metrics): every module imports it here.
+SPLITS = ("train", "dev", "test")
 INPUT_STORE = "input"
 LAYER_PREFIX = "layer_"
 TARGET_SUFFIX = "_target"

@@ -22,6 +22,7 @@ from . import (  # noqa: E402
     pretrain,
     probe,
     report,
+    report_tables,
     tracking,
 )
 from .common import cli_errors  # noqa: E402
@@ -43,7 +44,7 @@ app.command("import-checkpoint")(interop.import_main)
 app.command("export-checkpoint")(interop.export_main)
 app.command("headline")(report.headline_main)
 app.command("release")(report.release_main)
-app.command("results-table")(report.table_main)
+app.command("results-table")(report_tables.table_main)
 app.add_typer(checkpoints.app, name="checkpoints")
 app.command("relocate-artifacts")(cli_errors(tracking.relocate_artifacts_main))
 

@@ -61,7 +61,7 @@ def section(params_file: Path, name: str) -> dict:
 DATA_ERRORS = {
     "mockingjay.audio": "AudioError",
     "mockingjay.checkpoint": "CheckpointError",
-    "mockingjay.corpora": "CorpusError",
+    "mockingjay.corpus_spec": "CorpusError",
     "mockingjay.featstore": "StoreError",
     "mockingjay.featurize": "FeaturizeError",
     "mockingjay.resume_state": "ResumeStateError",

@@ -20,7 +20,7 @@ import typer
 from mockingjay.config import to_flat_dict
 from mockingjay.featstore import RaggedArray
 from mockingjay.feature_config import frames_per_second
-from mockingjay.manifest import SPLITS
+from mockingjay.store_layout import SPLITS
 
 from . import tracking
 from .common import (

@@ -208,8 +208,8 @@ def main(
     from mockingjay.featstore import RaggedArray
     from mockingjay.finetune_data import task_data
     from mockingjay.model_config import ModelConfig
-    from mockingjay.probe_plan import SPLITS, read_utterances, select_utterances
-    from mockingjay.store_layout import utterances_table
+    from mockingjay.probe_plan import read_utterances, select_utterances
+    from mockingjay.store_layout import SPLITS, utterances_table
 
     model_config = ModelConfig.from_dict(load_config(model)["model"])
     for split in SPLITS:  # fails naming the store if featurize did not finish or holds NaN/inf

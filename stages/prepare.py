@@ -16,7 +16,8 @@ import typer
 from tqdm import tqdm
 
 from mockingjay.config import ParamError, from_section, to_flat_dict
-from mockingjay.corpora import UtteranceSource, read_corpus
+from mockingjay.corpora import read_corpus
+from mockingjay.corpus_spec import UtteranceSource
 from mockingjay.manifest import (
     ManifestRow,
     PrepareConfig,

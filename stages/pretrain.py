@@ -23,22 +23,20 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import json
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import typer
 
 from mockingjay import resume_state
-from mockingjay.config import ParamError, from_section, to_flat_dict, unknown_fields
+from mockingjay.config import ParamError, from_section, to_flat_dict
 from mockingjay.featstore import RaggedArray
 from mockingjay.feature_config import FeatureConfig
 from mockingjay.resume_state import TRAIN_LOG
 from mockingjay.store_layout import target_store
-from mockingjay.train_config import TrainConfig, TrainData
+from mockingjay.train_config import TrainData
 
 from . import tracking
 from .common import (
@@ -52,86 +50,9 @@ from .common import (
     section,
     stop_signals_deferred,
     write_json,
-    write_text_atomically,
 )
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    """The `pretrain` section: a preset plus overrides of the model, masking and training settings."""
-
-    preset: str = "tera-base"
-    model: dict = field(default_factory=dict)  # ModelConfig fields (hidden_size, num_layers, ...)
-    mask: dict = field(
-        default_factory=dict
-    )  # MaskConfig fields (mask_proportion, span_length, ...)
-    train: dict = field(
-        default_factory=dict
-    )  # TrainConfig fields (total_steps, learning_rate, ...)
-    snapshots: list[int] = field(
-        default_factory=list
-    )  # checkpoint steps also kept as models in out/snapshots
-
-
-def resolve_configs(section_values: dict, feature_dim: int, target_dim: int):
-    """(ModelConfig, MaskConfig, TrainConfig) from params; every error names `pretrain.<...>`."""
-    from mockingjay.mask_config import MaskConfig, mask_preset_config
-    from mockingjay.model_config import PRESETS, ModelConfig, preset_config
-
-    config = from_section(PretrainConfig, section_values, "pretrain")
-    if config.preset not in PRESETS:
-        raise ParamError(
-            f"pretrain.preset: unknown preset {config.preset!r}; valid: {', '.join(sorted(PRESETS))}"
-        )
-    model_overrides = dict(config.model)
-    preset = PRESETS[config.preset]
-    for name, have in (("input_dim", feature_dim), ("target_dim", target_dim)):
-        wanted = model_overrides.get(name, getattr(preset, name))
-        if wanted != have:
-            raise ParamError(
-                f"pretrain.model.{name}: the {config.preset} preset expects {wanted}-d, but the features are {have}-d; "
-                f"use the matching featurize preset (paper-* -> featurize.preset: paper, s3prl-base -> s3prl, "
-                f"paper-large -> featurize.target: linear) or set pretrain.model.{name}"
-            )
-        model_overrides[name] = have
-    _check_keys(model_overrides, ModelConfig, "pretrain.model")
-    _check_keys(config.mask, MaskConfig, "pretrain.mask")
-    try:
-        model = preset_config(config.preset, **model_overrides)
-    except (ValueError, TypeError) as err:
-        raise ParamError(str(err).replace("ModelConfig.", "pretrain.model.")) from err
-    try:
-        mask = mask_preset_config(config.preset, **config.mask)
-    except (ValueError, TypeError) as err:
-        raise ParamError(str(err).replace("MaskConfig.", "pretrain.mask.")) from err
-    try:
-        train = from_section(TrainConfig, config.train, "pretrain.train")
-    except (
-        ParamError
-    ) as err:  # "pretrain.train: TrainConfig.x must be ..." -> "pretrain.train.x must be ..."
-        raise ParamError(
-            str(err).replace("pretrain.train: TrainConfig.", "pretrain.train.")
-        ) from err
-    _check_snapshots(config.snapshots, train)
-    return model, mask, train
-
-
-def _check_snapshots(snapshots: list[int], train) -> None:
-    """Snapshot steps must be checkpoint steps that are still kept when training ends."""
-    for step in snapshots:
-        if not 0 < step <= train.total_steps or step % train.checkpoint_every:
-            raise ParamError(
-                f"pretrain.snapshots: {step} is not a checkpoint step (multiples of "
-                f"pretrain.train.checkpoint_every = {train.checkpoint_every} up to total_steps "
-                f"{train.total_steps})"
-            )
-    if snapshots:
-        needed = (train.total_steps - min(snapshots)) // train.checkpoint_every + 1
-        if train.keep_checkpoints < needed:
-            raise ParamError(
-                f"pretrain.train.keep_checkpoints: {train.keep_checkpoints} would delete the "
-                f"step-{min(snapshots)} checkpoint before the end; pretrain.snapshots needs >= {needed}"
-            )
+from .pretrain_log import TrainingLog
+from .pretrain_params import PretrainConfig, resolve_configs
 
 
 def write_snapshots(checkpoints: Path, steps: list[int], out: Path) -> list[Path]:
@@ -150,14 +71,6 @@ def write_snapshots(checkpoints: Path, steps: list[int], out: Path) -> list[Path
             shutil.copyfile(found[step] / name, target / name)
         written.append(target)
     return written
-
-
-def _check_keys(values: dict, cls, name: str) -> None:
-    unknown, known = unknown_fields(cls, values)
-    if unknown:
-        raise ParamError(
-            f"{name}: unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
-        )
 
 
 def _check_folders(features: Path, out: Path, checkpoints: Path, force: bool) -> None:
@@ -217,58 +130,6 @@ def _resume_state(checkpoints: Path, record: dict) -> Path:
             file=sys.stderr,
         )
     return decision.state
-
-
-class _Logger:
-    """Collects the trainer's records, mirrors them to MLflow on rank 0, and keeps the training log
-    of the whole run in `log_path` (beside the checkpoints), so that a resumed run, even one resumed
-    at its last step, still reports the loss curve and final loss of the steps before the resume."""
-
-    def __init__(self, mlflow, log_path: Path | None):
-        self.mlflow = mlflow
-        self.log_path = log_path
-        self.train: list[dict] = []
-        self._mode = "w"  # a fresh run starts a new log; a resumed one appends to what it kept
-
-    def __call__(self, record: dict) -> None:
-        if record.get("event") == "train":
-            self.train.append(record)
-            if self.log_path is not None:
-                self.log_path.parent.mkdir(
-                    parents=True, exist_ok=True
-                )  # before the first checkpoint makes it
-                with open(self.log_path, self._mode) as f:
-                    f.write(json.dumps(record) + "\n")
-                self._mode = "a"
-            if self.mlflow is not None:
-                keys = (
-                    "loss",
-                    "learning_rate",
-                    "grad_norm",
-                    "audio_seconds_per_second",
-                    "skipped_batches",
-                )
-                self.mlflow.log_metrics(
-                    {k: float(record[k]) for k in keys}, step=int(record["step"])
-                )
-        elif record.get("event") == "resume":
-            print(
-                f"pretrain: resumed at step {record['step']} from {record['path']}", file=sys.stderr
-            )
-            if (
-                self.log_path is not None
-            ):  # steps after the checkpoint are trained again: drop their records
-                self.train = [
-                    r
-                    for r in resume_state.read_train_log(self.log_path)
-                    if r["step"] <= record["step"]
-                ]
-                write_text_atomically(
-                    self.log_path, "".join(json.dumps(r) + "\n" for r in self.train)
-                )
-                self._mode = "a"
-            if self.mlflow is not None:
-                self.mlflow.set_tag("resumed_from", record["path"])
 
 
 @cli_errors
@@ -357,7 +218,7 @@ def main(
             else contextlib.nullcontext()
         )
         with run as mlflow:
-            logger = _Logger(mlflow, state / TRAIN_LOG if rank == 0 else None)
+            logger = TrainingLog(mlflow, state / TRAIN_LOG if rank == 0 else None)
             data = TrainData(
                 train_stores,
                 features / "test",
@@ -400,7 +261,7 @@ def main(
     )
 
 
-def _metrics(result: dict, logger: _Logger) -> dict:
+def _metrics(result: dict, logger: TrainingLog) -> dict:
     metrics = {
         k: result[k]
         for k in (

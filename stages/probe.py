@@ -14,18 +14,14 @@ and layer.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import typer
 
 from mockingjay.config import ParamError, from_section, to_flat_dict
 from mockingjay.featstore import RaggedArray
-from mockingjay.manifest import SPLITS
-from mockingjay.probe_config import KINDS, SPEAKER_PROBE, MLPSettings, ProbeConfig, ProbeError
-from mockingjay.store_layout import labels_store, layer_indices, utterances_table
+from mockingjay.probe_config import ProbeError
+from mockingjay.store_layout import SPLITS, labels_store, layer_indices, utterances_table
 
 from . import tracking
 from .common import (
@@ -38,6 +34,7 @@ from .common import (
     section,
     write_json,
 )
+from .probe_params import ProbeStageConfig, ProbeTaskConfig, parse_layer
 from .probe_report import (
     compact_metrics,
     extra_probes,
@@ -49,110 +46,6 @@ from .probe_report import (
     write_plot_table,
 )
 from .runtime import check_model_features, extract_config, resolve_device, window_frames
-
-TASKS = ("phone", "speaker", "keyword")
-
-
-@dataclass(frozen=True)
-class ProbeTaskConfig(ProbeConfig):
-    """One task's section (`probe.phone`, ...): how its heads train (ProbeConfig's fields) and what
-    they are trained on."""
-
-    kinds: list[str] = field(default_factory=lambda: ["linear"])  # linear | mlp | weighted_sum
-    label_fractions: list[float] = field(
-        default_factory=lambda: [1.0]
-    )  # of the labelled train utterances
-    speaker_independent: bool = False  # dev/test only on speakers with no train utterance
-    corpora: list[str] = field(default_factory=list)  # empty: every corpus with the task's labels
-    mlp: MLPSettings = field(default_factory=MLPSettings)
-
-    def validate(self) -> None:
-        super().validate()
-        if not self.kinds or sorted(set(self.kinds) - set(KINDS)):
-            raise ValueError(
-                f"kinds: must be a non-empty subset of {list(KINDS)}, got {self.kinds}"
-            )
-        if not self.label_fractions or not all(0 < f <= 1 for f in self.label_fractions):
-            raise ValueError(
-                f"label_fractions: need at least one, each in (0, 1], got {self.label_fractions}"
-            )
-        if len(set(self.label_fractions)) != len(self.label_fractions):
-            raise ValueError(f"label_fractions: each fraction once, got {self.label_fractions}")
-
-    def options(self) -> dict:
-        """The probe functions' keyword options for this task (kinds, fractions, MLP settings)."""
-        mlp = dataclasses.replace(
-            self.mlp, weight_decays=self.mlp.weight_decays or self.weight_decays
-        )
-        return {
-            "kinds": tuple(self.kinds),
-            "fractions": tuple(sorted(self.label_fractions)),
-            "mlp": mlp,
-        }
-
-
-@dataclass(frozen=True)
-class UtteranceTaskConfig(ProbeTaskConfig):
-    """`probe.speaker` and `probe.keyword`: SPEAKER_PROBE's training defaults (a few hundred pooled
-    utterances, full-batch steps), also when the section gives only some keys."""
-
-    epochs: int = SPEAKER_PROBE.epochs
-    batch_size: int = SPEAKER_PROBE.batch_size
-    learning_rates: tuple[float, ...] = SPEAKER_PROBE.learning_rates
-
-
-@dataclass(frozen=True)
-class ProbeStageConfig:
-    """The `probe` section of params.yaml."""
-
-    tasks: list[str] = field(default_factory=lambda: ["phone", "speaker"])
-    layers: int | str | list[int] = "all"  # all | input | a hidden-state index | a list of indices
-    mode: Literal["extracted", "online"] = "extracted"
-    device: str = "auto"
-    phone: ProbeTaskConfig = field(default_factory=ProbeTaskConfig)
-    speaker: UtteranceTaskConfig = field(default_factory=UtteranceTaskConfig)
-    keyword: UtteranceTaskConfig = field(default_factory=UtteranceTaskConfig)
-    test_corpora: list[str] = field(
-        default_factory=list
-    )  # corpora prepared test_only: scored on their own
-
-    def validate(self) -> None:
-        unknown = sorted(set(self.tasks) - set(TASKS))
-        if unknown or not self.tasks:
-            raise ValueError(
-                f"tasks: must be a non-empty subset of {list(TASKS)}, got {self.tasks}"
-            )
-        if isinstance(self.layers, list) and not self.layers:
-            raise ValueError(
-                "layers: an empty list probes nothing; use all, input, N or [N, M, ...]"
-            )
-
-
-def parse_layer(value, num_layers: int) -> tuple[list[int] | None, bool]:
-    """(--layer / probe.layers) all -> every hidden state + input; input -> the baseline only;
-    N -> hidden state N; a list [N, M] (or "N,M") -> those hidden states. The log-mel baseline
-    comes with `all` and `input` only: one named layer is probed alone."""
-    if isinstance(value, (list, tuple)):
-        indices = list(value)
-    else:
-        text = str(value).strip().lower()
-        if text == "all":
-            return list(range(num_layers + 1)), True
-        if text == "input":
-            return [], True
-        try:
-            indices = [int(part) for part in text.split(",")]
-        except ValueError:
-            raise ParamError(
-                f"--layer: expected all, input, a layer index or a list of them, got {value!r}"
-            ) from None
-    for index in indices:
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= num_layers:
-            raise ParamError(
-                f"--layer: {index} is out of range; this model has hidden states 0..{num_layers} "
-                f"(0 = input representation, {num_layers} = last layer), or use 'input' / 'all'"
-            )
-    return sorted(set(indices)), False
 
 
 def _stored_layers(representations: Path) -> int:
@@ -336,7 +229,7 @@ def _run_probes(
                 "label_fractions or test_corpora): extract the representations for those"
             )
         from mockingjay.checkpoint import load_encoder_dir
-        from mockingjay.probe import probe_online
+        from mockingjay.probe_online import probe_online
 
         network, _ = load_encoder_dir(model_dir, device=device)  # pretrained or fine-tuned
         stores = {split: RaggedArray(features / split, finite=True) for split in SPLITS}
@@ -367,12 +260,9 @@ def _run_probes(
             window_frames=window,
         )
         return {task: online[task] for task in config.tasks}
-    from mockingjay.probe import (
-        open_representations,
-        pooled_utterances,
-        probe_phones,
-        probe_utterances,
-    )
+    from mockingjay.probe import probe_phones
+    from mockingjay.probe_stores import open_representations
+    from mockingjay.probe_utterance import pooled_utterances, probe_utterances
 
     reps = open_representations(
         representations, layers=layers, include_input=include_input, input_root=baseline_features

@@ -15,7 +15,8 @@ import soundfile as sf
 
 from mockingjay.align import number_words, transcript_words
 from mockingjay.audio import AudioError, read_audio
-from mockingjay.corpora import CorpusError, CorpusSpec, read_corpus
+from mockingjay.corpora import read_corpus
+from mockingjay.corpus_spec import CorpusError, CorpusSpec
 from mockingjay.manifest import ManifestRow, assign_splits, heldout_speakers, validate_utterance
 
 CORPORA = Path(__file__).parent / "fixtures" / "corpora"

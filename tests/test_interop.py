@@ -437,6 +437,8 @@ def test_original_mockingjay_checkpoint_with_stacked_frames(tmp_path, monkeypatc
         ({"hidden_act": "tanh"}, "Upstream_Config.transformer.hidden_act"),
         ({"num_hidden_layers": 3}, "Upstream_Config.transformer.num_hidden_layers"),
         ({"downsample_rate": 5}, "Upstream_Config.transformer.downsample_rate"),
+        # ModelConfig's own check, named as the imported config names the field
+        ({"num_attention_heads": 3}, "Upstream_Config.transformer.num_attention_heads: 3 does"),
     ],
 )
 def test_unsupported_architectures_are_refused_naming_the_field(change, field):

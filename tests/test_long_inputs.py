@@ -25,8 +25,8 @@ from mockingjay.features import FeatureExtractor, featurize_wave, load_wave, str
 from mockingjay.featurize import write_features
 from mockingjay.manifest import ManifestRow, write_tsv
 from mockingjay.model import MockingjayForMAM, ModelConfig
-from mockingjay.probe import utterance_stats
 from mockingjay.probe_online import _FrameLabels, _Passes, _statistics_pass
+from mockingjay.probe_utterance import utterance_stats
 
 from .conftest import ARCTIC_DIR, FSDD_DIR, run
 

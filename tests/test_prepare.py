@@ -12,7 +12,8 @@ import soundfile as sf
 
 from mockingjay.audio import AudioError, read_audio
 from mockingjay.config import ParamError, from_section
-from mockingjay.corpora import CorpusError, CorpusSpec, read_corpus
+from mockingjay.corpora import read_corpus
+from mockingjay.corpus_spec import CorpusError, CorpusSpec
 from mockingjay.manifest import (
     ManifestRow,
     PrepareConfig,

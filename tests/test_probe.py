@@ -11,14 +11,11 @@ import torch
 
 from mockingjay.featstore import RaggedArray, RaggedWriter
 from mockingjay.model import MockingjayForMAM, ModelConfig
-from mockingjay.probe import (
-    ProbeConfig,
-    ProbeError,
-    open_representations,
-    probe_online,
-    probe_phones,
-    probe_speakers,
-)
+from mockingjay.probe import probe_phones
+from mockingjay.probe_heads import ProbeConfig, ProbeError
+from mockingjay.probe_online import probe_online
+from mockingjay.probe_stores import open_representations
+from mockingjay.probe_utterance import probe_speakers
 
 SPLIT_SIZES = {"train": 40, "dev": 12, "test": 16}
 DIM, CLASSES = 16, 5

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 
 from mockingjay.featstore import RaggedArray, RaggedWriter
-from mockingjay.probe import ProbeConfig, open_representations, probe_labels, probe_phones
-from mockingjay.probe_heads import MLPSettings
+from mockingjay.probe import probe_phones
+from mockingjay.probe_heads import MLPSettings, ProbeConfig
 from mockingjay.probe_plan import Utterance, fraction_members, select_utterances
+from mockingjay.probe_stores import open_representations
+from mockingjay.probe_utterance import probe_labels
 
-SPLITS = {"train": 60, "dev": 15, "test": 20}
+SPLIT_SIZES = {"train": 60, "dev": 15, "test": 20}
 DIM = 8
 
 
@@ -27,7 +29,7 @@ def one_thread(one_torch_thread):
 def write_stores(root: Path, make_frames, seed: int = 0) -> dict[str, RaggedArray]:
     """layer_00/01/02 stores and frame labels; make_frames(rng, n) -> (labels, {layer: rows})."""
     rng = np.random.default_rng(seed)
-    for split, count in SPLITS.items():
+    for split, count in SPLIT_SIZES.items():
         writers = {
             n: RaggedWriter(root / "reps" / split / n, DIM)
             for n in ("layer_00", "layer_01", "layer_02")
@@ -40,7 +42,7 @@ def write_stores(root: Path, make_frames, seed: int = 0) -> dict[str, RaggedArra
                 labels_out.append(f"{split}_{i:03d}", labels.astype(np.int16))
         for writer in writers.values():
             writer.close()
-    return {split: RaggedArray(root / "labels" / split) for split in SPLITS}
+    return {split: RaggedArray(root / "labels" / split) for split in SPLIT_SIZES}
 
 
 def planted_in_layer_01(rng, n):
@@ -147,7 +149,7 @@ def test_keyword_probe_classifies_utterances(tmp_path):
     rng = np.random.default_rng(1)
     words = ("yes", "no", "up")
     keywords = {}
-    for split, count in SPLITS.items():
+    for split, count in SPLIT_SIZES.items():
         with (
             RaggedWriter(tmp_path / split / "layer_00", DIM) as w0,
             RaggedWriter(tmp_path / split / "layer_01", DIM) as w1,
@@ -175,7 +177,7 @@ def test_probe_section_is_validated_once_from_the_package_settings():
     utterance-task section keeps the utterance defaults, and every error names its parameter."""
     from mockingjay.config import ParamError, from_section
     from mockingjay.probe_config import PHONE_PROBE, SPEAKER_PROBE
-    from stages.probe import ProbeStageConfig
+    from stages.probe_params import ProbeStageConfig
 
     config = from_section(
         ProbeStageConfig,

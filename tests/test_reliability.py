@@ -448,7 +448,7 @@ def test_queued_experiments_run_in_parallel_land_in_mlflow_and_reuse_unchanged_s
         result = run(cmd, repo)
         assert result.returncode == 0, result.stderr
     before = {r.info.run_id for r in mlflow_runs(repo)}
-    # pretrain, extract and probe rerun in par-a and par-b (a few steps and a smaller probe keep it
+    # pretrain, extract, probe and finetune rerun in par-a and par-b (a few steps and a smaller probe keep it
     # short); probe-only changes only probe params, so its temporary copy must take the model and the
     # representations from the DVC cache instead of computing them again.
     experiments = {"par-a": 3, "par-b": 4, "probe-only": None}
@@ -521,6 +521,7 @@ def test_queued_experiments_run_in_parallel_land_in_mlflow_and_reuse_unchanged_s
             continue
         assert sorted(r.data.tags["mockingjay.stage"] for r in tagged) == [
             "extract",
+            "finetune",
             "pretrain",
             "probe",
         ], name
@@ -529,8 +530,11 @@ def test_queued_experiments_run_in_parallel_land_in_mlflow_and_reuse_unchanged_s
         probe = next(r for r in tagged if r.data.tags["mockingjay.stage"] == "probe")
         children = [r for r in new if r.data.tags.get("mlflow.parentRunId") == probe.info.run_id]
         assert len(children) == 8, (name, len(children))  # 2 tasks x (input + 3 hidden states)
+        finetune = next(r for r in tagged if r.data.tags["mockingjay.stage"] == "finetune")
+        runs = [r for r in new if r.data.tags.get("mlflow.parentRunId") == finetune.info.run_id]
+        assert len(runs) == 8, (name, len(runs))  # 2 tasks x 4 variants
         spans[name] = (min(r.info.start_time for r in tagged), max(r.info.end_time for r in tagged))
-    assert len(new) == 2 * (3 + 8) + (1 + 8), "a run was lost or duplicated"
+    assert len(new) == 2 * (4 + 8 + 8) + (1 + 8), "a run was lost or duplicated"
     (a_start, a_end), (b_start, b_end) = spans["par-a"], spans["par-b"]
     assert a_start < b_end and b_start < a_end, f"the experiments did not overlap in time: {spans}"
 

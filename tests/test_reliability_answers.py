@@ -27,7 +27,8 @@ from mockingjay.checkpoint import (
     save_model_dir,
 )
 from mockingjay.config import ParamError
-from mockingjay.corpora import CorpusSpec, is_safe_id, read_corpus
+from mockingjay.corpora import read_corpus
+from mockingjay.corpus_spec import CorpusSpec, is_safe_id
 from mockingjay.extract import extract_representations
 from mockingjay.featstore import RaggedArray, RaggedWriter, StoreError
 from mockingjay.manifest import (
@@ -38,9 +39,9 @@ from mockingjay.manifest import (
     write_tsv,
 )
 from mockingjay.model import MockingjayForMAM, ModelConfig
-from mockingjay.probe import open_representations
+from mockingjay.probe_stores import open_representations
 from mockingjay.safe_load import load_untrusted
-from stages.pretrain import resolve_configs
+from stages.pretrain_params import resolve_configs
 
 from .conftest import ARCTIC_DIR, FSDD_DIR, ROOT, run
 from .test_reliability_input import imported_modules

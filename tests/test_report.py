@@ -9,7 +9,8 @@ import torch
 
 from mockingjay.checkpoint import load_model_dir, release_model_dir, save_model_dir
 from mockingjay.model import MockingjayForMAM, ModelConfig
-from stages.report import headline_of, render_readme, runs_table, study_table, tables
+from stages.report import headline_of
+from stages.report_tables import render_readme, runs_table, study_table, tables
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,8 @@ from mockingjay.checkpoint import load_model_dir, save_checkpoint
 from mockingjay.config import ParamError
 from mockingjay.model import MockingjayForMAM, ModelConfig
 from mockingjay.trainer import TrainConfig
-from stages.pretrain import _check_snapshots, write_snapshots
+from stages.pretrain import write_snapshots
+from stages.pretrain_params import _check_snapshots
 
 
 def test_snapshot_steps_must_be_kept_checkpoint_steps():
