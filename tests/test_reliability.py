@@ -364,15 +364,25 @@ def scratch(tmp_path_factory):
 def test_two_runs_from_scratch_give_identical_metrics(scratch, pristine_pipeline_repo):
     first, second = pristine_pipeline_repo, scratch["repo"]
     names = sorted(p.name for p in (first / "metrics").glob("*.json"))
-    assert names == ["align.json", "featurize.json", "prepare.json", "pretrain.json", "probe.json"]
+    assert names == [
+        "align.json",
+        "featurize.json",
+        "finetune.json",
+        "prepare.json",
+        "pretrain.json",
+        "probe.json",
+    ]
     assert sorted(p.name for p in (second / "metrics").glob("*.json")) == names
     for name in names:
         a, b = (json.loads((repo / "metrics" / name).read_text()) for repo in (first, second))
         assert without_timing(a) == without_timing(b), name  # exact equality, floats included
-    for plot in ("pretrain_loss.tsv", "probe_accuracy.tsv"):
+    for plot in ("pretrain_loss.tsv", "probe_accuracy.tsv", "finetune_accuracy.tsv"):
         assert (first / "plots" / plot).read_bytes() == (second / "plots" / plot).read_bytes(), plot
-    model = "models/pretrain/model/model.safetensors"
-    assert (first / model).read_bytes() == (second / model).read_bytes()
+    for model in (
+        "models/pretrain/model/model.safetensors",
+        "models/finetune/phone/finetuned/model.safetensors",
+    ):
+        assert (first / model).read_bytes() == (second / model).read_bytes(), model
     locks = lock_hashes(first), lock_hashes(second)
     for out in ("data/prepared", "data/alignments"):
         assert locks[0][out] == locks[1][out], out
@@ -400,6 +410,7 @@ def test_pipeline_writes_only_its_declared_outputs_and_the_mlflow_store(scratch)
         "mlflow.db",
         "mlartifacts",  # the MLflow store (runs, artifacts)
         "models/checkpoints",  # pretrain's resume state: git-ignored, deliberately not a DVC output
+        "models/finetune_checkpoints",  # finetune's, likewise
         "dvc.lock",
         ".dvc/cache",
         ".dvc/tmp",  # DVC's own records
